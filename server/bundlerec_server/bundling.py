@@ -1,0 +1,125 @@
+"""Bundle assembly and ranking: pure functions over catalog rows (no gRPC, no model).
+
+Scoring follows the seed's idea ``score = similarity x item score``: an anchor's score is its relevance
+to the (possibly personalised) query times the item's quality (popularity prior, see export). A bundle's
+score rewards strong complements without letting them outweigh relevance::
+
+    bundle = anchor_score x (1 + bonus x sum(strength of complements) / (items_per_bundle - 1))
+
+so a bundle with no complement keeps its anchor's score, and a full bundle of perfect complements gains
+at most ``bonus`` (25 % by default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .domain import BundleItemOut, BundleOut, Filters, Hit
+
+
+class CatalogView(Protocol):
+    ids: list[str]
+    categories: list[str]
+    prices: np.ndarray
+    category_lower: list[str]
+
+
+class ComplementView(Protocol):
+    def of(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+def item_allowed(row: int, catalog: CatalogView, filters: Filters) -> bool:
+    """Whether an item may appear in any bundle (excluded ids and categories)."""
+    if filters.exclude_ids and catalog.ids[row] in filters.exclude_ids:
+        return False
+    if filters.exclude_categories and catalog.category_lower[row] in filters.exclude_categories:
+        return False
+    return True
+
+
+def anchor_allowed(row: int, catalog: CatalogView, filters: Filters) -> bool:
+    if not item_allowed(row, catalog, filters):
+        return False
+    if filters.include_categories and catalog.category_lower[row] not in filters.include_categories:
+        return False
+    price = catalog.prices[row]
+    return filters.max_price is None or math.isnan(price) or price <= filters.max_price
+
+
+def reason_for(complements: Sequence[tuple[int, float, int]]) -> str:
+    if not complements:
+        return "top match for the query"
+    support = complements[0][2]
+    if support > 0:
+        return f"bought together in {support} baskets"
+    return "related products from other categories"
+
+
+def make_bundle(
+    anchor: Hit,
+    catalog: CatalogView,
+    complements: ComplementView,
+    filters: Filters,
+    items_per_bundle: int,
+    bonus: float,
+) -> BundleOut | None:
+    """One bundle for ``anchor``: its best allowed complements, within the price cap. None if the anchor is not allowed."""
+    if not anchor_allowed(anchor.row, catalog, filters):
+        return None
+    anchor_price = catalog.prices[anchor.row]
+    total = 0.0 if math.isnan(anchor_price) else float(anchor_price)
+    all_priced = not math.isnan(anchor_price)
+    anchor_cat = catalog.category_lower[anchor.row]
+    chosen: list[tuple[int, float, int]] = []
+    seen = {anchor.row}
+    if items_per_bundle > 1:
+        rows, strengths, supports = complements.of(anchor.row)
+        for row, strength, support in zip(rows.tolist(), strengths.tolist(), supports.tolist(), strict=True):
+            if row in seen or not item_allowed(row, catalog, filters):
+                continue
+            if anchor_cat and catalog.category_lower[row] == anchor_cat:
+                continue
+            price = catalog.prices[row]
+            if not math.isnan(price):
+                if filters.max_price is not None and total + price > filters.max_price:
+                    continue
+                total += float(price)
+            else:
+                all_priced = False
+            seen.add(row)
+            chosen.append((row, strength, support))
+            if len(chosen) == items_per_bundle - 1:
+                break
+    gain = bonus * sum(s for _, s, _ in chosen) / (items_per_bundle - 1) if items_per_bundle > 1 else 0.0
+    items = (BundleItemOut(anchor.row, True, anchor.score),) + tuple(
+        BundleItemOut(row, False, float(strength)) for row, strength, _ in chosen
+    )
+    return BundleOut(
+        score=float(anchor.score * (1.0 + gain)),
+        items=items,
+        total_price=round(total, 2) if all_priced else None,
+        reason=reason_for(chosen),
+    )
+
+
+def rank_bundles(
+    anchors: Sequence[Hit],
+    catalog: CatalogView,
+    complements: ComplementView,
+    filters: Filters,
+    max_bundles: int,
+    items_per_bundle: int,
+    bonus: float,
+) -> list[BundleOut]:
+    """Bundles for the anchors, best first (ties keep retrieval order), at most ``max_bundles``."""
+    bundles = []
+    for anchor in anchors:
+        bundle = make_bundle(anchor, catalog, complements, filters, items_per_bundle, bonus)
+        if bundle is not None:
+            bundles.append(bundle)
+    bundles.sort(key=lambda b: -b.score)
+    return bundles[:max_bundles]

@@ -1,0 +1,158 @@
+"""Protobuf <-> domain translation, including validation of every request field against documented limits.
+
+Validation collects every violation of a request (not only the first) and raises one
+:class:`~bundlerec_server.errors.InvalidRequest`, which becomes INVALID_ARGUMENT with a google.rpc.BadRequest.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Iterable
+
+from bundlerec.v1 import bundlerec_pb2 as pb
+
+from .domain import BundleOut, Filters, Hit, Mode, RecommendQuery, SearchQuery, Stop
+from .errors import InvalidRequest, Violation
+from .settings import Settings
+
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+MAX_ID_CHARS = 128
+MAX_CATEGORY_CHARS = 128
+
+_MODES = {
+    pb.RETRIEVAL_MODE_UNSPECIFIED: None,
+    pb.RETRIEVAL_MODE_DENSE: Mode.DENSE,
+    pb.RETRIEVAL_MODE_LEXICAL: Mode.LEXICAL,
+    pb.RETRIEVAL_MODE_HYBRID: Mode.HYBRID,
+}
+MODE_TO_PB = {v: k for k, v in _MODES.items() if v is not None}
+STOP_TO_PB = {
+    Stop.COMPLETE: pb.STOP_REASON_COMPLETE,
+    Stop.DEADLINE: pb.STOP_REASON_DEADLINE,
+    Stop.NO_MATCH: pb.STOP_REASON_NO_MATCH,
+}
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def check_query(query: str, settings: Settings, out: list[Violation]) -> str:
+    text = query.strip()
+    if not text:
+        out.append(Violation("query", "required: a non-blank query"))
+    elif len(text) > settings.max_query_chars:
+        out.append(Violation("query", f"{len(text)} characters; at most {settings.max_query_chars}"))
+    return text
+
+
+def check_item_id(value: str, name: str, out: list[Violation]) -> None:
+    if not value or len(value) > MAX_ID_CHARS or _has_control(value) or value != value.strip():
+        out.append(Violation(name, f"an item id is 1 to {MAX_ID_CHARS} characters, no control characters or surrounding spaces"))
+
+
+def check_ids(values: Iterable[str], name: str, limit: int, out: list[Violation]) -> tuple[str, ...]:
+    values = tuple(values)
+    if len(values) > limit:
+        out.append(Violation(name, f"{len(values)} ids; at most {limit}"))
+        return values
+    for i, value in enumerate(values):
+        check_item_id(value, f"{name}[{i}]", out)
+    return values
+
+
+def check_mode(value: int, name: str, out: list[Violation]) -> Mode | None:
+    if value not in _MODES:
+        out.append(Violation(name, f"unknown retrieval mode {value}"))
+        return None
+    return _MODES[value]
+
+
+def check_filters(f: pb.Filters, settings: Settings, out: list[Violation], prefix: str = "filters") -> Filters:
+    cats = {}
+    for name in ("include_categories", "exclude_categories"):
+        values = list(getattr(f, name))
+        if len(values) > settings.max_categories:
+            out.append(Violation(f"{prefix}.{name}", f"{len(values)} categories; at most {settings.max_categories}"))
+        for i, c in enumerate(values):
+            if not c.strip() or len(c) > MAX_CATEGORY_CHARS or _has_control(c):
+                out.append(Violation(f"{prefix}.{name}[{i}]", f"a category is 1 to {MAX_CATEGORY_CHARS} printable characters"))
+        cats[name] = frozenset(c.strip().lower() for c in values)
+    max_price = None
+    if f.HasField("max_bundle_price"):
+        max_price = f.max_bundle_price
+        if not math.isfinite(max_price) or max_price <= 0:
+            out.append(Violation(f"{prefix}.max_bundle_price", "must be a finite number > 0"))
+    excluded = check_ids(f.exclude_item_ids, f"{prefix}.exclude_item_ids", settings.max_excluded_items, out)
+    return Filters(
+        include_categories=cats["include_categories"], exclude_categories=cats["exclude_categories"],
+        max_price=max_price, exclude_ids=frozenset(excluded),
+    )
+
+
+def recommend_query(req: pb.RecommendRequest, settings: Settings) -> RecommendQuery:
+    out: list[Violation] = []
+    query = check_query(req.query, settings, out)
+    if req.user_id and not USER_ID_RE.match(req.user_id):
+        out.append(Violation("user_id", "1 to 128 characters of A-Z a-z 0-9 _ . : @ -"))
+    recent = check_ids(req.recent_item_ids, "recent_item_ids", settings.max_recent_items, out)
+    if req.max_bundles > settings.max_bundles_cap:
+        out.append(Violation("max_bundles", f"{req.max_bundles}; at most {settings.max_bundles_cap} (0 = default {settings.default_max_bundles})"))
+    if req.max_items_per_bundle > settings.max_items_per_bundle_cap:
+        out.append(Violation("max_items_per_bundle", f"{req.max_items_per_bundle}; at most {settings.max_items_per_bundle_cap} (0 = default {settings.default_items_per_bundle})"))
+    filters = check_filters(req.filters, settings, out)
+    mode = check_mode(req.retrieval_mode, "retrieval_mode", out)
+    if out:
+        raise InvalidRequest(out)
+    return RecommendQuery(
+        query=query, user_id=req.user_id, recent_item_ids=recent,
+        max_bundles=req.max_bundles or settings.default_max_bundles,
+        items_per_bundle=req.max_items_per_bundle or settings.default_items_per_bundle,
+        filters=filters, mode=mode,
+    )
+
+
+def search_query(req: pb.SearchRequest, settings: Settings) -> SearchQuery:
+    out: list[Violation] = []
+    query = check_query(req.query, settings, out)
+    if req.k > settings.max_search_k:
+        out.append(Violation("k", f"{req.k}; at most {settings.max_search_k} (0 = default 10)"))
+    filters = check_filters(req.filters, settings, out)
+    mode = check_mode(req.retrieval_mode, "retrieval_mode", out)
+    if out:
+        raise InvalidRequest(out)
+    return SearchQuery(query=query, k=req.k or 10, filters=filters, mode=mode)
+
+
+def _price(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 2)
+
+
+def bundle_message(bundle: BundleOut, rank: int, catalog) -> pb.RecommendResponse:
+    items = []
+    for it in bundle.items:
+        msg = pb.BundleItem(
+            item_id=catalog.ids[it.row], title=catalog.titles[it.row], category=catalog.categories[it.row],
+            role=pb.ITEM_ROLE_ANCHOR if it.is_anchor else pb.ITEM_ROLE_COMPLEMENT, score=it.score,
+        )
+        price = _price(catalog.prices[it.row])
+        if price is not None:
+            msg.price = price
+        items.append(msg)
+    out = pb.Bundle(rank=rank, score=bundle.score, items=items, reason=bundle.reason)
+    if bundle.total_price is not None:
+        out.total_price = round(bundle.total_price, 2)
+    return pb.RecommendResponse(bundle=out)
+
+
+def search_hit(hit: Hit, catalog) -> pb.SearchHit:
+    msg = pb.SearchHit(
+        item_id=catalog.ids[hit.row], title=catalog.titles[hit.row], score=hit.score,
+        category=catalog.categories[hit.row],
+    )
+    price = _price(catalog.prices[hit.row])
+    if price is not None:
+        msg.price = price
+    return msg

@@ -1,0 +1,117 @@
+"""Text -> L2-normalised sentence embedding with ONNX Runtime and `tokenizers` (no torch).
+
+The same class embeds the catalog at export time and the queries at serving time, so both sides share
+tokenisation, truncation, mean pooling and normalisation exactly (no train/serve skew).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def cuda_usable() -> bool:
+    """True when onnxruntime offers CUDA *and* a GPU device node exists (ORT lists CUDA even without one)."""
+    import onnxruntime as ort
+
+    return CUDA in ort.get_available_providers() and os.path.exists("/dev/nvidiactl")
+
+
+class Encoder:
+    """Mean-pooled, L2-normalised BERT embeddings from an ONNX graph.
+
+    ``provider`` is "auto" (CUDA when really usable, else CPU), "cpu" or "cuda". The provider actually in
+    use after session creation is in :attr:`provider` (CUDA silently falls back to CPU inside ORT when its
+    libraries are missing; we check).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        tokenizer_path: str | Path,
+        *,
+        max_length: int = 64,
+        provider: str = "cpu",
+        intra_op_threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.model_path = Path(model_path)
+        self.max_length = max_length
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(max_length=max_length)
+        self.tokenizer.no_padding()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        providers = [CUDA, CPU] if provider == "cuda" or (provider == "auto" and cuda_usable()) else [CPU]
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        logger.info("encoder %s on %s (max_length=%d, dim=%d)", self.model_path.name, self.provider, max_length, self.dim)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Tokenises and right-pads to the longest text of the batch."""
+        encs = self.tokenizer.encode_batch(list(texts))
+        width = max(1, max(len(e.ids) for e in encs))
+        ids = np.zeros((len(encs), width), dtype=np.int64)
+        mask = np.zeros((len(encs), width), dtype=np.int64)
+        for row, enc in enumerate(encs):
+            n = len(enc.ids)
+            ids[row, :n] = enc.ids
+            mask[row, :n] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        return feeds
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeds ``texts`` as one batch: float32 (len(texts), dim), rows L2-normalised."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        feeds = self.tokenize(texts)
+        hidden = self.session.run(None, feeds)[0].astype(np.float32, copy=False)
+        return mean_pool_normalize(hidden, feeds["attention_mask"])
+
+    def encode_many(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Embeds many texts in length-sorted batches (less padding); rows returned in input order."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=f"embed ({self.model_path.stem})", unit="batch")
+        for start in starts:
+            rows = order[start : start + batch_size]
+            out[rows] = self.encode([texts[i] for i in rows])
+        return out
+
+    def warmup(self, rounds: int = 3) -> None:
+        for _ in range(rounds):
+            self.encode(["warm up the encoder", "a second, somewhat longer warm-up sentence for padding"])
+
+
+def mean_pool_normalize(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of token vectors under the attention mask, then L2 normalisation (sentence-transformers style)."""
+    m = mask[..., None].astype(np.float32)
+    summed = (hidden * m).sum(axis=1)
+    counts = np.clip(m.sum(axis=1), 1e-9, None)
+    pooled = summed / counts
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)

@@ -1,0 +1,270 @@
+"""The loaded artifact and the request pipeline: encode -> retrieve -> bundle. No gRPC in here.
+
+An :class:`Engine` is immutable once loaded; a hot reload builds a new one and swaps the reference, so a
+request that started on one version finishes on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+
+from . import artifact as A
+from .bundling import rank_bundles
+from .domain import BundleOut, Filters, Hit, Mode, Personalization, RecommendQuery, SearchQuery
+from .encoder import CUDA, Encoder
+from .errors import Unsupported
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+BRUTE_FORCE_MAX_ROWS = 20_000  # restricted to categories this small, exact search beats over-fetching HNSW
+
+
+@dataclass
+class Catalog:
+    ids: list[str]
+    titles: list[str]
+    categories: list[str]
+    category_lower: list[str]
+    category_codes: np.ndarray  # int32 code per row; code of "" for none
+    codes_by_name: dict[str, int]
+    prices: np.ndarray
+    quality: np.ndarray
+    row_of: dict[str, int]
+
+    @classmethod
+    def from_table(cls, table: A.ItemTable) -> Catalog:
+        lower = [c.strip().lower() for c in table.categories]
+        codes_by_name: dict[str, int] = {}
+        codes = np.fromiter((codes_by_name.setdefault(c, len(codes_by_name)) for c in lower), dtype=np.int32, count=len(lower))
+        return cls(
+            table.ids, table.titles, table.categories, lower, codes, codes_by_name, table.prices, table.quality,
+            {item_id: i for i, item_id in enumerate(table.ids)},
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Lexical:
+    """BM25 over titles (bm25s), tokenised exactly as at export time (settings from the manifest)."""
+
+    def __init__(self, folder: Path, params: dict[str, Any]) -> None:
+        import bm25s
+
+        self._bm25s = bm25s
+        self.retriever = bm25s.BM25.load(str(folder))
+        self.stopwords = params.get("stopwords", "en")
+        self.stemmer = None
+        if params.get("stemmer"):
+            import Stemmer
+
+            self.stemmer = Stemmer.Stemmer(params["stemmer"])
+
+    def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens = self._bm25s.tokenize([text], stopwords=self.stopwords, stemmer=self.stemmer, show_progress=False)
+        if not tokens.vocab or all(len(t) == 0 for t in tokens.ids):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        k = min(k, self.retriever.scores["num_docs"])
+        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        keep = scores[0] > 0
+        return docs[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
+
+
+class Engine:
+    def __init__(self, root: Path, settings: Settings) -> None:
+        t0 = time.perf_counter()
+        self.root = Path(root)
+        self.settings = settings
+        self.manifest = A.read_manifest(self.root, verify=settings.verify_checksums)
+        m = self.manifest
+        self.version: str = m["artifact_version"]
+        self.dim = int(m["embedding_dim"])
+        table = A.ItemTable.read(self.root / A.ITEMS)
+        self.catalog = Catalog.from_table(table)
+        if len(self.catalog) != int(m["item_count"]):
+            raise A.ArtifactError(f"{self.root}: items.jsonl has {len(self.catalog)} items, manifest says {m['item_count']}")
+        self.embeddings = np.load(self.root / A.EMBEDDINGS, mmap_mode="r")
+        if self.embeddings.shape != (len(self.catalog), self.dim):
+            raise A.ArtifactError(f"{self.root}: embeddings.npy shape {self.embeddings.shape}, expected {(len(self.catalog), self.dim)}")
+        self.complements = A.Complements.read(self.root / A.COMPLEMENTS)
+        if len(self.complements.indptr) != len(self.catalog) + 1:
+            raise A.ArtifactError(f"{self.root}: complements.npz does not cover {len(self.catalog)} items")
+        idx = m.get("index", {})
+        self.index = hnswlib.Index(space="cosine", dim=self.dim)
+        self.index.load_index(str(self.root / A.INDEX), max_elements=len(self.catalog))
+        if self.index.get_current_count() != len(self.catalog):
+            raise A.ArtifactError(f"{self.root}: index holds {self.index.get_current_count()} items, catalog {len(self.catalog)}")
+        self.ef = settings.ef_search or int(idx.get("ef_search", 64))
+        self.index.set_ef(max(self.ef, settings.anchor_pool))
+        self.lexical = None
+        if (self.root / A.LEXICAL_DIR).is_dir():
+            self.lexical = Lexical(self.root / A.LEXICAL_DIR, m.get("lexical", {}))
+        self.encoder, self.variant = self._load_encoder()
+        if self.encoder.dim != self.dim:
+            raise A.ArtifactError(f"{self.root}: encoder dimension {self.encoder.dim}, index {self.dim}")
+        self.modes = [Mode.DENSE] + ([Mode.LEXICAL, Mode.HYBRID] if self.lexical else [])
+        wanted = settings.retrieval_mode or m.get("serving", {}).get("default_retrieval_mode", "dense")
+        self.default_mode = Mode(wanted) if Mode(wanted) in self.modes else Mode.DENSE
+        logger.info(
+            "artifact %s loaded from %s: %d items, dim %d, encoder %s on %s, default retrieval %s (%.2fs)",
+            self.version, self.root, len(self.catalog), self.dim, self.variant, self.encoder.provider,
+            self.default_mode.value, time.perf_counter() - t0,
+        )
+
+    def _load_encoder(self) -> tuple[Encoder, str]:
+        s = self.settings
+        max_len = int(self.manifest.get("encoder", {}).get("max_query_tokens", 64))
+        tok = self.root / A.TOKENIZER
+        models = self.manifest.get("models", {})
+        if s.provider in ("auto", "cuda") and "fp16" in models:
+            enc = Encoder(self.root / A.MODEL_FILES["fp16"], tok, max_length=max_len, provider=s.provider, intra_op_threads=s.intra_op_threads)
+            if enc.provider == CUDA:
+                return enc, "fp16"
+            logger.warning("CUDA execution provider not usable here; serving the int8 graph on CPU")
+        variant = "int8" if "int8" in models else "fp32"
+        enc = Encoder(self.root / A.MODEL_FILES[variant], tok, max_length=max_len, provider="cpu", intra_op_threads=s.intra_op_threads)
+        return enc, variant
+
+    # --- pipeline -------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        self.encoder.warmup()
+        vec = self.encoder.encode(["warmup"])[0]
+        self.dense(vec, 10, Filters())
+        if self.lexical:
+            self.lexical.search("warmup", 10)
+
+    def personalize(self, query_vec: np.ndarray, history_ids: list[str] | tuple[str, ...]) -> tuple[np.ndarray, Personalization]:
+        """Blends the mean embedding of known history items into the query vector (the seed's query/user fusion)."""
+        info = Personalization()
+        for item_id in history_ids:
+            row = self.catalog.row_of.get(item_id)
+            if row is None:
+                info.unknown_ids.append(item_id)
+            else:
+                info.rows.append(row)
+        if not info.rows or self.settings.history_weight <= 0:
+            return query_vec, info
+        hist = np.asarray(self.embeddings[info.rows], dtype=np.float32).mean(axis=0)
+        hist /= max(float(np.linalg.norm(hist)), 1e-12)
+        w = self.settings.history_weight
+        blended = (1.0 - w) * query_vec + w * hist
+        return (blended / max(float(np.linalg.norm(blended)), 1e-12)).astype(np.float32), info
+
+    def _allowed_mask(self, rows: np.ndarray, filters: Filters) -> np.ndarray:
+        keep = np.ones(len(rows), dtype=bool)
+        cat = self.catalog
+        if filters.include_categories:
+            codes = [cat.codes_by_name[c] for c in filters.include_categories if c in cat.codes_by_name]
+            keep &= np.isin(cat.category_codes[rows], codes)
+        if filters.exclude_categories:
+            codes = [cat.codes_by_name[c] for c in filters.exclude_categories if c in cat.codes_by_name]
+            keep &= ~np.isin(cat.category_codes[rows], codes)
+        if filters.max_price is not None:
+            prices = cat.prices[rows]
+            keep &= np.isnan(prices) | (prices <= filters.max_price)
+        if filters.exclude_ids:
+            excluded = {cat.row_of[i] for i in filters.exclude_ids if i in cat.row_of}
+            if excluded:
+                keep &= ~np.isin(rows, list(excluded))
+        return keep
+
+    def dense(self, vec: np.ndarray, k: int, filters: Filters) -> list[Hit]:
+        """Top-k items by cosine x quality that pass ``filters``."""
+        n = len(self.catalog)
+        cat = self.catalog
+        if filters.include_categories:
+            codes = [cat.codes_by_name[c] for c in filters.include_categories if c in cat.codes_by_name]
+            if not codes:
+                return []
+            rows = np.flatnonzero(np.isin(cat.category_codes, codes))
+            if len(rows) <= BRUTE_FORCE_MAX_ROWS:
+                rows = rows[self._allowed_mask(rows, filters)]
+                sims = np.asarray(self.embeddings[rows], dtype=np.float32) @ vec
+                return self._top(rows, sims, k)
+        fetch = min(n, max(k, self.settings.anchor_pool))
+        while True:
+            labels, dists = self.index.knn_query(vec, k=fetch)
+            rows = labels[0].astype(np.int64)
+            sims = 1.0 - dists[0]
+            keep = self._allowed_mask(rows, filters)
+            if keep.sum() >= k or fetch >= n:
+                return self._top(rows[keep], sims[keep], k)
+            fetch = min(n, fetch * 4)
+
+    def _top(self, rows: np.ndarray, sims: np.ndarray, k: int) -> list[Hit]:
+        scores = sims * self.catalog.quality[rows]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [Hit(int(rows[i]), float(scores[i])) for i in order]
+
+    def lexical_hits(self, text: str, k: int, filters: Filters) -> list[Hit]:
+        if self.lexical is None:
+            raise Unsupported("this artifact has no lexical index; use dense retrieval")
+        fetch = k * 4 + len(filters.exclude_ids)
+        rows, scores = self.lexical.search(text, fetch)
+        keep = self._allowed_mask(rows, filters)
+        rows, scores = rows[keep], scores[keep]
+        scores = scores * self.catalog.quality[rows]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [Hit(int(rows[i]), float(scores[i])) for i in order]
+
+    def hybrid(self, vec: np.ndarray, text: str, k: int, filters: Filters) -> list[Hit]:
+        """Reciprocal rank fusion of dense and lexical candidate lists."""
+        pool = max(k, self.settings.anchor_pool)
+        fused: dict[int, float] = {}
+        for hits in (self.dense(vec, pool, filters), self.lexical_hits(text, pool, filters)):
+            for rank, hit in enumerate(hits):
+                fused[hit.row] = fused.get(hit.row, 0.0) + 1.0 / (RRF_K + rank + 1)
+        best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
+        return [Hit(row, score) for row, score in best]
+
+    def mode_for(self, mode: Mode | None) -> Mode:
+        mode = mode or self.default_mode
+        if mode not in self.modes:
+            raise Unsupported(f"retrieval mode {mode.value} needs a lexical index, which artifact {self.version} lacks")
+        return mode
+
+    def retrieve(self, text: str, vec: np.ndarray | None, k: int, filters: Filters, mode: Mode) -> list[Hit]:
+        if mode is Mode.LEXICAL:
+            return self.lexical_hits(text, k, filters)
+        if mode is Mode.HYBRID:
+            return self.hybrid(vec, text, k, filters)
+        return self.dense(vec, k, filters)
+
+    def needs_vector(self, mode: Mode) -> bool:
+        return mode is not Mode.LEXICAL
+
+    def search(self, q: SearchQuery, vec: np.ndarray | None) -> list[Hit]:
+        return self.retrieve(q.query, vec, q.k, q.filters, self.mode_for(q.mode))
+
+    def recommend(self, q: RecommendQuery, vec: np.ndarray | None) -> list[BundleOut]:
+        mode = self.mode_for(q.mode)
+        pool = max(self.settings.anchor_pool, q.max_bundles * 2)
+        anchors = self.retrieve(q.query, vec, pool, q.filters, mode)
+        return rank_bundles(
+            anchors, self.catalog, self.complements, q.filters, q.max_bundles, q.items_per_bundle,
+            self.settings.complement_bonus,
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "artifact_version": self.version,
+            "model_variant": self.variant,
+            "execution_provider": self.encoder.provider,
+            "item_count": len(self.catalog),
+            "dataset": self.manifest.get("dataset", ""),
+            "embedding_dim": self.dim,
+            "created_at": self.manifest.get("created_at", ""),
+            "modes": self.modes,
+            "default_mode": self.default_mode,
+        }
+

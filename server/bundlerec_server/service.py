@@ -1,0 +1,103 @@
+"""The gRPC servicer: translates protobuf <-> domain and maps errors; the work happens in Engine/Runtime."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from bundlerec.v1 import bundlerec_pb2 as pb
+from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
+from google.protobuf import timestamp_pb2
+
+from . import __version__, convert
+from .domain import Personalization, Stop
+from .errors import BundleRecError, abort_with
+from .runtime import OutOfTime, Runtime
+from .streaming import Paced
+
+logger = logging.getLogger(__name__)
+
+
+def _time_left(context: grpc.aio.ServicerContext):
+    return context.time_remaining
+
+
+class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.settings = runtime.settings
+
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext):
+        t0 = time.perf_counter()
+        time_left = _time_left(context)
+        bundles, info, stop = [], Personalization(), None
+        try:
+            q = convert.recommend_query(request, self.settings)
+            engine = self.rt.engine()
+            async with self.rt.admission.slot():
+                history = list(q.recent_item_ids)
+                if q.user_id and self.rt.events is not None:
+                    history += await self.rt.events.recent_items(q.user_id)
+                try:
+                    bundles, info = await self.rt.run(self._recommend, engine, q, history, time_left=time_left)
+                except OutOfTime:
+                    stop = Stop.DEADLINE
+        except BundleRecError as exc:
+            await abort_with(context, exc)
+        except Exception as exc:  # a bug: INTERNAL, logged with its traceback
+            await abort_with(context, exc)
+        paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
+        for rank, bundle in enumerate(paced, start=1):
+            yield convert.bundle_message(bundle, rank, engine.catalog)
+        yield pb.RecommendResponse(
+            summary=pb.StreamSummary(
+                bundles_sent=paced.sent,
+                stop_reason=convert.STOP_TO_PB[stop or paced.stop],
+                artifact_version=engine.version,
+                personalized=info.applied,
+                unknown_item_ids=info.unknown_ids,
+                server_ms=(time.perf_counter() - t0) * 1000.0,
+            )
+        )
+
+    def _recommend(self, engine, q, history):
+        vec, info = None, Personalization()
+        if engine.needs_vector(engine.mode_for(q.mode)):
+            vec = self.rt.encode_query(engine, q.query)
+            vec, info = engine.personalize(vec, history)
+        return engine.recommend(q, vec), info
+
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        try:
+            q = convert.search_query(request, self.settings)
+            engine = self.rt.engine()
+            async with self.rt.admission.slot():
+                hits = await self.rt.run(self._search, engine, q, time_left=_time_left(context))
+        except OutOfTime:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline reached before retrieval finished")
+        except Exception as exc:
+            await abort_with(context, exc)
+        return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version)
+
+    def _search(self, engine, q):
+        vec = None
+        if engine.needs_vector(engine.mode_for(q.mode)):
+            vec = self.rt.encode_query(engine, q.query)
+        return engine.search(q, vec)
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
+        try:
+            info = self.rt.engine().info()
+        except Exception as exc:
+            await abort_with(context, exc)
+        created = timestamp_pb2.Timestamp()
+        if info["created_at"]:
+            created.FromJsonString(info["created_at"])
+        return pb.GetInfoResponse(
+            artifact_version=info["artifact_version"], model_variant=info["model_variant"],
+            execution_provider=info["execution_provider"], item_count=info["item_count"],
+            dataset=info["dataset"], embedding_dim=info["embedding_dim"], artifact_created_at=created,
+            retrieval_modes=[convert.MODE_TO_PB[m] for m in info["modes"]],
+            default_retrieval_mode=convert.MODE_TO_PB[info["default_mode"]], server_version=__version__,
+        )

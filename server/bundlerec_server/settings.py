@@ -1,0 +1,135 @@
+"""One typed, frozen settings object. CLI flags and ``BUNDLEREC_*`` environment variables map onto it.
+
+Precedence: CLI flag > environment variable > default. Every field ``name`` has the flag ``--name``
+(underscores as dashes) and the variable ``BUNDLEREC_NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "BUNDLEREC_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- artifact & runtime
+    artifact: Path = field(default=Path("artifacts/demo"), metadata={"help": "artifact folder to serve"})
+    provider: str = field(default="auto", metadata={"help": "ONNX Runtime provider: auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    intra_op_threads: int = field(default=0, metadata={"help": "ORT intra-op threads (0 = ORT default)"})
+    verify_checksums: bool = field(default=True, metadata={"help": "verify every artifact file against the manifest at load"})
+    # --- network
+    host: str = field(default="[::]", metadata={"help": "address to bind"})
+    port: int = field(default=50051, metadata={"help": "port to bind (0 = any free port)"})
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "max gRPC message size, both directions"})
+    grace_s: float = field(default=10.0, metadata={"help": "shutdown grace period for in-flight calls"})
+    # --- request handling
+    deadline_margin_ms: float = field(default=2.0, metadata={"help": "end a stream this long before the call's deadline"})
+    default_max_bundles: int = field(default=5, metadata={"help": "bundles when a request says 0"})
+    max_bundles_cap: int = field(default=50, metadata={"help": "largest max_bundles accepted"})
+    default_items_per_bundle: int = field(default=3, metadata={"help": "items per bundle when a request says 0"})
+    max_items_per_bundle_cap: int = field(default=10, metadata={"help": "largest max_items_per_bundle accepted"})
+    max_query_chars: int = field(default=512, metadata={"help": "longest query accepted, in characters"})
+    max_search_k: int = field(default=100, metadata={"help": "largest Search k accepted"})
+    max_recent_items: int = field(default=50, metadata={"help": "most recent_item_ids accepted"})
+    max_excluded_items: int = field(default=200, metadata={"help": "most filters.exclude_item_ids accepted"})
+    max_categories: int = field(default=50, metadata={"help": "most categories in each category filter"})
+    encode_workers: int = field(default=2, metadata={"help": "threads running the encoder and index (ORT and hnswlib release the GIL)"})
+    max_in_flight: int = field(default=32, metadata={"help": "calls worked on at once; more wait in the queue"})
+    max_queue: int = field(default=64, metadata={"help": "calls allowed to wait for a slot; beyond it RESOURCE_EXHAUSTED at once"})
+    # --- ranking
+    anchor_pool: int = field(default=64, metadata={"help": "anchors retrieved before filtering and bundling"})
+    history_weight: float = field(default=0.3, metadata={"help": "weight of the history vector in the query blend"})
+    complement_bonus: float = field(default=0.25, metadata={"help": "bundle score = anchor score x (1 + bonus x mean complement strength)"})
+    ef_search: int = field(default=0, metadata={"help": "HNSW ef at query time (0 = the artifact's recorded value)"})
+    retrieval_mode: str = field(default="", metadata={"help": "default retrieval: dense, lexical or hybrid ('' = the artifact's recommendation)"})
+    # --- logging
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        """Builds settings from defaults, then ``env`` (default ``os.environ``), then ``argv`` flags."""
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _coerce(hints[f.name], raw, f"{ENV_PREFIX}{f.name.upper()}")
+        parser = cls.argument_parser()
+        args = parser.parse_args(list(argv) if argv is not None else [])
+        for f in fields(cls):
+            val = getattr(args, f.name)
+            if val is not None:
+                values[f.name] = val
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    @classmethod
+    def argument_parser(cls) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog="bundlerec-server",
+            description="bundlerec gRPC server. Every flag can also be set as BUNDLEREC_<NAME> in the environment.",
+        )
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            typ = hints[f.name]
+            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{f.metadata.get('help', '')} (default: {f.default})"}
+            if typ is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = typ if typ in (int, float, str) else Path
+                if "choices" in f.metadata:
+                    kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, **kwargs)
+        return parser
+
+    def check(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} out of range")
+        if self.provider not in ("auto", "cpu", "cuda"):
+            problems.append(f"provider {self.provider!r} is not auto, cpu or cuda")
+        if self.retrieval_mode not in ("", "dense", "lexical", "hybrid"):
+            problems.append(f"retrieval_mode {self.retrieval_mode!r} is not dense, lexical or hybrid")
+        if not 0.0 <= self.history_weight < 1.0:
+            problems.append("history_weight must be in [0, 1)")
+        for name in ("default_max_bundles", "max_bundles_cap", "default_items_per_bundle", "max_items_per_bundle_cap", "anchor_pool", "max_query_chars", "max_search_k"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("encode_workers", "max_in_flight"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.max_queue < 0:
+            problems.append("max_queue must be >= 0")
+        if self.default_max_bundles > self.max_bundles_cap:
+            problems.append("default_max_bundles exceeds max_bundles_cap")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+
+def _coerce(typ: Any, raw: str, name: str) -> Any:
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if typ in (int, float, str):
+            return typ(raw)
+        return Path(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not a valid {getattr(typ, '__name__', typ)}") from exc
