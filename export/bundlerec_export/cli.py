@@ -1,0 +1,102 @@
+"""``bundlerec-export``: build a serving artifact from a dataset.
+
+Examples::
+
+    bundlerec-export --dataset instacart --data-dir data/demo/instacart --out artifacts/demo
+    bundlerec-export --dataset homedepot --data-dir ../shared/data/homedepot --out artifacts/homedepot
+    bundlerec-export --dataset csv --catalog catalog.csv [--orders orders.csv] --out artifacts/mine
+
+Generic catalogs: CSV columns (or JSONL keys) ``id,title[,category][,price]``; orders CSV
+``basket_id,item_id[,user_id]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bundlerec_export.datasets import DATASETS, DatasetError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bundlerec-export", description="Build a bundlerec serving artifact.")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", type=Path, help="dataset folder (instacart, homedepot, icecat)")
+    src.add_argument("--catalog", type=Path, help="catalog file for --dataset csv/jsonl")
+    p.add_argument("--orders", type=Path, help="orders CSV basket_id,item_id[,user_id] (csv/jsonl only)")
+    p.add_argument("--out", required=True, type=Path, help="artifact folder (replaced atomically on success)")
+    p.add_argument("--base-model", type=Path, help="Hugging Face model folder (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--limit", type=int, help="keep only the first N items")
+    p.add_argument("--min-int8-cosine", type=float, default=0.98, help="fail below this int8 mean cosine to fp32")
+    p.add_argument("--agreement-sample", type=int, default=200, help="titles used to measure agreement")
+    p.add_argument("--min-support", type=int, default=3, help="baskets a complement pair needs")
+    p.add_argument("--top-k", type=int, default=20, help="complements kept per item")
+    p.add_argument("--shrinkage", type=float, default=5.0, help="NPMI shrinkage: score *= c/(c+shrinkage)")
+    p.add_argument("--related-band", type=float, nargs=2, default=(0.45, 0.85), metavar=("LO", "HI"),
+                   help="cosine band of content-based related items (datasets without baskets)")
+    p.add_argument("--ef-search", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="catalog embedding batch size")
+    p.add_argument("--threads", type=int, default=0, help="ORT/hnswlib threads (0: library default)")
+    p.add_argument("--no-lexical", action="store_true", help="skip the bm25s lexical index")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    # The root logger stays at WARNING: onnxruntime's quantizer logs one INFO line per tensor on it.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("bundlerec_export", "bundlerec_server"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _fmt_agree(entry: dict) -> str:
+    c = entry.get("cosine_to_fp32")
+    if c is None:
+        return f"n/a ({(entry.get('reason') or '')[:80]})"
+    return f"mean {c['mean']:.4f} / min {c['min']:.4f} (n={c['n']})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    if args.dataset in ("csv", "jsonl") and args.catalog is None and args.data_dir is None:
+        _parser().error("--dataset csv/jsonl needs --catalog FILE")
+    if args.orders is not None and args.dataset not in ("csv", "jsonl"):
+        _parser().error("--orders applies to --dataset csv/jsonl only")
+
+    from bundlerec_export.build import BuildConfig, BuildError, build
+    from bundlerec_export.onnx_export import ExportError
+
+    cfg = BuildConfig(
+        dataset=args.dataset, out=args.out, data_dir=args.data_dir, catalog=args.catalog, orders=args.orders,
+        base_model=args.base_model, limit=args.limit, min_int8_cosine=args.min_int8_cosine,
+        agreement_sample=args.agreement_sample, min_support=args.min_support, top_k=args.top_k,
+        shrinkage=args.shrinkage, related_band=tuple(args.related_band), ef_search=args.ef_search,
+        embed_batch_size=args.batch_size, threads=args.threads, lexical=not args.no_lexical,
+        progress=not args.no_progress and not args.quiet,
+    )
+    try:
+        result = build(cfg)
+    except (DatasetError, BuildError, ExportError) as exc:
+        print(f"bundlerec-export: error: {exc}", file=sys.stderr)
+        return 2
+    m = result.manifest
+    size = sum(p.stat().st_size for p in result.path.rglob("*") if p.is_file())
+    print(f"artifact   {m['artifact_version']} -> {result.path} ({size / 1e6:.1f} MB)")
+    print(f"items      {m['item_count']} (dim {m['embedding_dim']}, skipped {m['skipped_items']['empty_title']})")
+    c = m["complements"]
+    print(f"complements {c['pairs']} pairs for {c.get('anchors', 0)} items ({c['method']})")
+    for name in ("int8", "fp16"):
+        print(f"agreement  {name}: {_fmt_agree(m['models'][name])}")
+    print("seconds    " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

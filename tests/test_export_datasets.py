@@ -1,0 +1,135 @@
+"""Dataset adapters: common form, errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bundlerec_export.datasets import DatasetError, load_dataset
+
+SLICE = Path(__file__).parent / "data" / "instacart_slice"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_instacart_slice_has_items_categories_and_baskets():
+    ds = load_dataset("instacart", SLICE)
+    assert 250 <= len(ds.items) <= 300
+    assert all(it.category for it in ds.items)  # category = aisle
+    assert all(it.price is None for it in ds.items)
+    ids = {it.id for it in ds.items}
+    assert ds.baskets and all(set(b.items) <= ids for b in ds.baskets)
+    assert all(b.user_id for b in ds.baskets)
+    assert [s.rows for s in ds.sources][0] == len(ds.items)
+    assert all(len(s.sha256) == 64 for s in ds.sources)
+
+
+def test_instacart_limit_restricts_baskets(tmp_path):
+    ds = load_dataset("instacart", SLICE, limit=50)
+    assert len(ds.items) == 50
+    ids = {it.id for it in ds.items}
+    assert all(set(b.items) <= ids for b in ds.baskets)
+    assert ds.dropped_basket_lines > 0
+
+
+def test_generic_csv_with_optional_columns_and_orders(tmp_path):
+    cat = _write(tmp_path / "cat.csv", "id,title,category,price\na,Red apple,fruit,1.5\nb,Bread,bakery,\nc,,x,2\n")
+    orders = _write(tmp_path / "orders.csv", "basket_id,item_id,user_id\n1,a,u1\n1,b,u1\n1,a,u1\n2,zzz,u2\n2,b,u2\n")
+    ds = load_dataset("csv", catalog=cat, orders=orders)
+    assert [(i.id, i.title, i.category, i.price) for i in ds.items] == [
+        ("a", "Red apple", "fruit", 1.5), ("b", "Bread", "bakery", None)]
+    assert ds.skipped_empty_title == 1
+    assert [(b.basket_id, b.user_id, b.items) for b in ds.baskets] == [("1", "u1", ["a", "b"]), ("2", "u2", ["b"])]
+    assert ds.dropped_basket_lines == 1
+
+
+def test_generic_csv_minimal_columns(tmp_path):
+    cat = _write(tmp_path / "cat.csv", "title,id\nHammer,1\nNails,2\n")
+    ds = load_dataset("csv", catalog=cat)
+    assert [(i.id, i.category, i.price) for i in ds.items] == [("1", "", None), ("2", "", None)]
+    assert not ds.has_baskets
+
+
+def test_generic_jsonl(tmp_path):
+    rows = [{"id": 7, "title": "Lamp", "price": 9.95}, {"id": "8", "title": "Bulb", "category": "light"}]
+    cat = _write(tmp_path / "cat.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = load_dataset("jsonl", catalog=cat)
+    assert [(i.id, i.category, i.price) for i in ds.items] == [("7", "", 9.95), ("8", "light", None)]
+
+
+def test_missing_column_names_file_and_line(tmp_path):
+    cat = _write(tmp_path / "cat.csv", "id,name\n1,Hammer\n")
+    with pytest.raises(DatasetError, match=r"cat\.csv:1: missing column\(s\) title"):
+        load_dataset("csv", catalog=cat)
+
+
+def test_duplicate_id_names_both_lines(tmp_path):
+    cat = _write(tmp_path / "cat.csv", "id,title\n1,Hammer\n2,Saw\n1,Drill\n")
+    with pytest.raises(DatasetError, match=r"cat\.csv:4: duplicate item id '1' \(first seen on line 2\)"):
+        load_dataset("csv", catalog=cat)
+
+
+def test_duplicate_id_in_jsonl(tmp_path):
+    cat = _write(tmp_path / "cat.jsonl", '{"id": "a", "title": "x"}\n{"id": "a", "title": "y"}\n')
+    with pytest.raises(DatasetError, match=r"cat\.jsonl:2: duplicate item id 'a'"):
+        load_dataset("jsonl", catalog=cat)
+
+
+def test_jsonl_errors_name_line(tmp_path):
+    bad = _write(tmp_path / "bad.jsonl", '{"id": "a", "title": "x"}\n{not json}\n')
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:2: invalid JSON"):
+        load_dataset("jsonl", catalog=bad)
+    nokey = _write(tmp_path / "nokey.jsonl", '{"id": "a", "title": "x"}\n\n{"id": "b"}\n')
+    with pytest.raises(DatasetError, match=r"nokey\.jsonl:3: missing key\(s\) title"):
+        load_dataset("jsonl", catalog=nokey)
+
+
+def test_bad_price_names_line(tmp_path):
+    cat = _write(tmp_path / "cat.csv", "id,title,price\n1,Hammer,3\n2,Saw,cheap\n")
+    with pytest.raises(DatasetError, match=r"cat\.csv:3: price 'cheap'"):
+        load_dataset("csv", catalog=cat)
+
+
+def test_empty_catalog(tmp_path):
+    only_header = _write(tmp_path / "cat.csv", "id,title\n")
+    with pytest.raises(DatasetError, match=r"cat\.csv: empty catalog"):
+        load_dataset("csv", catalog=only_header)
+    blank_titles = _write(tmp_path / "blank.csv", "id,title\n1,  \n")
+    with pytest.raises(DatasetError, match=r"blank\.csv: empty catalog"):
+        load_dataset("csv", catalog=blank_titles)
+    empty = _write(tmp_path / "empty.csv", "")
+    with pytest.raises(DatasetError, match=r"empty\.csv:1: empty file"):
+        load_dataset("csv", catalog=empty)
+
+
+def test_missing_files_and_columns_in_instacart(tmp_path):
+    with pytest.raises(DatasetError, match="products.csv: file not found"):
+        load_dataset("instacart", tmp_path)
+    _write(tmp_path / "products.csv", "product_id,product_name,aisle,department\n1,Milk,milk,dairy\n")
+    _write(tmp_path / "orders.csv", "order_id,user_id\n10,u\n")
+    _write(tmp_path / "order_items.csv", "order_id,item\n10,1\n")
+    with pytest.raises(DatasetError, match=r"order_items\.csv:1: missing column\(s\) product_id"):
+        load_dataset("instacart", tmp_path)
+
+
+def test_homedepot_and_icecat_layouts(tmp_path):
+    hd = tmp_path / "hd"
+    hd.mkdir()
+    _write(hd / "products.csv", "product_id,title\n100001,Angle\n100002,Deck coating\n")
+    ds = load_dataset("homedepot", hd)
+    assert [i.id for i in ds.items] == ["100001", "100002"] and not ds.has_baskets
+    ic = tmp_path / "ic"
+    ic.mkdir()
+    _write(ic / "products.jsonl", '{"id": "1", "title": "Toner", "description": "d", "brand": "X", "price": 49.95}\n')
+    ds = load_dataset("icecat", ic)
+    assert ds.items[0].price == 49.95 and ds.items[0].category == ""
+
+
+def test_unknown_dataset():
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset("nope", Path("."))
