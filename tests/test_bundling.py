@@ -1,0 +1,92 @@
+"""Bundle assembly and ranking on a hand-made catalog (pure logic, no model)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bundlerec_server.artifact import Complements
+from bundlerec_server.bundling import make_bundle, rank_bundles, reason_for
+from bundlerec_server.domain import Filters, Hit
+
+
+class Cat:
+    def __init__(self, rows):
+        self.ids = [r[0] for r in rows]
+        self.categories = [r[1] for r in rows]
+        self.category_lower = [c.lower() for c in self.categories]
+        self.prices = np.array([np.nan if r[2] is None else r[2] for r in rows])
+
+
+CATALOG = Cat([
+    ("pasta", "Pasta", 2.0),        # 0
+    ("sauce", "Sauces", 3.0),       # 1
+    ("cheese", "Cheese", 5.0),      # 2
+    ("pasta2", "Pasta", 2.5),       # 3  same category as 0: never its complement
+    ("wine", "Wine", None),         # 4  unknown price
+    ("bread", "Bakery", 1.0),       # 5
+])
+
+
+def comps(adj: dict[int, list[tuple[int, float, int]]], n: int = 6) -> Complements:
+    indptr, idx, strength, support = [0], [], [], []
+    for row in range(n):
+        for r, s, c in adj.get(row, []):
+            idx.append(r)
+            strength.append(s)
+            support.append(c)
+        indptr.append(len(idx))
+    return Complements(np.array(indptr), np.array(idx, dtype=np.int32), np.array(strength, dtype=np.float32), np.array(support, dtype=np.int32))
+
+
+COMPS = comps({0: [(3, 0.9, 50), (1, 0.8, 40), (2, 0.5, 10), (4, 0.4, 5)], 5: [(2, 0.3, 7)]})
+
+
+def test_complements_skip_anchor_category_and_keep_order():
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(), items_per_bundle=3, bonus=0.25)
+    assert [i.row for i in b.items] == [0, 1, 2]
+    assert b.items[0].is_anchor and not b.items[1].is_anchor
+    assert b.total_price == pytest.approx(10.0)
+    assert b.reason == "bought together in 40 baskets"
+    # anchor 0.5 x (1 + 0.25 x (0.8 + 0.5) / 2)
+    assert b.score == pytest.approx(0.5 * (1 + 0.25 * 1.3 / 2))
+
+
+def test_price_cap_skips_complements_that_do_not_fit():
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(max_price=6.0), items_per_bundle=3, bonus=0.25)
+    # 2 (pasta) + 3 (sauce) = 5; cheese would make 10 > 6; wine has no price so it is allowed
+    assert [i.row for i in b.items] == [0, 1, 4]
+    assert b.total_price is None  # wine's price is unknown
+
+
+def test_anchor_over_price_cap_or_excluded_is_dropped():
+    assert make_bundle(Hit(2, 0.9), CATALOG, COMPS, Filters(max_price=4.0), 3, 0.25) is None
+    assert make_bundle(Hit(0, 0.9), CATALOG, COMPS, Filters(exclude_ids=frozenset({"pasta"})), 3, 0.25) is None
+    assert make_bundle(Hit(0, 0.9), CATALOG, COMPS, Filters(include_categories=frozenset({"cheese"})), 3, 0.25) is None
+
+
+def test_excluded_category_and_ids_never_appear_as_complements():
+    f = Filters(exclude_categories=frozenset({"sauces"}), exclude_ids=frozenset({"cheese"}))
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, f, 3, 0.25)
+    assert [i.row for i in b.items] == [0, 4]
+
+
+def test_anchor_only_bundles_keep_anchor_score():
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(), items_per_bundle=1, bonus=0.25)
+    assert [i.row for i in b.items] == [0]
+    assert b.score == pytest.approx(0.5)
+    assert b.reason == "top match for the query"
+
+
+def test_rank_bundles_sorted_best_first_and_capped():
+    anchors = [Hit(5, 0.6), Hit(0, 0.55), Hit(2, 0.1)]
+    out = rank_bundles(anchors, CATALOG, COMPS, Filters(), max_bundles=2, items_per_bundle=3, bonus=0.25)
+    assert len(out) == 2
+    assert out[0].score >= out[1].score
+    # pasta's strong complements lift it above bread despite its lower anchor score
+    assert [b.items[0].row for b in out] == [0, 5]
+
+
+def test_reason_for_content_based_fallback():
+    assert reason_for([(1, 0.5, 0)]) == "related products from other categories"
+    assert not math.isnan(CATALOG.prices[0])
