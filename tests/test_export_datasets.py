@@ -133,3 +133,26 @@ def test_homedepot_and_icecat_layouts(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DatasetError, match="unknown dataset"):
         load_dataset("nope", Path("."))
+
+
+def test_cli_reports_dataset_error(tmp_path, capsys):
+    from bundlerec_export.cli import main
+
+    cat = _write(tmp_path / "cat.csv", "id,title\n1,Hammer\n1,Saw\n")
+    out = tmp_path / "art"
+    assert main(["--dataset", "csv", "--catalog", str(cat), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cat.csv:3: duplicate item id '1'" in err
+    assert not out.exists()
+
+
+def test_sample_is_deterministic(tmp_path):
+    from bundlerec_export.sample import derive
+
+    a = derive(SLICE, tmp_path / "a", orders=200, min_count=2, max_products=50, seed=3)
+    b = derive(SLICE, tmp_path / "b", orders=200, min_count=2, max_products=50, seed=3)
+    assert a == b and 0 < a["products"] <= 50
+    for name in ("products.csv", "orders.csv", "order_items.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    ds = load_dataset("instacart", tmp_path / "a")
+    assert len(ds.items) == a["products"] and len(ds.baskets) == a["orders"]

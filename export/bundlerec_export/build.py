@@ -145,6 +145,9 @@ def build(cfg: BuildConfig) -> BuildResult:
         timings["total"] = round(time.perf_counter() - t_start, 3)
         manifest["timings_s"] = timings
         manifest = write_manifest(tmp, manifest)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -273,8 +276,12 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
                                       "tool": "optimum ORTQuantizer"}
     models["fp16"]["conversion"] = {"tool": "onnxruntime.transformers.float16.convert_float_to_float16",
                                     "keep_io_types": True}
-    models["agreement"] = {"sample": len(sample), "seed": cfg.seed, "max_length": MAX_ITEM_TOKENS,
-                           "min_int8_cosine": cfg.min_int8_cosine}
+    models["agreement"] = {
+        "sample": len(sample), "seed": cfg.seed, "max_length": MAX_ITEM_TOKENS, "batch_size": 32,
+        "min_int8_cosine": cfg.min_int8_cosine, "provider": "CPUExecutionProvider",
+        "note": "fp16 measured on ORT's CPU provider, which may run fp16 nodes through float32 casts: the "
+                "figure reflects fp16 weights/casts on CPU, not CUDA fp16 arithmetic",
+    }
     base_name = _base_model_name(base_model)
     return {
         "artifact_version": f"{ds.name}-{now.strftime('%Y%m%dT%H%M%S')}",

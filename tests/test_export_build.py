@@ -1,0 +1,158 @@
+"""End to end: a tiny random BERT exported and built into an artifact from the Instacart test slice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bundlerec_server.artifact import (
+    COMPLEMENTS, EMBEDDINGS, INDEX, ITEMS, LEXICAL_DIR, MODEL_FILES, TOKENIZER, Complements, ItemTable,
+    read_manifest, sha256_file,
+)
+
+SLICE = Path(__file__).parent / "data" / "instacart_slice"
+# int8 agreement of the random tiny BERT on the slice measured 0.99998 mean: the default threshold applies.
+TINY_MIN_INT8 = 0.98
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from bundlerec_export.tiny import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_model) -> Path:
+    from bundlerec_export.build import BuildConfig, build_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / "slice"
+    cfg = BuildConfig(dataset="instacart", data_dir=SLICE, out=out, base_model=tiny_model,
+                      min_int8_cosine=TINY_MIN_INT8, agreement_sample=100, progress=False)
+    return build_artifact(cfg)
+
+
+def test_tiny_bert_is_deterministic(tmp_path, tiny_model):
+    from bundlerec_export.tiny import make_tiny_bert
+
+    again = make_tiny_bert(tmp_path / "again")
+    assert sha256_file(again / "model.safetensors") == sha256_file(tiny_model / "model.safetensors")
+    cfg = json.loads((again / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]) == (32, 2, 2)
+    assert (again / "tokenizer.json").is_file()
+
+
+def test_manifest_checksums_and_agreement(artifact):
+    m = read_manifest(artifact, verify=True)  # raises on any checksum mismatch
+    for rel in (*MODEL_FILES.values(), TOKENIZER, ITEMS, EMBEDDINGS, INDEX, COMPLEMENTS):
+        assert m["files"][rel] == sha256_file(artifact / rel)
+    assert any(rel.startswith(LEXICAL_DIR + "/") for rel in m["files"])
+    assert m["format_version"] == 1
+    assert m["dataset"] == "instacart" and m["artifact_version"].startswith("instacart-")
+    assert m["item_count"] == len(ItemTable.read(artifact / ITEMS)) == 300
+    assert m["embedding_dim"] == 32
+    assert [Path(s["path"]).name for s in m["sources"]] == ["products.csv", "orders.csv", "order_items.csv"]
+    assert all(len(s["sha256"]) == 64 and s["rows"] > 0 for s in m["sources"])
+    int8 = m["models"]["int8"]["cosine_to_fp32"]
+    assert int8["n"] == 100 and TINY_MIN_INT8 <= int8["mean"] <= 1.0 and int8["min"] <= int8["mean"]
+    fp16 = m["models"]["fp16"]
+    assert fp16["cosine_to_fp32"] is not None or fp16["reason"]
+    enc = m["encoder"]
+    assert (enc["pooling"], enc["normalize"], enc["max_query_tokens"], enc["max_item_tokens"]) == ("mean", True, 64, 128)
+    assert enc["fine_tuned"] is False and enc["item_variant"] == "fp32"
+    assert m["index"]["space"] == "cosine" and m["index"]["M"] == 16 and m["index"]["ef_search"] == 64
+    assert m["complements"]["from_orders"] is True and m["complements"]["min_support"] == 3
+    assert m["lexical"]["tokenize"]["stemmer"]["algorithm"] == "english"
+    assert set(m["timings_s"]) >= {"load", "export_fp32", "quantize_int8", "embed", "index", "complements", "total"}
+    assert artifact.stat().st_mode & 0o055 == 0o055  # readable by the server's user, not 0700 like mkdtemp
+    # no half-built sibling left behind
+    assert not [p for p in artifact.parent.iterdir() if ".building-" in p.name]
+
+
+def test_embeddings_normalised_and_index_self_match(artifact):
+    import hnswlib
+
+    emb = np.load(artifact / EMBEDDINGS)
+    assert emb.dtype == np.float32 and emb.shape == (300, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    index = hnswlib.Index(space="cosine", dim=emb.shape[1])
+    index.load_index(str(artifact / INDEX))
+    index.set_ef(64)
+    labels, dist = index.knn_query(emb, k=1)
+    # titles are unique in the slice, but a random tiny BERT can map two to (nearly) the same vector
+    self_hit = labels[:, 0] == np.arange(len(emb))
+    assert self_hit.mean() >= 0.98
+    assert np.all(dist[:, 0] < 1e-4)
+
+
+def test_embeddings_match_serving_encoder(artifact):
+    from bundlerec_server.encoder import Encoder
+
+    items = ItemTable.read(artifact / ITEMS)
+    emb = np.load(artifact / EMBEDDINGS)
+    enc = Encoder(artifact / MODEL_FILES["fp32"], artifact / TOKENIZER, max_length=128)
+    np.testing.assert_allclose(enc.encode(items.titles[:5]), emb[:5], atol=1e-5)
+
+
+def test_items_and_complements_round_trip(artifact, tmp_path):
+    items = ItemTable.read(artifact / ITEMS)
+    comp = Complements.read(artifact / COMPLEMENTS)
+    assert len(comp.indptr) == len(items) + 1 and comp.indptr[-1] == len(comp.indices) > 0
+    assert np.all((comp.strength >= 0) & (comp.strength <= 1)) and comp.strength.max() == pytest.approx(1.0)
+    assert np.all(comp.support >= 3)
+    for row in range(len(items)):
+        idx, strength, _ = comp.of(row)
+        assert row not in idx.tolist()
+        assert np.all(np.diff(strength) <= 1e-7)  # best first
+        assert all(items.categories[j] != items.categories[row] for j in idx)
+    assert np.all((items.quality >= 0.6) & (items.quality <= 1.0)) and items.quality.max() == pytest.approx(1.0)
+    assert items.orders.max() > 0 and np.all(np.isnan(items.prices))
+    items.write(tmp_path / ITEMS)
+    comp.write(tmp_path / COMPLEMENTS)
+    assert (tmp_path / ITEMS).read_bytes() == (artifact / ITEMS).read_bytes()
+    again = Complements.read(tmp_path / COMPLEMENTS)
+    for name in ("indptr", "indices", "strength", "support"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(comp, name))
+
+
+def test_lexical_index_loads_and_finds_title(artifact):
+    import bm25s
+    import Stemmer
+
+    items = ItemTable.read(artifact / ITEMS)
+    retriever = bm25s.BM25.load(str(artifact / LEXICAL_DIR))
+    q = bm25s.tokenize([items.titles[10]], stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False)
+    docs, scores = retriever.retrieve(q, k=3, show_progress=False)
+    assert 10 in docs[0].tolist()
+
+
+def test_failed_build_leaves_no_artifact(tmp_path, tiny_model):
+    from bundlerec_export.build import BuildConfig, BuildError, build_artifact
+
+    out = tmp_path / "never"
+    cfg = BuildConfig(dataset="instacart", data_dir=SLICE, out=out, base_model=tiny_model,
+                      min_int8_cosine=1.01, agreement_sample=20, limit=40, progress=False)
+    with pytest.raises(BuildError, match="min_int8_cosine"):
+        build_artifact(cfg)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fallback_without_baskets(tmp_path, tiny_model):
+    from bundlerec_export.build import BuildConfig, build
+
+    cat = tmp_path / "catalog.csv"
+    lines = ["id,title,price"] + [f"{i},item number {i} organic snack,{i + 0.5}" for i in range(40)]
+    cat.write_text("\n".join(lines) + "\n")
+    res = build(BuildConfig(dataset="csv", catalog=cat, out=tmp_path / "a", base_model=tiny_model,
+                            min_int8_cosine=0.0, agreement_sample=10, progress=False, lexical=False,
+                            related_band=(-1.0, 0.99999)))
+    m = res.manifest
+    assert m["complements"]["from_orders"] is False and m["complements"]["method"] == "content_band"
+    assert m["quality"]["method"] == "neutral" and m["lexical"] is None
+    comp = Complements.read(res.path / COMPLEMENTS)
+    assert len(comp.indices) > 0 and np.all(comp.support == 0)
+    items = ItemTable.read(res.path / ITEMS)
+    assert items.prices[3] == pytest.approx(3.5) and np.all(items.quality == 1.0)
