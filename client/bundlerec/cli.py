@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> int:
+def run(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     tls = None
     if args.ca or args.cert:
         tls = TLS(

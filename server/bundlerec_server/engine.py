@@ -62,15 +62,18 @@ class Lexical:
 
         self._bm25s = bm25s
         self.retriever = bm25s.BM25.load(str(folder))
-        self.stopwords = params.get("stopwords", "en")
+        tok = params.get("tokenize", {})
+        self.stopwords = tok.get("stopwords", "en")
+        self.lower = bool(tok.get("lower", True))
         self.stemmer = None
-        if params.get("stemmer"):
+        algorithm = (tok.get("stemmer") or {}).get("algorithm")
+        if algorithm:
             import Stemmer
 
-            self.stemmer = Stemmer.Stemmer(params["stemmer"])
+            self.stemmer = Stemmer.Stemmer(algorithm)
 
     def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        tokens = self._bm25s.tokenize([text], stopwords=self.stopwords, stemmer=self.stemmer, show_progress=False)
+        tokens = self._bm25s.tokenize([text], lower=self.lower, stopwords=self.stopwords, stemmer=self.stemmer, show_progress=False)
         if not tokens.vocab or all(len(t) == 0 for t in tokens.ids):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         k = min(k, self.retriever.scores["num_docs"])
