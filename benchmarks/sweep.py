@@ -1,0 +1,224 @@
+"""Standard load sweep of the naive reference server vs the real bundlerec server, in one run.
+
+    python -m benchmarks.sweep --artifact artifacts/demo --out runs/bench
+
+Starts each server as a subprocess on a free loopback port (reference: ``python -m
+benchmarks.reference_server``; real: ``bundlerec-server --artifact DIR --port N``), waits for its
+grpc.health.v1 SERVING, runs the same open-loop sweep (same seeds, queries and rates: see
+benchmarks/load.py) against it, and always terminates it (SIGTERM, then SIGKILL). When the real server
+cannot be found, exits early or never becomes healthy, its part is skipped with a message and the
+comparison reports the reference alone. Writes ``OUT/sweep.json``, ``OUT/sweep.png`` and the servers'
+logs, and prints the comparison table: highest sustainable RPS, p50/p99 TTFB and full-stream latency
+at 100 RPS, and the ratio real/reference. The standard sweep takes about 3–5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import load
+
+REPO = Path(__file__).resolve().parent.parent
+COMPARE_AT_RPS = 100.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server subprocess in its own session, always terminated on exit."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.argv, self.log_path = name, argv, log_path
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=REPO, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        self._log.close()
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def get_info(target: str) -> dict[str, Any]:
+    import grpc
+    from bundlerec.v1 import bundlerec_pb2 as pb
+    from bundlerec.v1 import bundlerec_pb2_grpc as pbg
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        with grpc.insecure_channel(target) as ch:
+            return MessageToDict(pbg.BundleRecommenderStub(ch).GetInfo(pb.GetInfoRequest(), timeout=5))
+    except grpc.RpcError as exc:
+        return {"error": exc.code().name}
+
+
+def find_real_server(cmd: str) -> str | None:
+    if os.sep in cmd:
+        return cmd if os.access(cmd, os.X_OK) else None
+    venv_bin = Path(sys.executable).parent / cmd
+    return str(venv_bin) if venv_bin.is_file() else shutil.which(cmd)
+
+
+def run_server_sweep(name: str, argv: list[str], port: int, out: Path, args: argparse.Namespace,
+                     queries: list[str]) -> dict[str, Any]:
+    target = f"127.0.0.1:{port}"
+    log = out / f"{name}.log"
+    print(f"== {name}: {' '.join(argv)}", flush=True)
+    t0 = time.monotonic()
+    with ServerProcess(name, argv, log) as srv:
+        try:
+            load.wait_for_health(target, args.startup_timeout, alive=srv.alive)
+        except (TimeoutError, RuntimeError) as exc:
+            print(f"   SKIP {name}: {exc}\n   last log lines:\n{srv.log_tail()}", flush=True)
+            return {"name": name, "skipped": str(exc), "log": str(log)}
+        startup = time.monotonic() - t0
+        info = get_info(target)
+        print(f"   healthy after {startup:.1f}s; {info}", flush=True)
+        sw = load.run_sweep(
+            target, args.rates, args.duration, queries, p99_bound_ms=args.p99_bound_ms,
+            must_run=[COMPARE_AT_RPS], warmup_s=args.warmup, procs=args.procs, rpc="recommend",
+            max_bundles=args.max_bundles, items=args.items, seed=args.seed, timeout=args.timeout,
+            log=lambda m: print(m, flush=True))
+        return {"name": name, "target": target, "startup_s": startup, "info": info, "log": str(log), **sw}
+
+
+def at_rate(entry: dict[str, Any], rps: float) -> dict[str, Any] | None:
+    for r in entry.get("results", []):
+        if r["offered_rps"] == rps:
+            return r
+    return None
+
+
+def comparison(ref: dict[str, Any], real: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Rows of (metric, reference, real, real/reference)."""
+    def metrics(e: dict[str, Any] | None) -> dict[str, float | None]:
+        if not e or e.get("skipped"):
+            return {}
+        r = at_rate(e, COMPARE_AT_RPS)
+        m: dict[str, float | None] = {"highest sustainable RPS": e.get("highest_sustainable_rps")}
+        for key, label in (("ttfb_ms", "TTFB"), ("full_ms", "full stream")):
+            for q in ("p50", "p99"):
+                m[f"{label} {q} @{COMPARE_AT_RPS:g} RPS (ms)"] = r[key][q] if r else None
+        m[f"error rate @{COMPARE_AT_RPS:g} RPS"] = r["error_rate"] if r else None
+        return m
+
+    a, b = metrics(ref), metrics(real)
+    rows = []
+    for key in a or b:
+        va, vb = a.get(key), b.get(key)
+        ratio = vb / va if (va not in (None, 0) and vb is not None) else None
+        rows.append({"metric": key, "reference": va, "real": vb, "real/reference": ratio})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    def f(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    w = max(len(r["metric"]) for r in rows) if rows else 10
+    print(f"{'metric':<{w}}  {'reference':>10}  {'real':>10}  {'real/ref':>9}")
+    for r in rows:
+        print(f"{r['metric']:<{w}}  {f(r['reference']):>10}  {f(r['real']):>10}  {f(r['real/reference']):>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--rates", type=load._rates, default=list(load.DEFAULT_RATES))
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    p.add_argument("--p99-bound-ms", type=float, default=50.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--timeout", type=float, default=5.0, help="per-call deadline (s)")
+    p.add_argument("--procs", type=int, default=1, help="load-generator processes")
+    p.add_argument("--max-bundles", type=int, default=5)
+    p.add_argument("--items", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--queries", help="query file (default benchmarks/queries/instacart.txt)")
+    p.add_argument("--startup-timeout", type=float, default=120.0)
+    p.add_argument("--real-cmd", default="bundlerec-server", help="real server executable")
+    p.add_argument("--real-args", default="", help="extra arguments for the real server")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-real", action="store_true")
+    args = p.parse_args(argv)
+    if not (args.artifact / "items.jsonl").is_file():
+        print(f"{args.artifact}: not an artifact folder (no items.jsonl)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    queries = load.load_queries(args.queries)
+    started = time.time()
+    entries: dict[str, dict[str, Any]] = {}
+
+    if not args.skip_reference:
+        port = free_port()
+        argv_ref = [sys.executable, "-m", "benchmarks.reference_server", "--artifact", str(args.artifact),
+                    "--port", str(port)]
+        entries["reference"] = run_server_sweep("reference", argv_ref, port, args.out, args, queries)
+    if not args.skip_real:
+        exe = find_real_server(args.real_cmd)
+        if exe is None:
+            print(f"== real: SKIP: {args.real_cmd!r} not found (install the server package)", flush=True)
+            entries["real"] = {"name": "real", "skipped": f"{args.real_cmd} not found"}
+        else:
+            port = free_port()
+            argv_real = [exe, "--artifact", str(args.artifact), "--port", str(port), *args.real_args.split()]
+            entries["real"] = run_server_sweep("real", argv_real, port, args.out, args, queries)
+
+    rows = comparison(entries.get("reference", {}), entries.get("real"))
+    print()
+    print_table(rows)
+    out = {"config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                      "n_queries": len(queries), "compare_at_rps": COMPARE_AT_RPS},
+           "machine": load.machine_info(), "started_at": started, "elapsed_s": time.time() - started,
+           "servers": entries, "comparison": rows}
+    (args.out / "sweep.json").write_text(json.dumps(out, indent=2) + "\n")
+    series = {name: e["results"] for name, e in entries.items() if e.get("results")}
+    if series:
+        load.plot_latency(series, args.out / "sweep.png", p99_bound_ms=args.p99_bound_ms,
+                          title=f"Recommend latency vs load, {args.artifact.name}: " + " vs ".join(series))
+    print(f"\nwrote {args.out / 'sweep.json'}" + (f" and {args.out / 'sweep.png'}" if series else "")
+          + f" in {time.time() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
