@@ -107,3 +107,24 @@ def test_fallback_band_and_category():
     assert comp.of(0)[0].tolist() == [2]
     with pytest.raises(ValueError):
         related_from_index(index, emb, None, band=(0.9, 0.5))
+
+
+def test_user_level_evidence():
+    # user "loyal" buys 0+1 together in 5 orders; 0+2 are bought together by 3 different users.
+    baskets = [[0, 1]] * 5 + [[0, 2]] * 3 + [[3]] * 3
+    users = ["loyal"] * 5 + ["a", "b", "c"] + ["f", "g", ""]
+    # baskets: N=11, c0=8, c1=5, c01=5 -> lift 11/8, npmi 0.404, x 5/10; c02=3 -> npmi 0.245, x 3/8
+    by_basket, _ = mine_cooccurrence(baskets, 4, None, min_support=3)
+    idx, strength, _ = by_basket.of(0)
+    assert idx.tolist() == [1, 2]  # 5 baskets of one person count as 5
+    np.testing.assert_allclose(strength, [1.0, shrunk_npmi(3, 8, 3, 11) / shrunk_npmi(5, 8, 5, 11)], rtol=1e-6)
+    # users: N=7 (loyal, a, b, c, f, g, the id-less basket), c0=4, c1=1, c01=1 < 3: dropped; c02=3 kept
+    by_user, stats = mine_cooccurrence(baskets, 4, None, users=users, min_support=3)
+    idx, strength, support = by_user.of(0)
+    assert idx.tolist() == [2] and support.tolist() == [3] and strength.tolist() == [1.0]
+    assert (stats.unit, stats.units) == ("users", 7)
+    assert shrunk_npmi(3, 4, 3, 7) > 0 and by_user.of(2)[0].tolist() == [0]
+    # the support column still reports baskets, also when the unit is users
+    repeat = [[0, 2]] * 4 + [[0, 2]] * 2 + [[1]]
+    comp, _ = mine_cooccurrence(repeat, 3, None, users=["x"] * 4 + ["y", "z", "w"], min_support=3)
+    assert comp.of(0)[2].tolist() == [6]

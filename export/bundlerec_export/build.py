@@ -65,6 +65,7 @@ class BuildConfig:
     min_support: int = 3
     top_k: int = 20
     shrinkage: float = 5.0
+    user_level_evidence: bool = True  # count co-occurrence once per user when baskets carry user ids
     related_band: tuple[float, float] = (0.45, 0.85)
     # bm25s lexical index
     lexical: bool = True
@@ -227,13 +228,16 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
     if ds.has_baskets:
         baskets = [[rows_of[i] for i in b.items] for b in ds.baskets]
         counts = cmp.item_counts(baskets, n)
+        users = [b.user_id for b in ds.baskets] if cfg.user_level_evidence else None
         comps, stats = cmp.mine_cooccurrence(
-            baskets, n, categories, min_support=cfg.min_support, top_k=cfg.top_k, shrinkage=cfg.shrinkage
+            baskets, n, categories, users=users, min_support=cfg.min_support, top_k=cfg.top_k,
+            shrinkage=cfg.shrinkage,
         )
         quality, q_method = cmp.popularity_quality(counts), cmp.POPULARITY_METHOD
         comp_info = {"method": stats.method, "min_support": cfg.min_support, "top_k": cfg.top_k,
                      "shrinkage": cfg.shrinkage, "pairs": stats.pairs, "anchors": stats.anchors,
-                     "baskets": stats.baskets, "from_orders": True,
+                     "baskets": stats.baskets, "evidence_unit": stats.unit, "evidence_units": stats.units,
+                     "support": "baskets containing both", "from_orders": True,
                      "cross_category_only": ds.has_categories}
         q_info = {"method": q_method, "formula": "0.6 + 0.4*log1p(n)/log1p(max n), n = baskets with the item"}
     else:

@@ -16,7 +16,15 @@
    candidate from a DIFFERENT category is a complement (milk -> cereal, not milk -> other milk; those are
    substitutes, which retrieval already finds). Each anchor keeps its best ``top_k`` (default 20), best
    first, ties broken by support then row index. ``strength`` = score / (largest score of all kept pairs),
-   so it lies in (0, 1] and stays comparable across anchors; ``support`` = c_ab.
+   so it lies in (0, 1] and stays comparable across anchors; ``support`` = baskets containing both.
+
+   Evidence unit. When baskets carry user ids, the counts above are taken over **users** instead of
+   baskets: N = users, c_a = users who bought a, c_ab = users who bought a and b in the same basket (each
+   user counts at most once, however often they reorder), and ``min_support`` applies to c_ab in users.
+   On Instacart one loyal shopper reorders the same items dozens of times, so basket counts turn one
+   person's habit (banana + a frozen meal in 24 orders of one user) into a strong "complement"; user counts
+   need the pair to recur across different people. Baskets without a user id each count as their own user.
+   ``support`` still reports baskets containing both.
 
 2. Without baskets (homedepot, icecat): **content-based related items** from the HNSW index. For each
    item, its nearest neighbours whose cosine lies inside a band (default 0.45 <= cos <= 0.85: related, but
@@ -55,6 +63,8 @@ class MiningStats:
     anchors: int
     baskets: int
     candidate_pairs: int
+    unit: str = "baskets"
+    units: int = 0
 
 
 def _unique_rows(baskets: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -70,19 +80,40 @@ def item_counts(baskets: Sequence[Sequence[int]], n_items: int) -> np.ndarray:
     return np.bincount(np.concatenate(rows), minlength=n_items).astype(np.int32)
 
 
-def pair_counts(baskets: Sequence[Sequence[int]], n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Co-occurrence counts of unordered pairs (a < b): arrays a, b, c_ab (the upper triangle of X^T X)."""
-    keys = []
-    for rows in _unique_rows(baskets):
+def _pair_keys(rows: np.ndarray, n_items: int) -> np.ndarray:
+    i, j = np.triu_indices(len(rows), k=1)
+    return rows[i] * n_items + rows[j]
+
+
+def pair_counts(
+    baskets: Sequence[Sequence[int]], n_items: int, users: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Co-occurrence counts of unordered pairs (a < b): arrays a, b, count (the upper triangle of X^T X).
+
+    With ``users``, a pair counts once per user (bought together in at least one of their baskets)."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for k, rows in enumerate(_unique_rows(baskets)):
         if len(rows) < 2:
             continue
-        i, j = np.triu_indices(len(rows), k=1)
-        keys.append(rows[i] * n_items + rows[j])
+        key = f"u:{users[k]}" if users is not None and users[k] else f"b:{k}"
+        groups.setdefault(key, []).append(_pair_keys(rows, n_items))
+    keys = [np.unique(np.concatenate(g)) if len(g) > 1 else g[0] for g in groups.values()]
     if not keys:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
     uniq, counts = np.unique(np.concatenate(keys), return_counts=True)
     return uniq // n_items, uniq % n_items, counts.astype(np.int64)
+
+
+def user_item_counts(baskets: Sequence[Sequence[int]], n_items: int, users: Sequence[str]) -> tuple[np.ndarray, int]:
+    """(distinct users who bought each item, number of distinct users); id-less baskets are their own user."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for k, rows in enumerate(_unique_rows(baskets)):
+        groups.setdefault(f"u:{users[k]}" if users[k] else f"b:{k}", []).append(rows)
+    if not groups:
+        return np.zeros(n_items, dtype=np.int32), 0
+    per_user = [np.unique(np.concatenate(g)) for g in groups.values()]
+    return np.bincount(np.concatenate(per_user), minlength=n_items).astype(np.int32), len(groups)
 
 
 def npmi_scores(c_ab: np.ndarray, c_a: np.ndarray, c_b: np.ndarray, n: int, shrinkage: float) -> np.ndarray:
@@ -136,33 +167,53 @@ def mine_cooccurrence(
     n_items: int,
     categories: Sequence[str] | None = None,
     *,
+    users: Sequence[str] | None = None,
     min_support: int = 3,
     top_k: int = 20,
     shrinkage: float = 5.0,
 ) -> tuple[Complements, MiningStats]:
-    """Complements from baskets of item rows (see module docstring for the scoring)."""
+    """Complements from baskets of item rows (see module docstring for the scoring).
+
+    ``users`` (one id per basket, "" when unknown) switches the evidence unit from baskets to users."""
     if min_support < 1:
         raise ValueError("min_support must be >= 1")
-    n = len(baskets)
-    if n == 0:
+    if users is not None and len(users) != len(baskets):
+        raise ValueError("users must give one id per basket")
+    if users is not None and not any(users):
+        users = None
+    if len(baskets) == 0:
         return empty_complements(n_items), MiningStats(NPMI_METHOD, 0, 0, 0, 0)
-    c = item_counts(baskets, n_items).astype(np.float64)
-    a, b, ab = pair_counts(baskets, n_items)
+    a, b, basket_ab = pair_counts(baskets, n_items)
+    if users is None:
+        unit = "baskets"
+        c, n = item_counts(baskets, n_items).astype(np.float64), len(baskets)
+        ab = basket_ab
+    else:
+        unit = "users"
+        c_users, n = user_item_counts(baskets, n_items, users)
+        c = c_users.astype(np.float64)
+        ua, ub, uab = pair_counts(baskets, n_items, users)
+        # user-level pairs are a subset of basket-level pairs, both sorted by key: align them
+        pos = np.searchsorted(a * n_items + b, ua * n_items + ub)
+        a, b, ab, basket_ab = ua, ub, uab, basket_ab[pos]
     # both directions: (a -> b) and (b -> a)
     rows, cols, c_ab = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([ab, ab])
+    sup = np.concatenate([basket_ab, basket_ab])
     mask = c_ab >= min_support
     candidates = int(mask.sum())
     mask &= _cross_category(rows, cols, _category_codes(categories, n_items))
-    rows, cols, c_ab = rows[mask], cols[mask], c_ab[mask]
+    rows, cols, c_ab, sup = rows[mask], cols[mask], c_ab[mask], sup[mask]
     score = npmi_scores(c_ab, c[rows], c[cols], n, shrinkage)
     pos = score > 0
-    rows, cols, c_ab, score = rows[pos], cols[pos], c_ab[pos], score[pos]
-    indptr, idx, score, support = _top_k_csr(rows, cols, score, c_ab, n_items, top_k)
+    rows, cols, sup, score = rows[pos], cols[pos], sup[pos], score[pos]
+    indptr, idx, score, support = _top_k_csr(rows, cols, score, sup, n_items, top_k)
     top = float(score.max()) if len(score) else 1.0
     strength = np.clip(score / top, 0.0, 1.0).astype(np.float32)
     comp = Complements(indptr, idx, strength, support)
-    stats = MiningStats(NPMI_METHOD, int(len(idx)), int(np.count_nonzero(np.diff(indptr))), n, candidates)
-    logger.info("complements from %d baskets: %d pairs for %d anchors", n, stats.pairs, stats.anchors)
+    stats = MiningStats(NPMI_METHOD, int(len(idx)), int(np.count_nonzero(np.diff(indptr))), len(baskets),
+                        candidates, unit, n)
+    logger.info("complements from %d baskets (%d %s): %d pairs for %d anchors", len(baskets), n, unit,
+                stats.pairs, stats.anchors)
     return comp, stats
 
 
