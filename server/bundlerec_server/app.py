@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from bundlerec.v1 import bundlerec_pb2 as pb
@@ -13,7 +15,10 @@ from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .artifact import MANIFEST
+from .events import EventStore
 from .runtime import Runtime
+from .security import BearerTokenInterceptor, server_credentials
 from .service import BundleRecommenderServicer
 from .settings import Settings
 
@@ -28,6 +33,7 @@ class App:
     port: int
     runtime: Runtime
     health: health.aio.HealthServicer
+    _refused_version: str | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -46,7 +52,23 @@ class App:
         """NOT_SERVING, stop accepting, let in-flight calls finish within the grace period."""
         await self.set_serving(False)
         await self.server.stop(self.runtime.settings.grace_s if grace is None else grace)
+        if self.runtime.events is not None:
+            await self.runtime.events.close()
         self.runtime.close()
+
+    async def watch(self, interval_s: float) -> None:
+        """Polls the artifact path's manifest; a new artifact_version triggers a hot reload."""
+        path = Path(self.runtime.settings.artifact) / MANIFEST
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                version = json.loads(path.read_text()).get("artifact_version")
+            except (OSError, ValueError):
+                continue  # mid-swap or missing: try again next round
+            current = self.runtime.engine().version if self.runtime.ready else None
+            if version and version != current and version != self._refused_version:
+                if not await self.runtime.reload():
+                    self._refused_version = version
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -62,16 +84,26 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 async def create_server(settings: Settings) -> App:
     """Builds the server (not started, model not loaded); binds ``settings.port`` (0 = a free port)."""
     runtime = Runtime(settings)
-    server = grpc.aio.server(options=server_options(settings))
+    interceptors = [BearerTokenInterceptor(settings.token())] if settings.token() else []
+    server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     pb_grpc.add_BundleRecommenderServicer_to_server(BundleRecommenderServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    creds = server_credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
+    if settings.events_db:
+        runtime.events = EventStore(settings.events_db, recent_per_user=settings.recent_events_per_user)
+        await runtime.events.start()
     app = App(server, port, runtime, health_servicer)
     await app.set_serving(False)
+    logger.info(
+        "bound %s:%d (%s%s)", settings.host, port, "mutual TLS" if settings.tls_client_ca else "TLS" if creds else "plaintext",
+        ", bearer token required" if interceptors else "",
+    )
     return app
 
 
@@ -83,13 +115,24 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(app.runtime.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     loader = asyncio.create_task(app.load())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if loader.done() and loader.exception() is not None:
         await app.stop(0)
         raise loader.exception()
+    watcher = asyncio.create_task(app.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
     await stopper
+    if watcher:
+        watcher.cancel()
     logger.info("shutdown signal: NOT_SERVING, draining in-flight calls (grace %.1fs)", settings.grace_s)
     loader.cancel()
     await app.stop()

@@ -15,6 +15,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 
 from .domain import BundleOut, Filters, Hit, Mode, RecommendQuery, SearchQuery, Stop
 from .errors import InvalidRequest, Violation
+from .events import EventRecord
 from .settings import Settings
 
 USER_ID_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
@@ -124,6 +125,27 @@ def search_query(req: pb.SearchRequest, settings: Settings) -> SearchQuery:
     if out:
         raise InvalidRequest(out)
     return SearchQuery(query=query, k=req.k or 10, filters=filters, mode=mode)
+
+
+_EVENT_TYPES = {pb.EVENT_TYPE_VIEW, pb.EVENT_TYPE_CLICK, pb.EVENT_TYPE_ADD_TO_CART, pb.EVENT_TYPE_PURCHASE}
+
+
+def event_record(ev: pb.Event, index: int, now_ms: int) -> EventRecord:
+    """Validates one event of a RecordEvents stream; field paths name its position (``events[3].user_id``)."""
+    out: list[Violation] = []
+    if not USER_ID_RE.match(ev.user_id):
+        out.append(Violation(f"events[{index}].user_id", "required: 1 to 128 characters of A-Z a-z 0-9 _ . : @ -"))
+    check_item_id(ev.item_id, f"events[{index}].item_id", out)
+    if ev.type not in _EVENT_TYPES:
+        out.append(Violation(f"events[{index}].type", "required: VIEW, CLICK, ADD_TO_CART or PURCHASE"))
+    ts_ms = now_ms
+    if ev.HasField("timestamp"):
+        ts_ms = ev.timestamp.seconds * 1000 + ev.timestamp.nanos // 1_000_000
+        if ts_ms <= 0 or ts_ms > now_ms + 24 * 3600 * 1000:
+            out.append(Violation(f"events[{index}].timestamp", "must be after 1970 and not more than a day in the future"))
+    if out:
+        raise InvalidRequest(out)
+    return EventRecord(ev.user_id, ev.item_id, int(ev.type), ts_ms)
 
 
 def _price(value: float) -> float | None:

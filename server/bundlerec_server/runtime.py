@@ -35,6 +35,7 @@ class Runtime:
         self.admission = Admission(settings.max_in_flight, settings.max_queue)
         self.events = None  # an EventStore when configured
         self.started_at = time.time()
+        self._reload_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -55,6 +56,22 @@ class Runtime:
     def swap(self, engine: Engine) -> Engine | None:
         old, self._engine = self._engine, engine
         return old
+
+    async def reload(self, root: Path | None = None) -> bool:
+        """Loads ``root`` (default: the configured artifact path, re-resolved) in the background and swaps it
+        in atomically. A corrupt or incompatible artifact is refused and the current version keeps serving."""
+        root = Path(root or self.settings.artifact)
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                engine = await loop.run_in_executor(None, self.load, root)
+            except Exception as exc:  # ArtifactError and anything a broken file provokes
+                current = self._engine.version if self._engine else "none"
+                logger.error("reload of %s refused, still serving %s: %s", root, current, exc)
+                return False
+            old = self.swap(engine)
+            logger.info("hot reload: now serving %s (was %s)", engine.version, old.version if old else "none")
+            return True
 
     async def run(self, fn: Callable, *args, time_left: Callable[[], float | None] | None = None):
         """Runs blocking ``fn`` in the worker pool; raises OutOfTime if the call's deadline comes first."""

@@ -12,11 +12,18 @@ from google.protobuf import timestamp_pb2
 
 from . import __version__, convert
 from .domain import Personalization, Stop
-from .errors import BundleRecError, abort_with
+from .errors import BundleRecError, InvalidRequest, Unsupported, Violation, abort_with
 from .runtime import OutOfTime, Runtime
 from .streaming import Paced
 
 logger = logging.getLogger(__name__)
+
+
+async def _enumerate(aiter):
+    i = 0
+    async for x in aiter:
+        yield i, x
+        i += 1
 
 
 def _time_left(context: grpc.aio.ServicerContext):
@@ -85,6 +92,30 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         if engine.needs_vector(engine.mode_for(q.mode)):
             vec = self.rt.encode_query(engine, q.query)
         return engine.search(q, vec)
+
+    async def RecordEvents(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.RecordEventsResponse:
+        """Validates the whole stream, stores it in one durable transaction, then acknowledges."""
+        try:
+            store = self.rt.events
+            if store is None:
+                raise Unsupported("events are not enabled on this server (start it with --events-db)")
+            engine = self.rt.engine()
+            now_ms = int(time.time() * 1000)
+            records, unknown = [], 0
+            index = -1
+            async for index, ev in _enumerate(request_iterator):
+                if index >= self.settings.max_events_per_call:
+                    raise InvalidRequest([Violation("events", f"more than {self.settings.max_events_per_call} events in one call")])
+                record = convert.event_record(ev, index, now_ms)
+                if record.item_id in engine.catalog.row_of:
+                    records.append(record)
+                else:
+                    unknown += 1
+            await self.rt.events.append(records)
+        except Exception as exc:
+            await abort_with(context, exc)
+        logger.debug("stored %d events (%d unknown items)", len(records), unknown)
+        return pb.RecordEventsResponse(accepted=len(records), unknown_items=unknown)
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
         try:

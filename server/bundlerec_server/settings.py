@@ -28,6 +28,11 @@ class Settings:
     host: str = field(default="[::]", metadata={"help": "address to bind"})
     port: int = field(default=50051, metadata={"help": "port to bind (0 = any free port)"})
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "max gRPC message size, both directions"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "server certificate chain (PEM): enables TLS"})
+    tls_key: Path | None = field(default=None, metadata={"help": "server private key (PEM)"})
+    tls_client_ca: Path | None = field(default=None, metadata={"help": "CA (PEM) for client certificates: enables mutual TLS, a client certificate is required"})
+    auth_token_file: Path | None = field(default=None, metadata={"help": "file holding the bearer token callers must send (authorization: Bearer ...)"})
+    auth_token: str = field(default="", repr=False, metadata={"help": "bearer token callers must send; prefer auth_token_file or the environment"})
     grace_s: float = field(default=10.0, metadata={"help": "shutdown grace period for in-flight calls"})
     # --- request handling
     deadline_margin_ms: float = field(default=2.0, metadata={"help": "end a stream this long before the call's deadline"})
@@ -43,6 +48,11 @@ class Settings:
     encode_workers: int = field(default=2, metadata={"help": "threads running the encoder and index (ORT and hnswlib release the GIL)"})
     max_in_flight: int = field(default=32, metadata={"help": "calls worked on at once; more wait in the queue"})
     max_queue: int = field(default=64, metadata={"help": "calls allowed to wait for a slot; beyond it RESOURCE_EXHAUSTED at once"})
+    # --- events & reload
+    events_db: Path | None = field(default=None, metadata={"help": "SQLite file for RecordEvents (WAL); unset disables events"})
+    max_events_per_call: int = field(default=10_000, metadata={"help": "most events in one RecordEvents call"})
+    recent_events_per_user: int = field(default=20, metadata={"help": "recent items per user blended into Recommend"})
+    watch_interval_s: float = field(default=0.0, metadata={"help": "poll the artifact's manifest this often and hot-reload a new version (0 = only on SIGHUP)"})
     # --- ranking
     anchor_pool: int = field(default=64, metadata={"help": "anchors retrieved before filtering and bundling"})
     history_weight: float = field(default=0.3, metadata={"help": "weight of the history vector in the query blend"})
@@ -89,11 +99,17 @@ class Settings:
             if typ is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["type"] = typ if typ in (int, float, str) else Path
+                kwargs["type"] = typ if typ in (int, float, str) else Path  # Path and Path | None
                 if "choices" in f.metadata:
                     kwargs["choices"] = f.metadata["choices"]
             parser.add_argument(flag, **kwargs)
         return parser
+
+    def token(self) -> str:
+        """The bearer token required from callers ('' = no token authentication)."""
+        if self.auth_token_file:
+            return self.auth_token_file.read_text().strip()
+        return self.auth_token
 
     def check(self) -> None:
         problems = []
@@ -111,6 +127,10 @@ class Settings:
         for name in ("encode_workers", "max_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.max_queue < 0:
             problems.append("max_queue must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:

@@ -1,0 +1,132 @@
+"""Durable shopper events (SQLite, WAL) and the per-user recent-item memory that personalises Recommend.
+
+Durability policy: ``journal_mode=WAL`` with ``synchronous=FULL``: a transaction's WAL frames are fsynced
+before COMMIT returns, and RecordEvents acknowledges only after its COMMIT returned. An acknowledged event
+therefore survives a crash of the process (SIGKILL) and of the machine. One RecordEvents call is one
+transaction: all of its events are stored, or none.
+
+All SQLite work runs on one dedicated writer thread (SQLite connections are not shared across threads);
+the request path never touches the database: it reads an in-memory, bounded LRU of each user's most
+recent item ids, filled from the database at start and updated after each commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts_ms DESC, id DESC);
+"""
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    user_id: str
+    item_id: str
+    type: int
+    ts_ms: int
+
+
+class EventStore:
+    def __init__(self, path: Path, recent_per_user: int = 20, max_users: int = 100_000) -> None:
+        self.path = Path(path)
+        self.recent_per_user = recent_per_user
+        self.max_users = max_users
+        self._recent: OrderedDict[str, deque[str]] = OrderedDict()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
+        self._conn: sqlite3.Connection | None = None
+
+    # --- writer thread -------------------------------------------------------------------------
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+        rows = conn.execute(
+            "SELECT user_id, item_id FROM (SELECT user_id, item_id, ts_ms, id, ROW_NUMBER() OVER "
+            "(PARTITION BY user_id ORDER BY ts_ms DESC, id DESC) AS r FROM events) WHERE r <= ? "
+            "ORDER BY ts_ms ASC, id ASC",
+            (self.recent_per_user,),
+        ).fetchall()
+        for user_id, item_id in rows:
+            self._remember(user_id, item_id)
+        return conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    def _insert(self, events: Sequence[EventRecord]) -> None:
+        now = int(time.time() * 1000)
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO events (user_id, item_id, type, ts_ms, received_ms) VALUES (?, ?, ?, ?, ?)",
+                [(e.user_id, e.item_id, e.type, e.ts_ms, now) for e in events],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _remember(self, user_id: str, item_id: str) -> None:
+        recent = self._recent.get(user_id)
+        if recent is None:
+            recent = self._recent[user_id] = deque(maxlen=self.recent_per_user)
+            while len(self._recent) > self.max_users:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(user_id)
+            if item_id in recent:
+                recent.remove(item_id)
+        recent.append(item_id)
+
+    # --- async API -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        count = await loop.run_in_executor(self._writer, self._open)
+        logger.info("event store %s: %d events, %d users in memory (WAL, synchronous=FULL)", self.path, count, len(self._recent))
+
+    async def append(self, events: Sequence[EventRecord]) -> None:
+        """Stores ``events`` in one durable transaction; returns only after COMMIT (then feeds personalisation)."""
+        if not events:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._insert, events)
+        for e in sorted(events, key=lambda e: e.ts_ms):
+            self._remember(e.user_id, e.item_id)
+
+    async def recent_items(self, user_id: str) -> list[str]:
+        """The user's most recent distinct item ids, newest first (empty for an unknown user)."""
+        recent = self._recent.get(user_id)
+        return list(reversed(recent)) if recent else []
+
+    def count(self) -> int:
+        return self._writer.submit(lambda: self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]).result()
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, _close)
+        self._writer.shutdown(wait=True)
