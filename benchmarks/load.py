@@ -76,7 +76,7 @@ def percentile(values: Sequence[float] | np.ndarray, q: float) -> float | None:
         return None
     if not 0 <= q <= 100:
         raise ValueError("q must be in [0, 100]")
-    rank = max(1, math.ceil(q / 100.0 * arr.size))
+    rank = max(1, math.ceil(q * arr.size / 100.0 - 1e-9))  # epsilon: 99.9 * 1000 / 100 is 999.0000000000001
     return float(arr[rank - 1])
 
 
@@ -414,7 +414,7 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
     merged = merge_records(p for p in parts if p is not None)
     result = summarize(merged, rate, duration)
     result["bundles_mean_ok"] = (
-        float(np.mean([b for b, c in zip(merged["bundles"], merged["code"]) if c == "OK"]))
+        float(np.mean([b for b, c in zip(merged["bundles"], merged["code"], strict=True) if c == "OK"]))
         if result["ok"] else None
     )
     return result

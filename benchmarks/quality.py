@@ -89,7 +89,7 @@ async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], m
 
 
 def evaluate(queries: list[tuple[str, dict[str, float]]], rankings: list[list[str]], k: int) -> tuple[dict, list]:
-    per_query = [metrics.query_metrics(r, judged, k) for (_, judged), r in zip(queries, rankings)]
+    per_query = [metrics.query_metrics(r, judged, k) for (_, judged), r in zip(queries, rankings, strict=True)]
     return metrics.aggregate(per_query), per_query
 
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.load import machine_info, wait_for_health
 
     runs = []
-    for target, label in zip(args.target, labels):
+    for target, label in zip(args.target, labels, strict=True):
         wait_for_health(target, args.health_timeout)
         for mode in modes:
             name = label if len(modes) == 1 else (f"{label} {mode}" if len(args.target) > 1 else mode)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 agg, per_query = evaluate(queries, res["rankings"], args.k)
                 run["aggregate"] = agg
                 if args.per_query:
-                    run["per_query"] = [{"query": q, **m} for (q, _), m in zip(queries, per_query)]
+                    run["per_query"] = [{"query": q, **m} for (q, _), m in zip(queries, per_query, strict=True)]
             runs.append(run)
     print()
     print_table(runs, args.k)

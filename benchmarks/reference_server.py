@@ -48,8 +48,7 @@ class NaiveRecommender:
     def __init__(self, artifact: Path, model_path: str, max_length: int = 128) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from bundlerec_server.artifact import (COMPLEMENTS, EMBEDDINGS, ITEMS, MANIFEST, Complements,
-                                               ItemTable)
+        from bundlerec_server.artifact import COMPLEMENTS, EMBEDDINGS, ITEMS, MANIFEST, Complements, ItemTable
         from transformers import AutoModel, AutoTokenizer
 
         self.torch = torch
@@ -137,7 +136,7 @@ def build_servicer(rec: NaiveRecommender):
         if mode not in (pb.RETRIEVAL_MODE_UNSPECIFIED, pb.RETRIEVAL_MODE_DENSE):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "reference server supports dense retrieval only")
 
-    def item_msg(row: int, role: int, score: float) -> "pb.BundleItem":
+    def item_msg(row: int, role: int, score: float) -> pb.BundleItem:
         price = rec.items.prices[row]
         msg = pb.BundleItem(item_id=rec.items.ids[row], title=rec.items.titles[row],
                             category=rec.items.categories[row], role=role, score=float(score))
@@ -159,11 +158,11 @@ def build_servicer(rec: NaiveRecommender):
             mask = rec.allowed(request.filters if request.HasField("filters") else None)
             anchors, scores = rec.top(query, n_bundles, mask)
             sent = 0
-            for anchor, score in zip(anchors.tolist(), scores.tolist()):
+            for anchor, score in zip(anchors.tolist(), scores.tolist(), strict=True):
                 items = [item_msg(anchor, pb.ITEM_ROLE_ANCHOR, score)]
                 reason = "matches the query"
                 comp, strength, support = rec.complements.of(anchor)
-                for c, s, sup in zip(comp.tolist(), strength.tolist(), support.tolist()):
+                for c, s, sup in zip(comp.tolist(), strength.tolist(), support.tolist(), strict=True):
                     if len(items) >= n_items:
                         break
                     if c == anchor or (mask is not None and not mask[c]):
@@ -190,7 +189,7 @@ def build_servicer(rec: NaiveRecommender):
             mask = rec.allowed(request.filters if request.HasField("filters") else None)
             rows, scores = rec.top(query, k, mask)
             hits = []
-            for row, score in zip(rows.tolist(), scores.tolist()):
+            for row, score in zip(rows.tolist(), scores.tolist(), strict=True):
                 hit = pb.SearchHit(item_id=rec.items.ids[row], title=rec.items.titles[row], score=float(score),
                                    category=rec.items.categories[row])
                 if not np.isnan(rec.items.prices[row]):
