@@ -185,7 +185,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
     model_dir = root / Path(MODEL_FILES["fp32"]).parent
     fp32 = ox.export_fp32(base_model, model_dir)
     t = _stage(timings, "export_fp32", t)
-    ox.quantize_int8(fp32)
+    ox.quantize_int8(fp32, config_from=base_model)
     t = _stage(timings, "quantize_int8", t)
     ox.convert_fp16(fp32)
     t = _stage(timings, "convert_fp16", t)

@@ -55,6 +55,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("bundlerec_export", "bundlerec_server"):
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets DEBUG on itself
 
 
 def _fmt_agree(entry: dict) -> str:

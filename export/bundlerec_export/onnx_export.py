@@ -77,8 +77,10 @@ def export_fp32(base_model: Path, model_dir: Path) -> Path:
     return out
 
 
-def quantize_int8(fp32_path: Path) -> Path:
-    """Dynamic int8, per-channel weight scales (avx512_vnni config) -> ``model/int8.onnx``."""
+def quantize_int8(fp32_path: Path, config_from: Path | None = None) -> Path:
+    """Dynamic int8, per-channel weight scales (avx512_vnni config) -> ``model/int8.onnx``.
+
+    ``config_from``: the base model folder, whose config.json the quantizer likes to see (else it warns)."""
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
@@ -91,6 +93,8 @@ def quantize_int8(fp32_path: Path) -> Path:
         os.link(fp32_path, src_dir / "model.onnx") if _same_fs(fp32_path, src_dir) else shutil.copyfile(
             fp32_path, src_dir / "model.onnx"
         )
+        if config_from is not None and (Path(config_from) / "config.json").is_file():
+            shutil.copyfile(Path(config_from) / "config.json", src_dir / "config.json")
         quantizer = ORTQuantizer.from_pretrained(src_dir, file_name="model.onnx")
         qconfig = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
         save_dir = Path(tmp) / "q"
