@@ -486,6 +486,14 @@ def plot_latency(series: dict[str, list[dict[str, Any]]], out: str | Path, title
         ax.axhline(p99_bound_ms, color="grey", ls=":", lw=1, label=f"p99 bound {p99_bound_ms:g} ms")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    rates = sorted({r["offered_rps"] for rs in series.values() for r in rs})
+    if rates:
+        ax.set_xticks(rates)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("offered load (requests/s, Poisson)")
     ax.set_ylabel("latency from scheduled send (ms)")
     ax.set_title(title or "bundlerec latency vs load")
