@@ -7,10 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bundlerec_server.artifact import (
-    COMPLEMENTS, EMBEDDINGS, INDEX, ITEMS, LEXICAL_DIR, MODEL_FILES, TOKENIZER, Complements, ItemTable,
-    read_manifest, sha256_file,
+    COMPLEMENTS,
+    EMBEDDINGS,
+    INDEX,
+    ITEMS,
+    LEXICAL_DIR,
+    MODEL_FILES,
+    TOKENIZER,
+    Complements,
+    ItemTable,
+    read_manifest,
+    sha256_file,
 )
 
 SLICE = Path(__file__).parent / "data" / "instacart_slice"

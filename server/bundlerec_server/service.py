@@ -14,6 +14,7 @@ from . import __version__, convert
 from .domain import Personalization, Stop
 from .errors import BundleRecError, InvalidRequest, Unsupported, Violation, abort_with
 from .runtime import OutOfTime, Runtime
+from .security import fingerprint
 from .streaming import Paced
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,14 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
         for rank, bundle in enumerate(paced, start=1):
             yield convert.bundle_message(bundle, rank, engine.catalog)
+        stop = stop or paced.stop
+        if logger.isEnabledFor(logging.DEBUG):  # fingerprints only: raw queries and user ids never reach logs
+            logger.debug("recommend q=%s user=%s bundles=%d stop=%s %.1f ms", fingerprint(q.query),
+                         fingerprint(q.user_id) if q.user_id else "-", paced.sent, stop.value, (time.perf_counter() - t0) * 1000)
         yield pb.RecommendResponse(
             summary=pb.StreamSummary(
                 bundles_sent=paced.sent,
-                stop_reason=convert.STOP_TO_PB[stop or paced.stop],
+                stop_reason=convert.STOP_TO_PB[stop],
                 artifact_version=engine.version,
                 personalized=info.applied,
                 unknown_item_ids=info.unknown_ids,
