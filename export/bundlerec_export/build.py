@@ -27,7 +27,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bundlerec_server.artifact import (  # noqa: E402
-    COMPLEMENTS, EMBEDDINGS, INDEX, ITEMS, LEXICAL_DIR, MODEL_FILES, TOKENIZER, ItemTable, write_manifest,
+    COMPLEMENTS,
+    EMBEDDINGS,
+    INDEX,
+    ITEMS,
+    LEXICAL_DIR,
+    MODEL_FILES,
+    TOKENIZER,
+    ItemTable,
+    write_manifest,
 )
 
 from bundlerec_export import complements as cmp  # noqa: E402
@@ -174,7 +182,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, float], t: float) -> dict[str, Any]:
     import hnswlib
-
     from bundlerec_server.encoder import Encoder
 
     base_model = cfg.base_model or ox.default_base_model()
