@@ -164,3 +164,16 @@ def test_fallback_without_baskets(tmp_path, tiny_model):
     assert len(comp.indices) > 0 and np.all(comp.support == 0)
     items = ItemTable.read(res.path / ITEMS)
     assert items.prices[3] == pytest.approx(3.5) and np.all(items.quality == 1.0)
+
+
+@pytest.mark.slow
+def test_real_minilm_on_slice(tmp_path):
+    """The packaged all-MiniLM-L6-v2: int8 per-channel agrees with fp32 above the default 0.98."""
+    from bundlerec_export.build import BuildConfig, build
+
+    res = build(BuildConfig(dataset="instacart", data_dir=SLICE, out=tmp_path / "real", progress=False))
+    m = res.manifest
+    assert m["embedding_dim"] == 384 and m["encoder"]["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    int8 = m["models"]["int8"]["cosine_to_fp32"]
+    assert int8["mean"] >= 0.98 and int8["n"] == 200
+    assert read_manifest(res.path)["item_count"] == 300
