@@ -15,8 +15,8 @@ How it measures
   for the unary Search RPC), full-stream latency, final status code name, bundles received.
 * Latency percentiles are nearest-rank, over the requests that ended OK; errors are reported by code.
 * A rate is *sustainable* when achieved throughput ≥ 95% of offered, error rate < 1% and full-stream
-  p99 ≤ the bound. The sweep runs increasing rates and stops after the first unsustainable rate (rates
-  in ``--must-run`` are still run), reporting the highest sustainable one.
+  p99 ≤ the bound. The sweep runs increasing rates and stops after an unsustainable rate (rates up to
+  the largest ``--must-run`` rate are still run), reporting the highest sustainable one.
 * Bounded: every call has a deadline (``--timeout``), every run ends at duration + timeout + grace at
   the latest, and health is awaited for at most ``--health-timeout`` seconds.
 """
@@ -423,14 +423,17 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
 def run_sweep(target: str, rates: Sequence[float], duration: float, queries: Sequence[str], *,
               p99_bound_ms: float = 50.0, must_run: Sequence[float] = (), warmup_s: float = 2.0,
               warmup_rps: float = 10.0, log: Any = print, **kw: Any) -> dict[str, Any]:
-    """Runs increasing rates; stops after the first unsustainable rate beyond every ``must_run`` rate."""
+    """Runs increasing rates; stops at the first unsustainable rate once past every ``must_run`` rate.
+
+    (A failure below a must-run rate does not stop the sweep if the next rate passes again: on a
+    shared machine one noisy rate should not end it.)"""
     if warmup_s > 0:
         log(f"[{target}] warm-up {warmup_rps:g} rps x {warmup_s:g}s (discarded)")
         run_rate(target, warmup_rps, warmup_s, queries, **{**kw, "seed": kw.get("seed", 0) + 999})
     results = []
-    failed = False
+    last_failed = False
     for i, rate in enumerate(sorted(rates)):
-        if failed and not any(rate <= m for m in must_run):
+        if last_failed and not any(rate <= m for m in must_run):
             log(f"[{target}] stop: skipping {rate:g} rps and above")
             break
         res = run_rate(target, rate, duration, queries, **{**kw, "seed": kw.get("seed", 0) + i})
@@ -438,7 +441,7 @@ def run_sweep(target: str, rates: Sequence[float], duration: float, queries: Seq
         res["sustainable"], res["reasons"] = ok, reasons
         results.append(res)
         log(format_row(res))
-        failed = failed or not ok
+        last_failed = not ok
     return {"results": results, "highest_sustainable_rps": highest_sustainable(results),
             "p99_bound_ms": p99_bound_ms}
 

