@@ -34,6 +34,7 @@ class App:
     runtime: Runtime
     health: health.aio.HealthServicer
     _refused_version: str | None = None
+    _watcher: asyncio.Task | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -47,10 +48,14 @@ class App:
         self.runtime.swap(engine)
         await self.set_serving(True)
         logger.info("serving artifact %s on port %d", engine.version, self.port)
+        if self.runtime.settings.watch_interval_s > 0:
+            self._watcher = asyncio.create_task(self.watch(self.runtime.settings.watch_interval_s))
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, stop accepting, let in-flight calls finish within the grace period."""
         await self.set_serving(False)
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.server.stop(self.runtime.settings.grace_s if grace is None else grace)
         if self.runtime.events is not None:
             await self.runtime.events.close()
@@ -129,10 +134,7 @@ async def serve(settings: Settings) -> None:
     if loader.done() and loader.exception() is not None:
         await app.stop(0)
         raise loader.exception()
-    watcher = asyncio.create_task(app.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
     await stopper
-    if watcher:
-        watcher.cancel()
     logger.info("shutdown signal: NOT_SERVING, draining in-flight calls (grace %.1fs)", settings.grace_s)
     loader.cancel()
     await app.stop()

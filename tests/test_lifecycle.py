@@ -1,0 +1,181 @@
+"""Hot reload under load, refusal of broken artifacts, and SIGTERM drain with zero failed in-flight streams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from bundlerec import BundleRecError, Client
+from bundlerec.v1 import bundlerec_pb2 as pb
+from conftest import ServerProcess, ServerThread, build_tiny_artifact, server_settings
+
+from bundlerec_server import artifact as A
+
+
+@pytest.fixture(scope="module")
+def second_artifact(artifact_root, tiny_artifact) -> Path:
+    time.sleep(1.1)  # artifact versions carry the build time
+    return build_tiny_artifact(artifact_root, name="tiny-b", min_support=3)
+
+
+class Load:
+    """Sync clients streaming Recommend in a loop from threads; records failures and versions served."""
+
+    def __init__(self, target: str, threads: int = 3, **kwargs) -> None:
+        self.target, self.kwargs = target, kwargs
+        self.failures: list[str] = []
+        self.versions: list[str] = []
+        self.calls = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with Client(self.target, timeout=10) as c:
+            while not self._stop.is_set():
+                try:
+                    stream = c.recommend("organic", **self.kwargs)
+                    n = len(list(stream))
+                    with self._lock:
+                        self.calls += 1
+                        self.versions.append(stream.summary.artifact_version)
+                        if stream.summary.bundles_sent != n:
+                            self.failures.append("summary count mismatch")
+                except BundleRecError as err:
+                    with self._lock:
+                        self.failures.append(str(err))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def wait_calls(self, n: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        start = self.calls
+        while self.calls < start + n and time.monotonic() < end:
+            time.sleep(0.01)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def corrupt_copies(src: Path, root: Path) -> dict[str, Path]:
+    out = {}
+    bad_sum = root / "bad-checksum"
+    shutil.copytree(src, bad_sum)
+    blob = bytearray((bad_sum / A.INDEX).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (bad_sum / A.INDEX).write_bytes(bytes(blob))
+    out["checksum"] = bad_sum
+    missing = root / "missing-file"
+    shutil.copytree(src, missing)
+    (missing / A.COMPLEMENTS).unlink()
+    out["missing"] = missing
+    wrong_dim = root / "wrong-dim"
+    shutil.copytree(src, wrong_dim)
+    emb = np.load(wrong_dim / A.EMBEDDINGS)
+    np.save(wrong_dim / A.EMBEDDINGS, np.hstack([emb, emb]))  # consistent checksums, wrong dimension
+    manifest = json.loads((wrong_dim / A.MANIFEST).read_text())
+    manifest.pop("files")
+    manifest.pop("format_version")
+    A.write_manifest(wrong_dim, manifest)
+    out["dimension"] = wrong_dim
+    return out
+
+
+def test_hot_reload_under_load(tiny_artifact, second_artifact, tmp_path, caplog):
+    v1 = json.loads((tiny_artifact / A.MANIFEST).read_text())["artifact_version"]
+    v2 = json.loads((second_artifact / A.MANIFEST).read_text())["artifact_version"]
+    assert v1 != v2
+    srv = ServerThread(server_settings(tiny_artifact)).start()
+    try:
+        with Load(srv.target, max_bundles=10) as load:
+            load.wait_calls(30)
+            assert srv.call(srv.app.runtime.reload(second_artifact)) is True
+            load.wait_calls(30)
+            for kind, broken in corrupt_copies(second_artifact, tmp_path).items():
+                assert srv.call(srv.app.runtime.reload(broken)) is False, kind
+                assert srv.app.runtime.engine().version == v2
+            load.wait_calls(30)
+        assert load.failures == []
+        assert v1 in load.versions and v2 in load.versions
+        assert load.versions.index(v2) > load.versions.index(v1)
+        assert load.versions[-1] == v2  # broken artifacts never took over
+        refused = [r.getMessage() for r in caplog.records if "reload of" in r.getMessage() and "refused" in r.getMessage()]
+        assert len(refused) == 3 and any("checksum" in m for m in refused)
+    finally:
+        srv.stop()
+
+
+def test_watcher_follows_a_symlink_swap(tiny_artifact, second_artifact, tmp_path):
+    link = tmp_path / "current"
+    link.symlink_to(tiny_artifact)
+    srv = ServerThread(server_settings(link, watch_interval_s=0.1)).start()
+    try:
+        v2 = json.loads((second_artifact / A.MANIFEST).read_text())["artifact_version"]
+        tmp_link = tmp_path / "current.new"
+        tmp_link.symlink_to(second_artifact)
+        tmp_link.replace(link)  # atomic rename: the deploy step
+        end = time.monotonic() + 30
+        while srv.app.runtime.engine().version != v2 and time.monotonic() < end:
+            time.sleep(0.05)
+        with Client(srv.target) as c:
+            assert c.info().artifact_version == v2
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_in_flight_streams(tiny_artifact):
+    proc = ServerProcess(tiny_artifact, "--grace-s", "10").wait_serving()
+    results: list[tuple[str, int, bool]] = []  # (status, messages received, summary seen)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def streamer() -> None:
+        with grpc.insecure_channel(proc.target) as ch:
+            from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
+
+            stub = pb_grpc.BundleRecommenderStub(ch)
+            while not stop.is_set():
+                got, summary = 0, False
+                try:
+                    for msg in stub.Recommend(pb.RecommendRequest(query="organic", max_bundles=50), timeout=10):
+                        got += 1
+                        summary = summary or msg.HasField("summary")
+                    status = "OK"
+                except grpc.RpcError as err:
+                    status = err.code().name
+                with lock:
+                    results.append((status, got, summary))
+                if status != "OK":
+                    return
+
+    threads = [threading.Thread(target=streamer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(results) < 40:
+        time.sleep(0.01)
+    proc.signal(signal.SIGTERM)
+    rc = proc.proc.wait(timeout=30)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    ok = [r for r in results if r[0] == "OK"]
+    # an in-flight stream is one the server had started answering: it must have completed with its summary
+    broken = [r for r in results if r[1] > 0 and not (r[0] == "OK" and r[2])]
+    refused = [r for r in results if r[0] != "OK" and r[1] == 0]
+    print(f"SIGTERM drain: {len(ok)} streams completed, {len(broken)} in-flight failed, {len(refused)} refused after shutdown")
+    assert rc == 0, proc.output()
+    assert broken == []
+    assert all(code in ("UNAVAILABLE", "CANCELLED") for code, _, _ in refused)
+    assert "draining" in proc.output()
