@@ -273,6 +273,10 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
         raise
     await loop.run_in_executor(None, start_evt.wait, 120)
     start_epoch = start_val.value
+    if start_epoch <= 0:  # the parent aborted the run before starting it
+        for ch in channels:
+            await ch.close()
+        return {"ttfb_ms": [], "total_ms": [], "code": [], "done_s": [], "bundles": []}
     t0 = loop.time() + (start_epoch - time.time())  # loop clock of the common start instant
 
     n = len(offsets)
@@ -405,7 +409,9 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
                 raise RuntimeError(f"load worker {p} failed: {err}")
             parts[p] = res
     finally:
-        start_evt.set()
+        if not start_evt.is_set():
+            start_val.value = -1.0  # abort: workers return without sending anything
+            start_evt.set()
         for w in workers:
             w.join(timeout=10)
             if w.is_alive():
@@ -554,7 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"refusing non-loopback target {args.target}", file=sys.stderr)
         return 2
     queries = load_queries(args.queries)
-    wait_for_health(args.target, args.health_timeout)
+    try:
+        wait_for_health(args.target, args.health_timeout)
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     kw = dict(procs=args.procs, rpc=args.rpc, max_bundles=args.max_bundles, items=args.items, k=args.k,
               mode=MODES[args.mode], seed=args.seed, timeout=args.timeout, channels=args.channels)
     config = {**vars(args), "queries": str(args.queries or DEFAULT_QUERIES), "n_queries": len(queries),

@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     for target, label in zip(args.target, labels, strict=True):
-        wait_for_health(target, args.health_timeout)
+        try:
+            wait_for_health(target, args.health_timeout)
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
         for mode in modes:
             name = label if len(modes) == 1 else (f"{label} {mode}" if len(args.target) > 1 else mode)
             res = asyncio.run(run_search(target, queries, MODES[mode], args.k, args.concurrency, args.timeout))
