@@ -146,6 +146,11 @@ def test_failed_build_leaves_no_artifact(tmp_path, tiny_model):
     with pytest.raises(BuildError, match="min_int8_cosine"):
         build_artifact(cfg)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    # an existing folder that is not an artifact is never replaced
+    (out / "keep").mkdir(parents=True)
+    with pytest.raises(BuildError, match="not an artifact folder"):
+        build_artifact(cfg)
+    assert (out / "keep").is_dir()
 
 
 def test_fallback_without_baskets(tmp_path, tiny_model):

@@ -5,7 +5,9 @@ embed (catalog through the serving ``Encoder`` on fp32, 128 tokens) -> index (hn
 quality -> lexical (bm25s) -> write (items, embeddings, complements, manifest).
 
 Everything is written into a temporary sibling folder of ``out`` and renamed into place at the end, so a
-crash never leaves a half artifact at ``out`` (a previous artifact there is replaced only on success).
+crash never leaves a half artifact at ``out`` (a previous artifact there is replaced only on success, by two
+renames: old -> sibling, new -> ``out``; then the old one is deleted). An existing ``out`` that is neither
+empty nor an artifact (no manifest.json) is refused rather than replaced.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bundlerec_server.artifact import (  # noqa: E402
     INDEX,
     ITEMS,
     LEXICAL_DIR,
+    MANIFEST,
     MODEL_FILES,
     TOKENIZER,
     ItemTable,
@@ -144,6 +147,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     timings: dict[str, float] = {}
     t_start = t = time.perf_counter()
     out = cfg.out.resolve()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+        raise BuildError(f"{out}: exists and is not an artifact folder (no {MANIFEST}); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.catalog, cfg.orders, limit=cfg.limit)
     t = _stage(timings, "load", t)
