@@ -66,6 +66,8 @@ def test_manifest_checksums_and_agreement(artifact):
     assert all(len(s["sha256"]) == 64 and s["rows"] > 0 for s in m["sources"])
     int8 = m["models"]["int8"]["cosine_to_fp32"]
     assert int8["n"] == 100 and TINY_MIN_INT8 <= int8["mean"] <= 1.0 and int8["min"] <= int8["mean"]
+    assert set(m["models"]) == {"fp32", "int8", "fp16"}
+    assert m["agreement"]["sample"] == 100 and m["agreement"]["min_int8_cosine"] == TINY_MIN_INT8
     fp16 = m["models"]["fp16"]
     assert fp16["cosine_to_fp32"] is not None or fp16["reason"]
     enc = m["encoder"]

@@ -292,7 +292,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
                                       "tool": "optimum ORTQuantizer"}
     models["fp16"]["conversion"] = {"tool": "onnxruntime.transformers.float16.convert_float_to_float16",
                                     "keep_io_types": True}
-    models["agreement"] = {
+    agreement_info = {
         "sample": len(sample), "seed": cfg.seed, "max_length": MAX_ITEM_TOKENS, "batch_size": 32,
         "min_int8_cosine": cfg.min_int8_cosine, "provider": "CPUExecutionProvider",
         "note": "fp16 measured on ORT's CPU provider, which may run fp16 nodes through float32 casts: the "
@@ -313,6 +313,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
                     "max_item_tokens": MAX_ITEM_TOKENS, "item_variant": "fp32", "query_variant": "int8",
                     "tokenizer": TOKENIZER},
         "models": models,
+        "agreement": agreement_info,
         "index": {"library": "hnswlib", "file": INDEX, "space": "cosine", "dim": dim, "M": cfg.hnsw_m,
                   "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search, "count": n,
                   "labels": "row index"},
