@@ -100,8 +100,9 @@ def server_settings(artifact: Path, **overrides):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_artifact):
-    srv = ServerThread(server_settings(tiny_artifact)).start()
+def server(tiny_artifact, tmp_path_factory):
+    db = tmp_path_factory.mktemp("server-events") / "events.sqlite3"
+    srv = ServerThread(server_settings(tiny_artifact, events_db=db)).start()
     yield srv
     srv.stop()
 

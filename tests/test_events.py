@@ -56,10 +56,14 @@ def test_invalid_event_rejects_the_whole_call(events_server):
     assert len(stored(db)) == n  # all or nothing
 
 
-def test_events_disabled_is_failed_precondition(client):
-    with pytest.raises(BundleRecError) as info:
-        client.record_events([ev("u", "196")])
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+def test_events_disabled_is_failed_precondition(tiny_artifact):
+    srv = ServerThread(server_settings(tiny_artifact)).start()
+    try:
+        with Client(srv.target) as c, pytest.raises(BundleRecError) as info:
+            c.record_events([ev("u", "196")])
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        srv.stop()
 
 
 def test_acknowledged_events_survive_sigkill(tiny_artifact, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import threading
@@ -94,6 +95,7 @@ def corrupt_copies(src: Path, root: Path) -> dict[str, Path]:
 
 
 def test_hot_reload_under_load(tiny_artifact, second_artifact, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bundlerec_server")
     v1 = json.loads((tiny_artifact / A.MANIFEST).read_text())["artifact_version"]
     v2 = json.loads((second_artifact / A.MANIFEST).read_text())["artifact_version"]
     assert v1 != v2

@@ -88,7 +88,7 @@ def test_bearer_token(tiny_artifact, tmp_path):
 
 def test_logs_never_hold_raw_queries_or_user_ids(tiny_artifact, caplog):
     secret_query, secret_user = "zanzibar-quince-preserve", "user-8675309"
-    with caplog.at_level(logging.DEBUG):
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="bundlerec_server"):
         srv = ServerThread(server_settings(tiny_artifact)).start()
         try:
             with Client(srv.target) as c:
