@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"items      {m['item_count']} (dim {m['embedding_dim']}, skipped {m['skipped_items']['empty_title']})")
     c = m["complements"]
     print(f"complements {c['pairs']} pairs for {c.get('anchors', 0)} items ({c['method']})")
-    for name in ("int8", "fp16"):
-        print(f"agreement  {name}: {_fmt_agree(m['models'][name])}")
+    for name, entry in m["models"].items():
+        if name != "fp32":
+            print(f"agreement  {name}: {_fmt_agree(entry)}")
     print("seconds    " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     return 0
 
