@@ -66,7 +66,11 @@ def test_manifest_checksums_and_agreement(artifact):
     assert all(len(s["sha256"]) == 64 and s["rows"] > 0 for s in m["sources"])
     int8 = m["models"]["int8"]["cosine_to_fp32"]
     assert int8["n"] == 100 and TINY_MIN_INT8 <= int8["mean"] <= 1.0 and int8["min"] <= int8["mean"]
-    assert set(m["models"]) == {"fp32", "int8", "fp16"}
+    assert set(m["models"]) == {"fp32", "int8", "int8_pertoken", "fp16"}
+    pertoken = m["models"]["int8_pertoken"]["cosine_to_fp32"]
+    assert TINY_MIN_INT8 <= pertoken["mean"] <= 1.0
+    assert pertoken["batch_max_abs_diff"] == 0.0  # batch-exact: safe to micro-batch
+    assert m["encoder"]["query_variant"] == "int8_pertoken"
     assert m["agreement"]["sample"] == 100 and m["agreement"]["min_int8_cosine"] == TINY_MIN_INT8
     fp16 = m["models"]["fp16"]
     assert fp16["cosine_to_fp32"] is not None or fp16["reason"]

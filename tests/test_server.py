@@ -90,7 +90,7 @@ def test_get_info(client, tiny_artifact):
     assert info.artifact_version == manifest["artifact_version"]
     assert info.item_count == manifest["item_count"]
     assert info.execution_provider == "CPUExecutionProvider"
-    assert info.model_variant == "int8"
+    assert info.model_variant == "int8_pertoken"  # batch-exact int8 preferred on CPU
     assert info.embedding_dim == manifest["embedding_dim"]
     assert pb.RETRIEVAL_MODE_HYBRID in info.retrieval_modes
 

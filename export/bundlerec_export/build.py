@@ -12,6 +12,7 @@ empty nor an artifact (no manifest.json) is refused rather than replaced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -185,9 +186,18 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def _content_hash(root: Path) -> str:
+    from bundlerec_server.artifact import checksum_tree
+
+    digest = hashlib.sha256(json.dumps(checksum_tree(root), sort_keys=True).encode())
+    return digest.hexdigest()[:8]
+
+
 def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, float], t: float) -> dict[str, Any]:
     import hnswlib
     from bundlerec_server.encoder import Encoder
+
+    from .pertoken import quantize_per_token
 
     base_model = cfg.base_model or ox.default_base_model()
     titles = [it.title for it in ds.items]
@@ -199,6 +209,8 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
     t = _stage(timings, "export_fp32", t)
     ox.quantize_int8(fp32, config_from=base_model)
     t = _stage(timings, "quantize_int8", t)
+    quantize_per_token(fp32, root / MODEL_FILES["int8_pertoken"])
+    t = _stage(timings, "quantize_int8_pertoken", t)
     ox.convert_fp16(fp32)
     t = _stage(timings, "convert_fp16", t)
 
@@ -206,14 +218,15 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
     sample = ox.sample_texts(titles, cfg.agreement_sample, seed=cfg.seed)
     agree = ox.agreement(root, sample, max_length=MAX_ITEM_TOKENS)
     t = _stage(timings, "agreement", t)
-    int8 = agree["int8"]
-    if int8.mean is None:
-        raise BuildError(f"int8 agreement could not be measured: {int8.reason}")
-    if int8.mean < cfg.min_int8_cosine:
-        raise BuildError(
-            f"int8 encoder disagrees with fp32: mean cosine {int8.mean:.4f} (min {int8.min:.4f}, n={int8.n}) "
-            f"< min_int8_cosine {cfg.min_int8_cosine}"
-        )
+    for variant in ("int8", "int8_pertoken"):
+        int8 = agree[variant]
+        if int8.mean is None:
+            raise BuildError(f"{variant} agreement could not be measured: {int8.reason}")
+        if int8.mean < cfg.min_int8_cosine:
+            raise BuildError(
+                f"{variant} encoder disagrees with fp32: mean cosine {int8.mean:.4f} (min {int8.min:.4f}, n={int8.n}) "
+                f"< min_int8_cosine {cfg.min_int8_cosine}"
+            )
 
     # --- catalog embeddings: fp32 through the serving Encoder
     enc = Encoder(root / MODEL_FILES["fp32"], root / TOKENIZER, max_length=MAX_ITEM_TOKENS, provider="cpu",
@@ -281,7 +294,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
 
     now = datetime.now(timezone.utc)
     models = {}
-    for name in ("fp32", "int8", "fp16"):
+    for name in ("fp32", "int8", "int8_pertoken", "fp16"):
         a = agree[name]
         entry: dict[str, Any] = {"file": MODEL_FILES[name], "cosine_to_fp32": a.as_dict(),
                                  "bytes": (root / MODEL_FILES[name]).stat().st_size}
@@ -290,6 +303,9 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
         models[name] = entry
     models["int8"]["quantization"] = {"method": "dynamic", "per_channel": True, "config": "avx512_vnni",
                                       "tool": "optimum ORTQuantizer"}
+    models["int8_pertoken"]["quantization"] = {
+        "method": "dynamic per-token (batch-exact)", "weights": "int8 symmetric per output channel",
+        "activations": "uint8 symmetric per token", "tool": "bundlerec_export.pertoken"}
     models["fp16"]["conversion"] = {"tool": "onnxruntime.transformers.float16.convert_float_to_float16",
                                     "keep_io_types": True}
     agreement_info = {
@@ -300,7 +316,8 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
     }
     base_name = _base_model_name(base_model)
     return {
-        "artifact_version": f"{ds.name}-{now.strftime('%Y%m%dT%H%M%S')}",
+        # time + content hash: unique even for two builds within one second, equal content -> same suffix
+        "artifact_version": f"{ds.name}-{now.strftime('%Y%m%dT%H%M%S')}-{_content_hash(root)}",
         "created_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "dataset": ds.name,
         "sources": [s.as_dict() for s in ds.sources],
@@ -310,7 +327,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
         "embedding_dim": dim,
         "encoder": {"base_model": base_name, "base_model_path": str(base_model), "fine_tuned": False,
                     "pooling": "mean", "normalize": True, "max_query_tokens": MAX_QUERY_TOKENS,
-                    "max_item_tokens": MAX_ITEM_TOKENS, "item_variant": "fp32", "query_variant": "int8",
+                    "max_item_tokens": MAX_ITEM_TOKENS, "item_variant": "fp32", "query_variant": "int8_pertoken",
                     "tokenizer": TOKENIZER},
         "models": models,
         "agreement": agreement_info,

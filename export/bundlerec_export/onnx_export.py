@@ -135,11 +135,15 @@ class Agreement:
     min: float | None
     n: int
     reason: str | None = None
+    batch_max_abs_diff: float | None = None
 
     def as_dict(self) -> dict[str, Any] | None:
         if self.mean is None:
             return None
-        return {"mean": round(self.mean, 6), "min": round(self.min, 6), "n": self.n}
+        out = {"mean": round(self.mean, 6), "min": round(self.min, 6), "n": self.n}
+        if self.batch_max_abs_diff is not None:
+            out["batch_max_abs_diff"] = float(f"{self.batch_max_abs_diff:.3g}")
+        return out
 
 
 def agreement(
@@ -154,8 +158,10 @@ def agreement(
         texts, batch_size=batch_size
     )
     out: dict[str, Agreement] = {"fp32": Agreement(1.0, 1.0, len(texts))}
-    for name in ("int8", "fp16"):
+    for name in ("int8", "int8_pertoken", "fp16"):
         path = root / MODEL_FILES[name]
+        if not path.is_file():
+            continue
         try:
             emb = Encoder(path, tok, max_length=max_length, provider="cpu").encode_many(texts, batch_size=batch_size)
         except Exception as exc:  # ORT raises its own exception types (e.g. NOT_IMPLEMENTED for fp16 kernels)
@@ -168,7 +174,18 @@ def agreement(
             out[name] = Agreement(None, None, 0, f"{name} produced non-finite embeddings on CPU")
             continue
         out[name] = Agreement(float(cos.mean()), float(cos.min()), len(texts))
+        out[name].batch_max_abs_diff = batch_dependence(path, tok, texts[:batch_size], max_length)
     return out
+
+
+def batch_dependence(path: Path, tok: Path, texts: Sequence[str], max_length: int) -> float:
+    """Largest absolute difference between each text embedded alone and inside one padded batch
+    (0.0: the graph is batch-exact and safe to micro-batch)."""
+    from bundlerec_server.encoder import Encoder
+
+    enc = Encoder(path, tok, max_length=max_length, provider="cpu")
+    alone = np.stack([enc.encode([t])[0] for t in texts])
+    return float(np.abs(alone - enc.encode(list(texts))).max())
 
 
 def sample_texts(texts: Sequence[str], n: int, seed: int = 0) -> list[str]:

@@ -59,7 +59,7 @@ class App:
         await self.server.stop(self.runtime.settings.grace_s if grace is None else grace)
         if self.runtime.events is not None:
             await self.runtime.events.close()
-        self.runtime.close()
+        await self.runtime.close()
 
     async def watch(self, interval_s: float) -> None:
         """Polls the artifact path's manifest; a new artifact_version triggers a hot reload."""

@@ -5,7 +5,8 @@ Layout (every path relative to the artifact folder; all written by ``bundlerec-e
     manifest.json          format version, provenance, parameters, sha256 of every other file
     model/tokenizer.json   Hugging Face `tokenizers` file used by both export and server
     model/fp32.onnx        encoder, float32 (used to embed the catalog)
-    model/int8.onnx        encoder, dynamic int8 per-channel (CPU serving)
+    model/int8.onnx        encoder, Optimum dynamic int8 per-channel (per-tensor activation scale)
+    model/int8_pertoken.onnx  encoder, per-token dynamic int8: batch-exact, CPU serving with micro-batching
     model/fp16.onnx        encoder, float16 with float32 I/O (CUDA serving)
     items.jsonl            one item per line, in index order: id, title, category, price, quality, orders
     embeddings.npy         float32 (n_items, dim), L2-normalised, row i = item i
@@ -33,7 +34,10 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "model/tokenizer.json"
-MODEL_FILES = {"fp32": "model/fp32.onnx", "int8": "model/int8.onnx", "fp16": "model/fp16.onnx"}
+MODEL_FILES = {
+    "fp32": "model/fp32.onnx", "int8": "model/int8.onnx", "int8_pertoken": "model/int8_pertoken.onnx",
+    "fp16": "model/fp16.onnx",
+}
 ITEMS = "items.jsonl"
 EMBEDDINGS = "embeddings.npy"
 INDEX = "index.hnsw"

@@ -24,6 +24,8 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+CPU_PREFERENCE = ("int8_pertoken", "int8", "fp32")
+BATCH_EXACT = {"int8_pertoken", "fp32", "fp16"}
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 BRUTE_FORCE_MAX_ROWS = 20_000  # restricted to categories this small, exact search beats over-fetching HNSW
 
@@ -124,6 +126,8 @@ class Engine:
         )
 
     def _load_encoder(self) -> tuple[Encoder, str]:
+        """fp16 on CUDA when a GPU is really usable; otherwise the best CPU graph the artifact has:
+        per-token int8 (batch-exact), then per-tensor dynamic int8 (served without batching), then fp32."""
         s = self.settings
         max_len = int(self.manifest.get("encoder", {}).get("max_query_tokens", 64))
         tok = self.root / A.TOKENIZER
@@ -132,10 +136,16 @@ class Engine:
             enc = Encoder(self.root / A.MODEL_FILES["fp16"], tok, max_length=max_len, provider=s.provider, intra_op_threads=s.intra_op_threads)
             if enc.provider == CUDA:
                 return enc, "fp16"
-            logger.warning("CUDA execution provider not usable here; serving the int8 graph on CPU")
-        variant = "int8" if "int8" in models else "fp32"
+            if s.provider == "cuda":
+                logger.warning("CUDA execution provider requested but not usable here; serving on CPU")
+        variant = next(v for v in CPU_PREFERENCE if v in models)
         enc = Encoder(self.root / A.MODEL_FILES[variant], tok, max_length=max_len, provider="cpu", intra_op_threads=s.intra_op_threads)
         return enc, variant
+
+    @property
+    def batch_exact(self) -> bool:
+        """Whether a query's embedding is independent of its batch mates with the graph in use."""
+        return self.variant in BATCH_EXACT
 
     # --- pipeline -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .admission import Admission
+from .batching import MicroBatcher
 from .engine import Engine
 from .errors import NotReady
 from .settings import Settings
@@ -36,6 +37,8 @@ class Runtime:
         self.events = None  # an EventStore when configured
         self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
+        self._batchers: dict[Engine, MicroBatcher] = {}
+        self._retired: list[MicroBatcher] = []  # batchers of replaced engines, kept for calls still on them
 
     @property
     def ready(self) -> bool:
@@ -54,8 +57,36 @@ class Runtime:
         return engine
 
     def swap(self, engine: Engine) -> Engine | None:
+        """Makes ``engine`` current (with its own micro-batcher); calls holding the old one finish on it."""
+        batch = self.settings.max_batch if engine.batch_exact else 1
+        batcher = MicroBatcher(
+            engine.encoder.encode, self.pool, max_batch=batch, max_wait_s=self.settings.max_batch_wait_ms / 1000,
+            workers=self.settings.encode_workers,
+        )
         old, self._engine = self._engine, engine
+        old_batcher, self._batchers[engine] = self._batchers.get(old), batcher
+        if old is not None:
+            self._batchers.pop(old, None)
+            if old_batcher is not None:
+                self._retired.append(old_batcher)
+        if not engine.batch_exact and self.settings.max_batch > 1:
+            logger.warning("encoder graph %s is not batch-exact: micro-batching disabled (one query per run)", engine.variant)
         return old
+
+    async def encode(self, engine: Engine, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
+        """Embeds one query through the engine's micro-batcher; OutOfTime if the deadline comes first
+        (the query is then dropped from the queue if its batch has not started: no encoder work)."""
+        batcher = self._batchers.get(engine) or next(b for b in self._retired if b.encode_fn == engine.encoder.encode)
+        left = time_left() if time_left else None
+        if left is None:
+            return await batcher.submit(text)
+        budget = left - self.settings.deadline_margin_ms / 1000.0
+        if budget <= 0:
+            raise OutOfTime()
+        try:
+            return await asyncio.wait_for(batcher.submit(text), timeout=budget)
+        except asyncio.TimeoutError:
+            raise OutOfTime() from None
 
     async def reload(self, root: Path | None = None) -> bool:
         """Loads ``root`` (default: the configured artifact path, re-resolved) in the background and swaps it
@@ -73,24 +104,7 @@ class Runtime:
             logger.info("hot reload: now serving %s (was %s)", engine.version, old.version if old else "none")
             return True
 
-    async def run(self, fn: Callable, *args, time_left: Callable[[], float | None] | None = None):
-        """Runs blocking ``fn`` in the worker pool; raises OutOfTime if the call's deadline comes first."""
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool, fn, *args)
-        left = time_left() if time_left else None
-        if left is None:
-            return await fut
-        budget = left - self.settings.deadline_margin_ms / 1000.0
-        if budget <= 0:
-            fut.cancel()
-            raise OutOfTime()
-        try:
-            return await asyncio.wait_for(fut, timeout=budget)
-        except asyncio.TimeoutError:
-            raise OutOfTime() from None
-
-    def encode_query(self, engine: Engine, text: str) -> np.ndarray:
-        return engine.encoder.encode([text])[0]
-
-    def close(self) -> None:
+    async def close(self) -> None:
+        for batcher in [*self._batchers.values(), *self._retired]:
+            await batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

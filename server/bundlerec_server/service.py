@@ -48,7 +48,11 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                 if q.user_id and self.rt.events is not None:
                     history += await self.rt.events.recent_items(q.user_id)
                 try:
-                    bundles, info = await self.rt.run(self._recommend, engine, q, history, time_left=time_left)
+                    vec = None
+                    if engine.needs_vector(engine.mode_for(q.mode)):
+                        vec = await self.rt.encode(engine, q.query, time_left)
+                        vec, info = engine.personalize(vec, history)
+                    bundles = engine.recommend(q, vec)
                 except OutOfTime:
                     stop = Stop.DEADLINE
         except BundleRecError as exc:
@@ -73,30 +77,20 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
             )
         )
 
-    def _recommend(self, engine, q, history):
-        vec, info = None, Personalization()
-        if engine.needs_vector(engine.mode_for(q.mode)):
-            vec = self.rt.encode_query(engine, q.query)
-            vec, info = engine.personalize(vec, history)
-        return engine.recommend(q, vec), info
-
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         try:
             q = convert.search_query(request, self.settings)
             engine = self.rt.engine()
             async with self.rt.admission.slot():
-                hits = await self.rt.run(self._search, engine, q, time_left=_time_left(context))
+                vec = None
+                if engine.needs_vector(engine.mode_for(q.mode)):
+                    vec = await self.rt.encode(engine, q.query, _time_left(context))
+                hits = engine.search(q, vec)
         except OutOfTime:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline reached before retrieval finished")
         except Exception as exc:
             await abort_with(context, exc)
         return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version)
-
-    def _search(self, engine, q):
-        vec = None
-        if engine.needs_vector(engine.mode_for(q.mode)):
-            vec = self.rt.encode_query(engine, q.query)
-        return engine.search(q, vec)
 
     async def RecordEvents(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.RecordEventsResponse:
         """Validates the whole stream, stores it in one durable transaction, then acknowledges."""

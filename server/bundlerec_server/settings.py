@@ -46,6 +46,8 @@ class Settings:
     max_excluded_items: int = field(default=200, metadata={"help": "most filters.exclude_item_ids accepted"})
     max_categories: int = field(default=50, metadata={"help": "most categories in each category filter"})
     encode_workers: int = field(default=2, metadata={"help": "threads running the encoder and index (ORT and hnswlib release the GIL)"})
+    max_batch: int = field(default=16, metadata={"help": "most queries encoded in one micro-batch (1 disables batching)"})
+    max_batch_wait_ms: float = field(default=0.0, metadata={"help": "wait this long for a micro-batch to fill (0 = take what is queued when a worker is free)"})
     max_in_flight: int = field(default=32, metadata={"help": "calls worked on at once; more wait in the queue"})
     max_queue: int = field(default=64, metadata={"help": "calls allowed to wait for a slot; beyond it RESOURCE_EXHAUSTED at once"})
     # --- events & reload
