@@ -15,8 +15,8 @@ How it measures
   for the unary Search RPC), full-stream latency, final status code name, bundles received.
 * Latency percentiles are nearest-rank, over the requests that ended OK; errors are reported by code.
 * A rate is *sustainable* when achieved throughput ≥ 95% of offered, error rate < 1% and full-stream
-  p99 ≤ the bound. The sweep runs increasing rates and stops after an unsustainable rate (rates up to
-  the largest ``--must-run`` rate are still run), reporting the highest sustainable one.
+  p99 ≤ the bound. The sweep runs increasing rates and stops after two unsustainable rates in a row
+  (rates up to the largest ``--must-run`` rate are always run), reporting the highest sustainable one.
 * Bounded: every call has a deadline (``--timeout``), every run ends at duration + timeout + grace at
   the latest, and health is awaited for at most ``--health-timeout`` seconds.
 """
@@ -45,7 +45,7 @@ import numpy as np
 logger = logging.getLogger("benchmarks.load")
 
 DEFAULT_QUERIES = Path(__file__).resolve().parent / "queries" / "instacart.txt"
-DEFAULT_RATES = (25, 50, 100, 200, 400, 800, 1600)
+DEFAULT_RATES = (10, 25, 50, 100, 200, 400, 800, 1600)
 MAX_REQUESTS_PER_RUN = 200_000
 MAX_DURATION_S = 600.0
 GRACE_S = 5.0
@@ -428,18 +428,17 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
 
 def run_sweep(target: str, rates: Sequence[float], duration: float, queries: Sequence[str], *,
               p99_bound_ms: float = 50.0, must_run: Sequence[float] = (), warmup_s: float = 2.0,
-              warmup_rps: float = 10.0, log: Any = print, **kw: Any) -> dict[str, Any]:
-    """Runs increasing rates; stops at the first unsustainable rate once past every ``must_run`` rate.
-
-    (A failure below a must-run rate does not stop the sweep if the next rate passes again: on a
-    shared machine one noisy rate should not end it.)"""
+              warmup_rps: float = 10.0, stop_after: int = 2, log: Any = print, **kw: Any) -> dict[str, Any]:
+    """Runs increasing rates; stops after ``stop_after`` consecutive unsustainable rates, but always
+    runs every rate up to the largest ``must_run`` rate (on a shared machine one noisy rate should not
+    end a sweep)."""
     if warmup_s > 0:
         log(f"[{target}] warm-up {warmup_rps:g} rps x {warmup_s:g}s (discarded)")
         run_rate(target, warmup_rps, warmup_s, queries, **{**kw, "seed": kw.get("seed", 0) + 999})
     results = []
-    last_failed = False
+    fails_in_a_row = 0
     for i, rate in enumerate(sorted(rates)):
-        if last_failed and not any(rate <= m for m in must_run):
+        if fails_in_a_row >= stop_after and not any(rate <= m for m in must_run):
             log(f"[{target}] stop: skipping {rate:g} rps and above")
             break
         res = run_rate(target, rate, duration, queries, **{**kw, "seed": kw.get("seed", 0) + i})
@@ -447,7 +446,7 @@ def run_sweep(target: str, rates: Sequence[float], duration: float, queries: Seq
         res["sustainable"], res["reasons"] = ok, reasons
         results.append(res)
         log(format_row(res))
-        last_failed = not ok
+        fails_in_a_row = 0 if ok else fails_in_a_row + 1
     return {"results": results, "highest_sustainable_rps": highest_sustainable(results),
             "p99_bound_ms": p99_bound_ms}
 
