@@ -251,6 +251,7 @@ def wait_for_health(target: str, timeout: float = 60.0, service: str = "",
 async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[str], start_evt: Any,
                         start_val: Any, ready_q: Any, idx: int) -> dict[str, Any]:
     import grpc
+
     from bundlerec.v1 import bundlerec_pb2 as pb
     from bundlerec.v1 import bundlerec_pb2_grpc as pbg
 

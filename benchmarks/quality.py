@@ -60,6 +60,7 @@ def select_split(judgments: dict[str, tuple[str, dict[str, float]]], split: str)
 async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], mode: int, k: int,
                      concurrency: int, timeout: float) -> dict[str, Any]:
     import grpc
+
     from bundlerec.v1 import bundlerec_pb2 as pb
     from bundlerec.v1 import bundlerec_pb2_grpc as pbg
 

@@ -48,8 +48,9 @@ class NaiveRecommender:
     def __init__(self, artifact: Path, model_path: str | None = None, max_length: int | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from bundlerec_server.artifact import COMPLEMENTS, EMBEDDINGS, ITEMS, MANIFEST, Complements, ItemTable
         from transformers import AutoModel, AutoTokenizer
+
+        from bundlerec_server.artifact import COMPLEMENTS, EMBEDDINGS, ITEMS, MANIFEST, Complements, ItemTable
 
         self.torch = torch
         artifact = Path(artifact)
@@ -130,6 +131,7 @@ class NaiveRecommender:
 
 def build_servicer(rec: NaiveRecommender):
     import grpc
+
     from bundlerec.v1 import bundlerec_pb2 as pb
     from bundlerec.v1 import bundlerec_pb2_grpc as pbg
 
@@ -220,9 +222,10 @@ def build_servicer(rec: NaiveRecommender):
 def serve(artifact: Path, port: int, host: str = "127.0.0.1", workers: int = 4, model_path: str | None = None,
           torch_threads: int = 0) -> None:
     import grpc
-    from bundlerec.v1 import bundlerec_pb2, bundlerec_pb2_grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
+
+    from bundlerec.v1 import bundlerec_pb2, bundlerec_pb2_grpc
 
     t0 = time.perf_counter()
     rec = NaiveRecommender(artifact, model_path)

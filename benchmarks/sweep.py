@@ -78,9 +78,10 @@ class ServerProcess:
 
 def get_info(target: str) -> dict[str, Any]:
     import grpc
+    from google.protobuf.json_format import MessageToDict
+
     from bundlerec.v1 import bundlerec_pb2 as pb
     from bundlerec.v1 import bundlerec_pb2_grpc as pbg
-    from google.protobuf.json_format import MessageToDict
 
     try:
         with grpc.insecure_channel(target) as ch:

@@ -26,7 +26,7 @@ for q in "pasta sauce" "organic baby spinach" "greek yogurt" "tortilla chips" "ä
 done
 echo
 echo "== personalized: the same query with a shopping history (item ids from the demo catalog)"
-HIST=$("$BIN/bundlerec" --target "127.0.0.1:$PORT" search "chocolate ice cream" -k 2 --json | "$BIN/python" -c 'import sys, json; print(" ".join(json.loads(l)["itemId"] for l in sys.stdin))')
+HIST=$("$BIN/bundlerec" --target "127.0.0.1:$PORT" --json search "chocolate ice cream" -k 2 | "$BIN/python" -c 'import sys, json; print(" ".join(json.loads(l)["itemId"] for l in sys.stdin))')
 "$BIN/bundlerec" --target "127.0.0.1:$PORT" recommend "snacks" --max-bundles 3 --recent $HIST
 echo
 echo "== graceful stop (SIGTERM)"

@@ -96,6 +96,8 @@ class ServerThread:
 def server_settings(artifact: Path, **overrides):
     from bundlerec_server.settings import Settings
 
+    # the tiny random BERT's cosines carry no meaning: no relevance floor unless a test sets one
+    overrides.setdefault("min_relevance", -1.0)
     return Settings(artifact=artifact, host="127.0.0.1", port=0, provider="cpu", intra_op_threads=1, **overrides)
 
 
@@ -133,7 +135,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "bundlerec_server", "--artifact", str(artifact), "--host", "127.0.0.1",
-               "--port", str(self.port), "--provider", "cpu", "--intra-op-threads", "1", *args]
+               "--port", str(self.port), "--provider", "cpu", "--intra-op-threads", "1", "--min-relevance", "-1", *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bundlerec-server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from bundlerec import AsyncClient
 
+from bundlerec import AsyncClient
 from bundlerec_server.batching import MicroBatcher
 
 

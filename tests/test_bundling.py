@@ -90,3 +90,21 @@ def test_rank_bundles_sorted_best_first_and_capped():
 def test_reason_for_content_based_fallback():
     assert reason_for([(1, 0.5, 0)]) == "related products from other categories"
     assert not math.isnan(CATALOG.prices[0])
+
+
+def test_weak_complements_are_dropped():
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(), items_per_bundle=4, bonus=0.25, min_strength=0.6)
+    assert [i.row for i in b.items] == [0, 1]  # 0.5 (cheese) and 0.4 (wine) fall below 0.6
+
+
+def test_early_stop_gives_the_same_bundles_as_exhaustive_ranking():
+    rng = np.random.default_rng(0)
+    n = 6
+    adj = {r: [(int(c), float(s), 3) for c, s in zip(rng.choice(n, 3, replace=False), np.sort(rng.random(3))[::-1], strict=True) if c != r]
+           for r in range(n)}
+    comp = comps(adj, n)
+    anchors = sorted((Hit(r, float(s)) for r, s in enumerate(rng.random(n))), key=lambda h: -h.score)
+    exhaustive = sorted(filter(None, (make_bundle(a, CATALOG, comp, Filters(), 3, 0.25) for a in anchors)), key=lambda b: -b.score)
+    for k in range(1, n + 1):
+        got = rank_bundles(anchors, CATALOG, comp, Filters(), k, 3, 0.25)
+        assert [b.items for b in got] == [b.items for b in exhaustive[:k]]

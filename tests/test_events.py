@@ -9,9 +9,10 @@ import time
 
 import grpc
 import pytest
+from conftest import ServerProcess, ServerThread, server_settings
+
 from bundlerec import BundleRecError, Client
 from bundlerec.v1 import bundlerec_pb2 as pb
-from conftest import ServerProcess, ServerThread, server_settings
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from bundlerec_server.artifact import (
     COMPLEMENTS,
     EMBEDDINGS,

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from bundlerec_export.complements import (
     item_counts,
     mine_cooccurrence,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from bundlerec_export.datasets import DatasetError, load_dataset
 
 SLICE = Path(__file__).parent / "data" / "instacart_slice"

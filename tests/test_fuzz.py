@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from bundlerec.v1 import bundlerec_pb2 as pb
-from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from bundlerec.v1 import bundlerec_pb2 as pb
+from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
 ids = st.one_of(st.sampled_from(["196", "260", "13176", "", " 1", "x" * 200]), st.text(max_size=40))

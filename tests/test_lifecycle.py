@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from bundlerec import BundleRecError, Client
-from bundlerec.v1 import bundlerec_pb2 as pb
 from conftest import ServerProcess, ServerThread, build_tiny_artifact, server_settings
 
+from bundlerec import BundleRecError, Client
+from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec_server import artifact as A
 
 

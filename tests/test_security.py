@@ -8,8 +8,9 @@ import logging
 import grpc
 import pytest
 import trustme
-from bundlerec import TLS, BundleRecError, Client
 from conftest import ServerThread, server_settings
+
+from bundlerec import TLS, BundleRecError, Client
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,12 @@ import json
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from bundlerec import AsyncClient, BundleRecError, Client
 from bundlerec.cli import main as cli_main
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def categories(server) -> dict[str, str]:
@@ -187,8 +188,9 @@ def test_cli_unreachable_server_is_a_clean_error(capsys):
 def test_not_serving_until_loaded(tiny_artifact):
     import asyncio
 
-    from bundlerec_server.app import create_server
     from conftest import server_settings
+
+    from bundlerec_server.app import create_server
 
     async def scenario():
         app = await create_server(server_settings(tiny_artifact))
@@ -208,3 +210,17 @@ def test_not_serving_until_loaded(tiny_artifact):
     asyncio.run(scenario())
 
 
+
+
+def test_relevance_floor_means_no_match(tiny_artifact):
+    """Below the cosine floor nothing matched: OK with stop reason NO_MATCH, never junk anchors."""
+    from conftest import ServerThread, server_settings
+
+    srv = ServerThread(server_settings(tiny_artifact, min_relevance=0.999)).start()
+    try:
+        with Client(srv.target) as c:
+            stream = c.recommend("买一双好穿的鞋子")
+            assert list(stream) == [] and stream.summary.stop_reason == pb.STOP_REASON_NO_MATCH
+            assert len(c.search("买一双好穿的鞋子", 5)) == 5  # Search ranks without the floor
+    finally:
+        srv.stop()

@@ -3,10 +3,10 @@
 import math
 
 import pytest
-from bundlerec.v1 import bundlerec_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec_server.convert import recommend_query, search_query
 from bundlerec_server.domain import Mode
 from bundlerec_server.errors import InvalidRequest, to_status

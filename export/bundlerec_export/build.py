@@ -29,6 +29,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from bundlerec_export import complements as cmp  # noqa: E402
+from bundlerec_export import onnx_export as ox  # noqa: E402
+from bundlerec_export.datasets import Dataset, load_dataset  # noqa: E402
 from bundlerec_server.artifact import (  # noqa: E402
     COMPLEMENTS,
     EMBEDDINGS,
@@ -41,10 +44,6 @@ from bundlerec_server.artifact import (  # noqa: E402
     ItemTable,
     write_manifest,
 )
-
-from bundlerec_export import complements as cmp  # noqa: E402
-from bundlerec_export import onnx_export as ox  # noqa: E402
-from bundlerec_export.datasets import Dataset, load_dataset  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +194,7 @@ def _content_hash(root: Path) -> str:
 
 def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, float], t: float) -> dict[str, Any]:
     import hnswlib
+
     from bundlerec_server.encoder import Encoder
 
     from .pertoken import quantize_per_token

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from bundlerec_server.artifact import Complements
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from bundlerec.v1 import bundlerec_pb2 as pb
-from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from bundlerec.v1 import bundlerec_pb2 as pb
+from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from .artifact import MANIFEST
 from .events import EventStore

@@ -66,8 +66,10 @@ def make_bundle(
     filters: Filters,
     items_per_bundle: int,
     bonus: float,
+    min_strength: float = 0.0,
 ) -> BundleOut | None:
-    """One bundle for ``anchor``: its best allowed complements, within the price cap. None if the anchor is not allowed."""
+    """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``), within the
+    price cap. None if the anchor is not allowed."""
     if not anchor_allowed(anchor.row, catalog, filters):
         return None
     anchor_price = catalog.prices[anchor.row]
@@ -79,6 +81,8 @@ def make_bundle(
     if items_per_bundle > 1:
         rows, strengths, supports = complements.of(anchor.row)
         for row, strength, support in zip(rows.tolist(), strengths.tolist(), supports.tolist(), strict=True):
+            if strength < min_strength:
+                break  # complements are stored strongest first
             if row in seen or not item_allowed(row, catalog, filters):
                 continue
             if anchor_cat and catalog.category_lower[row] == anchor_cat:
@@ -114,12 +118,23 @@ def rank_bundles(
     max_bundles: int,
     items_per_bundle: int,
     bonus: float,
+    min_strength: float = 0.0,
 ) -> list[BundleOut]:
-    """Bundles for the anchors, best first (ties keep retrieval order), at most ``max_bundles``."""
-    bundles = []
+    """Bundles for the anchors, best first (ties keep retrieval order), at most ``max_bundles``.
+
+    ``anchors`` must come best-first. A bundle scores at most ``anchor.score x (1 + bonus)``, so once
+    ``max_bundles`` bundles are built and the next anchor cannot beat the weakest of them even with
+    perfect complements, the remaining anchors are skipped (same result, less work).
+    """
+    bundles: list[BundleOut] = []
+    kth_best = -math.inf
     for anchor in anchors:
-        bundle = make_bundle(anchor, catalog, complements, filters, items_per_bundle, bonus)
+        if len(bundles) >= max_bundles and anchor.score * (1.0 + bonus) < kth_best:
+            break
+        bundle = make_bundle(anchor, catalog, complements, filters, items_per_bundle, bonus, min_strength)
         if bundle is not None:
             bundles.append(bundle)
+            if len(bundles) >= max_bundles:
+                kth_best = sorted((b.score for b in bundles), reverse=True)[max_bundles - 1]
     bundles.sort(key=lambda b: -b.score)
     return bundles[:max_bundles]

@@ -191,8 +191,8 @@ class Engine:
                 keep &= ~np.isin(rows, list(excluded))
         return keep
 
-    def dense(self, vec: np.ndarray, k: int, filters: Filters) -> list[Hit]:
-        """Top-k items by cosine x quality that pass ``filters``."""
+    def dense(self, vec: np.ndarray, k: int, filters: Filters, floor: float = -1.0) -> list[Hit]:
+        """Top-k items by cosine x quality that pass ``filters`` and have cosine >= ``floor``."""
         n = len(self.catalog)
         cat = self.catalog
         if filters.include_categories:
@@ -203,14 +203,17 @@ class Engine:
             if len(rows) <= BRUTE_FORCE_MAX_ROWS:
                 rows = rows[self._allowed_mask(rows, filters)]
                 sims = np.asarray(self.embeddings[rows], dtype=np.float32) @ vec
-                return self._top(rows, sims, k)
+                relevant = sims >= floor
+                return self._top(rows[relevant], sims[relevant], k)
         fetch = min(n, max(k, self.settings.anchor_pool))
         while True:
             labels, dists = self.index.knn_query(vec, k=fetch)
             rows = labels[0].astype(np.int64)
             sims = 1.0 - dists[0]
             keep = self._allowed_mask(rows, filters)
-            if keep.sum() >= k or fetch >= n:
+            relevant = sims >= floor
+            if keep.sum() >= k or fetch >= n or not relevant[-1]:
+                keep &= relevant
                 return self._top(rows[keep], sims[keep], k)
             fetch = min(n, fetch * 4)
 
@@ -230,11 +233,11 @@ class Engine:
         order = np.argsort(-scores, kind="stable")[:k]
         return [Hit(int(rows[i]), float(scores[i])) for i in order]
 
-    def hybrid(self, vec: np.ndarray, text: str, k: int, filters: Filters) -> list[Hit]:
+    def hybrid(self, vec: np.ndarray, text: str, k: int, filters: Filters, floor: float = -1.0) -> list[Hit]:
         """Reciprocal rank fusion of dense and lexical candidate lists."""
         pool = max(k, self.settings.anchor_pool)
         fused: dict[int, float] = {}
-        for hits in (self.dense(vec, pool, filters), self.lexical_hits(text, pool, filters)):
+        for hits in (self.dense(vec, pool, filters, floor), self.lexical_hits(text, pool, filters)):
             for rank, hit in enumerate(hits):
                 fused[hit.row] = fused.get(hit.row, 0.0) + 1.0 / (RRF_K + rank + 1)
         best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
@@ -246,12 +249,12 @@ class Engine:
             raise Unsupported(f"retrieval mode {mode.value} needs a lexical index, which artifact {self.version} lacks")
         return mode
 
-    def retrieve(self, text: str, vec: np.ndarray | None, k: int, filters: Filters, mode: Mode) -> list[Hit]:
+    def retrieve(self, text: str, vec: np.ndarray | None, k: int, filters: Filters, mode: Mode, floor: float = -1.0) -> list[Hit]:
         if mode is Mode.LEXICAL:
             return self.lexical_hits(text, k, filters)
         if mode is Mode.HYBRID:
-            return self.hybrid(vec, text, k, filters)
-        return self.dense(vec, k, filters)
+            return self.hybrid(vec, text, k, filters, floor)
+        return self.dense(vec, k, filters, floor)
 
     def needs_vector(self, mode: Mode) -> bool:
         return mode is not Mode.LEXICAL
@@ -262,10 +265,10 @@ class Engine:
     def recommend(self, q: RecommendQuery, vec: np.ndarray | None) -> list[BundleOut]:
         mode = self.mode_for(q.mode)
         pool = max(self.settings.anchor_pool, q.max_bundles * 2)
-        anchors = self.retrieve(q.query, vec, pool, q.filters, mode)
+        anchors = self.retrieve(q.query, vec, pool, q.filters, mode, self.settings.min_relevance)
         return rank_bundles(
             anchors, self.catalog, self.complements, q.filters, q.max_bundles, q.items_per_bundle,
-            self.settings.complement_bonus,
+            self.settings.complement_bonus, self.settings.min_complement_strength,
         )
 
     def info(self) -> dict[str, Any]:

@@ -6,9 +6,10 @@ import logging
 import time
 
 import grpc
+from google.protobuf import timestamp_pb2
+
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
-from google.protobuf import timestamp_pb2
 
 from . import __version__, convert
 from .domain import Personalization, Stop

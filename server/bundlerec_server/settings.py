@@ -58,6 +58,8 @@ class Settings:
     # --- ranking
     anchor_pool: int = field(default=64, metadata={"help": "anchors retrieved before filtering and bundling"})
     history_weight: float = field(default=0.3, metadata={"help": "weight of the history vector in the query blend"})
+    min_relevance: float = field(default=0.3, metadata={"help": "dense anchors need at least this cosine to the query; below it nothing matched"})
+    min_complement_strength: float = field(default=0.1, metadata={"help": "weakest complement association kept in a bundle, in [0, 1]"})
     complement_bonus: float = field(default=0.25, metadata={"help": "bundle score = anchor score x (1 + bonus x mean complement strength)"})
     ef_search: int = field(default=0, metadata={"help": "HNSW ef at query time (0 = the artifact's recorded value)"})
     retrieval_mode: str = field(default="", metadata={"help": "default retrieval: dense, lexical or hybrid ('' = the artifact's recommendation)"})
@@ -121,6 +123,8 @@ class Settings:
             problems.append(f"provider {self.provider!r} is not auto, cpu or cuda")
         if self.retrieval_mode not in ("", "dense", "lexical", "hybrid"):
             problems.append(f"retrieval_mode {self.retrieval_mode!r} is not dense, lexical or hybrid")
+        if not -1.0 <= self.min_relevance <= 1.0:
+            problems.append("min_relevance is a cosine in [-1, 1]")
         if not 0.0 <= self.history_weight < 1.0:
             problems.append("history_weight must be in [0, 1)")
         for name in ("default_max_bundles", "max_bundles_cap", "default_items_per_bundle", "max_items_per_bundle_cap", "anchor_pool", "max_query_chars", "max_search_k"):
