@@ -367,6 +367,7 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
         raise ValueError(f"duration must be in (0, {MAX_DURATION_S}]")
     if rate * duration > MAX_REQUESTS_PER_RUN:
         raise ValueError(f"rate x duration exceeds {MAX_REQUESTS_PER_RUN} requests")
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     offsets = poisson_schedule(rate, duration, seed)
     rng = np.random.default_rng(seed + 1)
     q_idx = rng.integers(0, len(queries), size=len(offsets))
@@ -420,6 +421,7 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
                 w.join(timeout=5)
     merged = merge_records(p for p in parts if p is not None)
     result = summarize(merged, rate, duration)
+    result["loadavg_before"] = load_before  # other work on the machine shows up here
     result["bundles_mean_ok"] = (
         float(np.mean([b for b, c in zip(merged["bundles"], merged["code"], strict=True) if c == "OK"]))
         if result["ok"] else None
