@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from . import metrics
 from .errors import Overloaded
 
 
@@ -27,6 +28,7 @@ class Admission:
     async def slot(self) -> AsyncIterator[None]:
         if self._sem.locked() and self.waiting >= self.max_queue:
             self.shed += 1
+            metrics.SHED.inc()
             raise Overloaded(
                 f"server busy: {self.in_flight} calls in flight and {self.waiting} queued", self.retry_after_s
             )
@@ -36,8 +38,10 @@ class Admission:
         finally:
             self.waiting -= 1
         self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
         try:
             yield
         finally:
             self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
             self._sem.release()

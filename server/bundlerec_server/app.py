@@ -18,6 +18,7 @@ from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from .artifact import MANIFEST
 from .events import EventStore
+from .metrics import serve_metrics
 from .runtime import Runtime
 from .security import BearerTokenInterceptor, server_credentials
 from .service import BundleRecommenderServicer
@@ -115,6 +116,9 @@ async def create_server(settings: Settings) -> App:
 
 async def serve(settings: Settings) -> None:
     app = await create_server(settings)
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, settings.metrics_host)
+        logger.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     await app.server.start()
     logger.info("listening on %s:%d (NOT_SERVING until the model is loaded)", settings.host, app.port)
     stop = asyncio.Event()

@@ -21,6 +21,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,6 +80,7 @@ class MicroBatcher:
             text, fut = self._queue.popleft()
             if fut.done():  # cancelled (client gone, deadline) before it was batched
                 self.dropped += 1
+                metrics.DROPPED.inc()
                 continue
             batch.append((text, fut))
         return batch
@@ -97,6 +100,7 @@ class MicroBatcher:
                     break
                 self.batches += 1
                 self.encoded += len(batch)
+                metrics.BATCH_SIZE.observe(len(batch))
                 work = loop.run_in_executor(self.executor, self.encode_fn, [t for t, _ in batch])
                 work.add_done_callback(lambda w, b=batch: self._finish(w, b))
 

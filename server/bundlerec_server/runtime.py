@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metrics
 from .admission import Admission
 from .batching import MicroBatcher
 from .engine import Engine
@@ -99,8 +100,10 @@ class Runtime:
             except Exception as exc:  # ArtifactError and anything a broken file provokes
                 current = self._engine.version if self._engine else "none"
                 logger.error("reload of %s refused, still serving %s: %s", root, current, exc)
+                metrics.RELOADS.labels("refused").inc()
                 return False
             old = self.swap(engine)
+            metrics.RELOADS.labels("loaded").inc()
             logger.info("hot reload: now serving %s (was %s)", engine.version, old.version if old else "none")
             return True
 

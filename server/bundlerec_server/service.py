@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -11,7 +12,7 @@ from google.protobuf import timestamp_pb2
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
-from . import __version__, convert
+from . import __version__, convert, metrics
 from .domain import Personalization, Stop
 from .errors import BundleRecError, InvalidRequest, Unsupported, Violation, abort_with
 from .runtime import OutOfTime, Runtime
@@ -32,13 +33,38 @@ def _time_left(context: grpc.aio.ServicerContext):
     return context.time_remaining
 
 
+class _Observed:
+    """Counts a call by method and final status code and records its latency (Prometheus)."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.code, self.t0 = method, "OK", time.perf_counter()
+
+    def __enter__(self) -> _Observed:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            self.code = "CANCELLED"
+        metrics.REQUESTS.labels(self.method, self.code).inc()
+        metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.t0)
+
+    async def abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        self.code = exc.code.name if isinstance(exc, BundleRecError) else "INTERNAL"
+        await abort_with(context, exc)
+
+
 class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.settings = runtime.settings
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext):
-        t0 = time.perf_counter()
+        with _Observed("Recommend") as call:
+            async for msg in self._recommend(request, context, call):
+                yield msg
+
+    async def _recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext, call: _Observed):
+        t0 = call.t0
         time_left = _time_left(context)
         bundles, info, stop = [], Personalization(), None
         try:
@@ -56,14 +82,15 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                     bundles = engine.recommend(q, vec)
                 except OutOfTime:
                     stop = Stop.DEADLINE
-        except BundleRecError as exc:
-            await abort_with(context, exc)
-        except Exception as exc:  # a bug: INTERNAL, logged with its traceback
-            await abort_with(context, exc)
+        except Exception as exc:  # BundleRecError -> its status; anything else is a bug: INTERNAL, logged
+            await call.abort(context, exc)
         paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
         for rank, bundle in enumerate(paced, start=1):
+            if rank == 1:
+                metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)
             yield convert.bundle_message(bundle, rank, engine.catalog)
         stop = stop or paced.stop
+        metrics.STOPS.labels(stop.value).inc()
         if logger.isEnabledFor(logging.DEBUG):  # fingerprints only: raw queries and user ids never reach logs
             logger.debug("recommend q=%s user=%s bundles=%d stop=%s %.1f ms", fingerprint(q.query),
                          fingerprint(q.user_id) if q.user_id else "-", paced.sent, stop.value, (time.perf_counter() - t0) * 1000)
@@ -79,6 +106,10 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         )
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        with _Observed("Search") as call:
+            return await self._search(request, context, call)
+
+    async def _search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext, call: _Observed) -> pb.SearchResponse:
         try:
             q = convert.search_query(request, self.settings)
             engine = self.rt.engine()
@@ -88,12 +119,17 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                     vec = await self.rt.encode(engine, q.query, _time_left(context))
                 hits = engine.search(q, vec)
         except OutOfTime:
+            call.code = "DEADLINE_EXCEEDED"
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline reached before retrieval finished")
         except Exception as exc:
-            await abort_with(context, exc)
+            await call.abort(context, exc)
         return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version)
 
     async def RecordEvents(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.RecordEventsResponse:
+        with _Observed("RecordEvents") as call:
+            return await self._record_events(request_iterator, context, call)
+
+    async def _record_events(self, request_iterator, context: grpc.aio.ServicerContext, call: _Observed) -> pb.RecordEventsResponse:
         """Validates the whole stream, stores it in one durable transaction, then acknowledges."""
         try:
             store = self.rt.events
@@ -112,8 +148,9 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                 else:
                     unknown += 1
             await self.rt.events.append(records)
+            metrics.EVENTS.inc(len(records))
         except Exception as exc:
-            await abort_with(context, exc)
+            await call.abort(context, exc)
         logger.debug("stored %d events (%d unknown items)", len(records), unknown)
         return pb.RecordEventsResponse(accepted=len(records), unknown_items=unknown)
 
@@ -121,7 +158,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         try:
             info = self.rt.engine().info()
         except Exception as exc:
-            await abort_with(context, exc)
+            await _Observed("GetInfo").abort(context, exc)
         created = timestamp_pb2.Timestamp()
         if info["created_at"]:
             created.FromJsonString(info["created_at"])

@@ -33,6 +33,8 @@ class Settings:
     tls_client_ca: Path | None = field(default=None, metadata={"help": "CA (PEM) for client certificates: enables mutual TLS, a client certificate is required"})
     auth_token_file: Path | None = field(default=None, metadata={"help": "file holding the bearer token callers must send (authorization: Bearer ...)"})
     auth_token: str = field(default="", repr=False, metadata={"help": "bearer token callers must send; prefer auth_token_file or the environment"})
+    metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics over HTTP on this port (0 = off)"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address for the metrics endpoint"})
     grace_s: float = field(default=10.0, metadata={"help": "shutdown grace period for in-flight calls"})
     # --- request handling
     deadline_margin_ms: float = field(default=2.0, metadata={"help": "end a stream this long before the call's deadline"})
