@@ -1,8 +1,15 @@
 """``build_artifact``: dataset -> a complete, verified artifact folder (layout in ``bundlerec_server.artifact``).
 
-Stages (each timed into ``manifest["timings_s"]``): load -> onnx (fp32 export, int8, fp16) -> agreement ->
+Stages (each timed into ``manifest["timings_s"]``): load -> [finetune] -> onnx (fp32 export, int8, fp16) -> agreement ->
 embed (catalog through the serving ``Encoder`` on fp32, 128 tokens) -> index (hnswlib) -> complements +
 quality -> lexical (bm25s) -> write (items, embeddings, complements, manifest).
+
+Fine-tuning (``finetune_judgments`` set and no ``base_model``): the packaged MiniLM (or
+``finetune_options["base_model"]``) is fine-tuned on the judgments with :mod:`bundlerec_export.finetune` into a
+cache folder ``<finetune_cache or <out>.work>/finetuned-<key>`` (key: hash of the fine-tune settings, the
+start model and the data), reused by a rebuild with the same key; THAT model is then exported. The manifest
+says ``encoder.fine_tuned: true`` with ``encoder.training`` (dev metric per epoch, seconds, split sizes), and
+``train_log.json`` + ``training.png`` are copied into the artifact.
 
 Everything is written into a temporary sibling folder of ``out`` and renamed into place at the end, so a
 crash never leaves a half artifact at ``out`` (a previous artifact there is replaced only on success, by two
@@ -84,11 +91,16 @@ class BuildConfig:
     bm25_b: float = 0.75
     threads: int = 0  # 0: let the libraries decide
     progress: bool = True
+    # fine-tuning of the encoder on query-product judgments (bundlerec_export.finetune); off when base_model is set
+    finetune_judgments: Path | None = None
+    finetune_epochs: int = 2
+    finetune_cache: Path | None = None  # default: <out>.work next to the artifact
+    finetune_options: dict[str, Any] = field(default_factory=dict)  # other FinetuneConfig fields
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        for name in ("data_dir", "catalog", "orders", "base_model"):
+        for name in ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache"):
             val = getattr(self, name)
             if val is not None:
                 setattr(self, name, Path(val))
@@ -96,6 +108,8 @@ class BuildConfig:
             raise ValueError("agreement_sample must be positive")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be positive")
+        if self.finetune_epochs < 1:
+            raise ValueError("finetune_epochs must be positive")
 
 
 @dataclass
@@ -152,10 +166,17 @@ def build(cfg: BuildConfig) -> BuildResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.catalog, cfg.orders, limit=cfg.limit)
     t = _stage(timings, "load", t)
+    finetuned: FineTuned | None = None
+    if cfg.finetune_judgments is not None:
+        if cfg.base_model is not None:
+            logger.warning("base_model given: fine-tuning on %s skipped", cfg.finetune_judgments)
+        else:
+            finetuned = finetune_for_build(cfg, ds, out)
+            t = _stage(timings, "finetune", t)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        manifest = _build_into(tmp, ds, cfg, timings, t)
+        manifest = _build_into(tmp, ds, cfg, timings, t, finetuned)
         timings["total"] = round(time.perf_counter() - t_start, 3)
         manifest["timings_s"] = timings
         manifest = write_manifest(tmp, manifest)
@@ -192,14 +213,70 @@ def _content_hash(root: Path) -> str:
     return digest.hexdigest()[:8]
 
 
-def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, float], t: float) -> dict[str, Any]:
+@dataclass
+class FineTuned:
+    path: Path  # HF model folder
+    start_model: Path  # what it was fine-tuned from
+    log: dict[str, Any]
+    cached: bool
+
+
+def finetune_for_build(cfg: BuildConfig, ds: Dataset, out: Path) -> FineTuned:
+    """Fine-tunes (or reuses the cached result for the same settings + data) and returns the model folder."""
+    from . import finetune as ft
+
+    judgments = Path(cfg.finetune_judgments)
+    if not judgments.is_file():
+        raise BuildError(f"{judgments}: judgments file for fine-tuning not found")
+    opts = dict(cfg.finetune_options)
+    opts.setdefault("epochs", cfg.finetune_epochs)
+    opts.setdefault("progress", cfg.progress)
+    opts.setdefault("seed", cfg.seed)
+    if cfg.threads:
+        opts.setdefault("threads", cfg.threads)
+    try:
+        fcfg = ft.FinetuneConfig(judgments=judgments, out=Path("."), **opts)
+    except TypeError as exc:
+        raise BuildError(f"finetune_options: {exc}") from exc
+    start = fcfg.base_model or ox.default_base_model()
+    digest = hashlib.sha256()
+    digest.update(ft.file_digest(judgments).encode())
+    for src in ds.sources:
+        digest.update(src.sha256.encode())
+    digest.update(repr(cfg.limit).encode())
+    key = fcfg.cache_key(digest.hexdigest())
+    cache = Path(cfg.finetune_cache) if cfg.finetune_cache is not None else out.parent / f"{out.name}.work"
+    folder = cache / f"finetuned-{key}"
+    if (folder / ft.LOG_FILE).is_file() and (folder / "config.json").is_file():
+        logger.info("fine-tuned model reused from %s", folder)
+        return FineTuned(folder, Path(start), json.loads((folder / ft.LOG_FILE).read_text()), cached=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".finetuned-{key}-", dir=cache))
+    try:
+        fcfg.out = work
+        ft.finetune(fcfg, titles={it.id: it.title for it in ds.items})
+        if folder.exists():
+            shutil.rmtree(folder)
+        work.rename(folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log = json.loads((folder / ft.LOG_FILE).read_text())
+    log["config"]["out"] = str(folder)
+    (folder / ft.LOG_FILE).write_text(json.dumps(log, indent=1))
+    logger.info("fine-tuned model written to %s", folder)
+    return FineTuned(folder, Path(start), log, cached=False)
+
+
+def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, float], t: float,
+                finetuned: FineTuned | None = None) -> dict[str, Any]:
     import hnswlib
 
     from bundlerec_server.encoder import Encoder
 
     from .pertoken import quantize_per_token
 
-    base_model = cfg.base_model or ox.default_base_model()
+    base_model = finetuned.path if finetuned is not None else (cfg.base_model or ox.default_base_model())
     titles = [it.title for it in ds.items]
     n = len(ds.items)
 
@@ -290,6 +367,12 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
         quality=quality.astype(np.float32), orders=counts.astype(np.int32),
     )
     table.write(root / ITEMS)
+    if finetuned is not None:
+        from . import finetune as ft
+
+        for name in (ft.LOG_FILE, ft.PLOT_FILE):
+            if (finetuned.path / name).is_file():
+                shutil.copyfile(finetuned.path / name, root / name)
     t = _stage(timings, "write", t)
 
     now = datetime.now(timezone.utc)
@@ -314,7 +397,21 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
         "note": "fp16 measured on ORT's CPU provider, which may run fp16 nodes through float32 casts: the "
                 "figure reflects fp16 weights/casts on CPU, not CUDA fp16 arithmetic",
     }
-    base_name = _base_model_name(base_model)
+    base_name = _base_model_name(finetuned.start_model if finetuned is not None else base_model)
+    encoder_info: dict[str, Any] = {
+        "base_model": base_name, "base_model_path": str(base_model), "fine_tuned": finetuned is not None,
+        "pooling": "mean", "normalize": True, "max_query_tokens": MAX_QUERY_TOKENS,
+        "max_item_tokens": MAX_ITEM_TOKENS, "item_variant": "fp32", "query_variant": "int8_pertoken",
+        "tokenizer": TOKENIZER}
+    if finetuned is not None:
+        from . import finetune as ft
+
+        training = ft.summary(finetuned.log)
+        training["reused_from_cache"] = finetuned.cached
+        training["judgments"] = str(cfg.finetune_judgments)
+        training["files"] = [name for name in (ft.LOG_FILE, ft.PLOT_FILE) if (root / name).is_file()]
+        encoder_info["fine_tuned_from"] = str(finetuned.start_model)
+        encoder_info["training"] = training
     return {
         # time + content hash: unique even for two builds within one second, equal content -> same suffix
         "artifact_version": f"{ds.name}-{now.strftime('%Y%m%dT%H%M%S')}-{_content_hash(root)}",
@@ -325,10 +422,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
         "skipped_items": {"empty_title": ds.skipped_empty_title},
         "limit": cfg.limit,
         "embedding_dim": dim,
-        "encoder": {"base_model": base_name, "base_model_path": str(base_model), "fine_tuned": False,
-                    "pooling": "mean", "normalize": True, "max_query_tokens": MAX_QUERY_TOKENS,
-                    "max_item_tokens": MAX_ITEM_TOKENS, "item_variant": "fp32", "query_variant": "int8_pertoken",
-                    "tokenizer": TOKENIZER},
+        "encoder": encoder_info,
         "models": models,
         "agreement": agreement_info,
         "index": {"library": "hnswlib", "file": INDEX, "space": "cosine", "dim": dim, "M": cfg.hnsw_m,
@@ -359,5 +453,6 @@ def _config_dict(cfg: BuildConfig) -> dict[str, Any]:
             d[k] = str(v)
         elif isinstance(v, tuple):
             d[k] = list(v)
+    d["finetune_options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in d["finetune_options"].items()}
     d.pop("progress", None)
     return d

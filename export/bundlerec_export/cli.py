@@ -6,6 +6,10 @@ Examples::
     bundlerec-export --dataset homedepot --data-dir ../shared/data/homedepot --out artifacts/homedepot
     bundlerec-export --dataset csv --catalog catalog.csv [--orders orders.csv] --out artifacts/mine
 
+Encoder fine-tuning: ``--dataset homedepot`` fine-tunes the encoder on ``<data-dir>/judgments.csv`` first (ON by
+default; ``--no-finetune`` builds with the base model); ``--finetune [JUDGMENTS]`` turns it on for other datasets.
+The fine-tuned model is cached next to the artifact (``<out>.work/finetuned-<key>``) and reused by a rebuild.
+
 Generic catalogs: CSV columns (or JSONL keys) ``id,title[,category][,price]``; orders CSV
 ``basket_id,item_id[,user_id]``.
 """
@@ -43,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="catalog embedding batch size")
     p.add_argument("--threads", type=int, default=0, help="ORT/hnswlib threads (0: library default)")
     p.add_argument("--no-lexical", action="store_true", help="skip the bm25s lexical index")
+    ft = p.add_mutually_exclusive_group()
+    ft.add_argument("--finetune", nargs="?", const="", default=None, metavar="JUDGMENTS",
+                    help="fine-tune the encoder on a judgments CSV query,product_id,relevance first "
+                         "(default file: <data-dir>/judgments.csv; on by default for homedepot)")
+    ft.add_argument("--no-finetune", action="store_true", help="do not fine-tune (homedepot's default is to)")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs")
+    p.add_argument("--finetune-cache", type=Path, help="folder of cached fine-tuned models (default <out>.work)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -65,6 +76,19 @@ def _fmt_agree(entry: dict) -> str:
     return f"mean {c['mean']:.4f} / min {c['min']:.4f} (n={c['n']})"
 
 
+def _finetune_judgments(args: argparse.Namespace) -> Path | None:
+    """The judgments file to fine-tune on, or None: homedepot defaults to <data-dir>/judgments.csv."""
+    if args.no_finetune:
+        return None
+    if args.finetune:
+        return Path(args.finetune)
+    if args.finetune == "" or (args.dataset == "homedepot" and args.base_model is None):
+        if args.data_dir is None:
+            _parser().error("--finetune without a file needs --data-dir (its judgments.csv)")
+        return args.data_dir / "judgments.csv"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
@@ -72,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--dataset csv/jsonl needs --catalog FILE")
     if args.orders is not None and args.dataset not in ("csv", "jsonl"):
         _parser().error("--orders applies to --dataset csv/jsonl only")
+
+    judgments = _finetune_judgments(args)
+    if judgments is not None and not judgments.is_file():
+        _parser().error(f"--finetune: {judgments} not found")
+    if judgments is not None and args.base_model is not None:
+        _parser().error("--base-model and fine-tuning exclude each other (add --no-finetune)")
 
     from bundlerec_export.build import BuildConfig, BuildError, build
     from bundlerec_export.onnx_export import ExportError
@@ -82,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         agreement_sample=args.agreement_sample, min_support=args.min_support, top_k=args.top_k,
         shrinkage=args.shrinkage, user_level_evidence=not args.basket_level_evidence, related_band=tuple(args.related_band), ef_search=args.ef_search,
         embed_batch_size=args.batch_size, threads=args.threads, lexical=not args.no_lexical,
-        progress=not args.no_progress and not args.quiet,
+        progress=not args.no_progress and not args.quiet, finetune_judgments=judgments,
+        finetune_epochs=args.finetune_epochs, finetune_cache=args.finetune_cache,
     )
     try:
         result = build(cfg)
@@ -98,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in m["models"].items():
         if name != "fp32":
             print(f"agreement  {name}: {_fmt_agree(entry)}")
+    enc = m["encoder"]
+    if enc.get("fine_tuned"):
+        tr = enc["training"]
+        dev = ", ".join(f"{e['epoch']}: {e['ndcg@10']:.4f}" for e in tr["dev_per_epoch"] if e.get("ndcg@10") is not None)
+        cached = " (cached)" if tr.get("reused_from_cache") else ""
+        print(f"fine-tuned {enc['base_model']} in {tr['seconds']['total']:.0f} s{cached}; dev NDCG@10 per epoch {dev}")
     print("seconds    " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     return 0
 

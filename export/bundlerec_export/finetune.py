@@ -390,10 +390,8 @@ def load_model(path: Path):
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
-    try:  # the pooler is unused (mean pooling): leave it out rather than initialise it at random
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
-    except TypeError:
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    # the pooler (if any) is unused by mean pooling: it gets no gradient and is saved unchanged
+    model = AutoModel.from_pretrained(str(path), local_files_only=True)
     return tok, model
 
 
