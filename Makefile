@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 PORT ?= 50051
 STUBS := client/bundlerec/v1/bundlerec_pb2.py
 
-.PHONY: install proto demo serve artifacts test test-all lint bench eval clean
+.PHONY: install proto demo serve artifacts test test-all lint bench eval soak overload clean
 
 install: $(STAMP)
 
@@ -45,6 +45,21 @@ test: $(STAMP) $(STUBS)
 
 test-all: $(STAMP) $(STUBS)
 	$(PYTHON) -m pytest -q
+
+# standard load sweep: reference (naive seed design) vs bundlerec on the demo artifact; JSON + PNG in runs/bench
+bench: $(STAMP) $(STUBS) artifacts/demo/manifest.json
+	$(PYTHON) -m benchmarks.sweep --artifact artifacts/demo --out runs/bench
+
+# retrieval quality through the Search RPC on the Home Depot test split (builds the fine-tuned artifact if missing)
+eval: $(STAMP) $(STUBS)
+	test -f artifacts/homedepot/manifest.json || $(MAKE) --no-print-directory artifacts DATASET=homedepot
+	bash scripts/eval.sh artifacts/homedepot $(DATA)/homedepot/judgments.csv runs/quality
+
+soak: $(STAMP) $(STUBS) artifacts/demo/manifest.json
+	$(PYTHON) -m benchmarks.soak --artifact artifacts/demo --minutes $${MINUTES:-10} --out runs/soak
+
+overload: $(STAMP) $(STUBS) artifacts/demo/manifest.json
+	$(PYTHON) -m benchmarks.overload --artifact artifacts/demo --rps $${RPS:-300} --out runs/overload
 
 lint: $(STAMP)
 	$(BIN)/ruff check client/bundlerec server export benchmarks tests

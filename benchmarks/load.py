@@ -123,6 +123,8 @@ def summarize(records: dict[str, Any], offered_rps: float, duration: float) -> d
         "ttfb_ms": latency_summary(ttfb[ok]),
         "full_ms": latency_summary(total[ok]),
         "no_bundle_ok": int((ok & ~np.isfinite(ttfb)).sum()),
+        # how fast failures came back, by code (e.g. RESOURCE_EXHAUSTED: load shedding must be fast)
+        "error_ms": {code: latency_summary(total[np.array([c == code for c in codes], dtype=bool)]) for code in sorted(errors)},
     }
 
 
