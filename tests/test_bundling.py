@@ -108,3 +108,20 @@ def test_early_stop_gives_the_same_bundles_as_exhaustive_ranking():
     for k in range(1, n + 1):
         got = rank_bundles(anchors, CATALOG, comp, Filters(), k, 3, 0.25)
         assert [b.items for b in got] == [b.items for b in exhaustive[:k]]
+
+
+def test_fusion_rrf_and_blend():
+    from bundlerec_server.engine import Fusion, fuse
+
+    dense = [Hit(1, 0.9), Hit(2, 0.8), Hit(3, 0.5)]
+    lexical = [Hit(3, 12.0), Hit(4, 6.0), Hit(1, 2.0)]
+    rrf = fuse(dense, lexical, Fusion("rrf", rrf_k=60), 4)
+    # item 1: 1/61 + 1/63; item 3: 1/63 + 1/61 (tie, first seen wins); 2: 1/62; 4: 1/62
+    assert [h.row for h in rrf] == [1, 3, 2, 4]
+    assert rrf[0].score == pytest.approx(1 / 61 + 1 / 63)
+    blend = fuse(dense, lexical, Fusion("blend", alpha=0.25), 4)
+    # min-max: dense 1->1, 2->0.75, 3->0; lexical 3->1, 4->0.4, 1->0
+    # 1: .25*1 = .25; 2: .25*.75 = .1875; 3: .75*1 = .75; 4: .75*.4 = .3
+    assert [h.row for h in blend] == [3, 4, 1, 2]
+    assert blend[0].score == pytest.approx(0.75)
+    assert [h.row for h in fuse(dense, lexical, Fusion("blend", alpha=1.0), 3)] == [1, 2, 3]

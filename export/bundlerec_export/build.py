@@ -180,6 +180,12 @@ def build(cfg: BuildConfig) -> BuildResult:
         timings["total"] = round(time.perf_counter() - t_start, 3)
         manifest["timings_s"] = timings
         manifest = write_manifest(tmp, manifest)
+        if cfg.finetune_judgments is not None and cfg.lexical:
+            # choose dense / lexical / hybrid fusion for serving on the DEV split (never test)
+            from .tune import tune_serving
+
+            tune_serving(tmp, Path(cfg.finetune_judgments), progress=cfg.progress)
+            manifest = json.loads((tmp / MANIFEST).read_text())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700

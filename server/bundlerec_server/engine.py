@@ -24,10 +24,53 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 CPU_PREFERENCE = ("int8_pertoken", "int8", "fp32")
 BATCH_EXACT = {"int8_pertoken", "fp32", "fp16"}
-RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 BRUTE_FORCE_MAX_ROWS = 20_000  # restricted to categories this small, exact search beats over-fetching HNSW
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid retrieval merges the dense and lexical lists.
+
+    ``rrf``: reciprocal rank fusion, sum of 1 / (rrf_k + rank). ``blend``: alpha x dense + (1 - alpha) x lexical
+    after min-max normalising each list's scores (an item missing from a list gets 0 for it).
+    """
+
+    method: str = "rrf"
+    alpha: float = 0.5
+    rrf_k: int = RRF_K
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fusion:
+        f = cls(method=str(d.get("method", "rrf")), alpha=float(d.get("alpha", 0.5)), rrf_k=int(d.get("rrf_k", RRF_K)))
+        if f.method not in ("rrf", "blend") or not 0.0 <= f.alpha <= 1.0 or f.rrf_k < 1:
+            raise A.ArtifactError(f"invalid fusion settings {d}")
+        return f
+
+
+def _minmax(hits: list[Hit]) -> dict[int, float]:
+    if not hits:
+        return {}
+    scores = np.array([h.score for h in hits], dtype=np.float64)
+    lo, span = scores.min(), scores.max() - scores.min()
+    return {h.row: (float((h.score - lo) / span) if span > 0 else 1.0) for h in hits}
+
+
+def fuse(dense: list[Hit], lexical: list[Hit], fusion: Fusion, k: int) -> list[Hit]:
+    """Merges two best-first candidate lists into the top ``k`` (ties broken by first appearance)."""
+    fused: dict[int, float] = {}
+    if fusion.method == "rrf":
+        for hits in (dense, lexical):
+            for rank, hit in enumerate(hits):
+                fused[hit.row] = fused.get(hit.row, 0.0) + 1.0 / (fusion.rrf_k + rank + 1)
+    else:
+        d, lx = _minmax(dense), _minmax(lexical)
+        for row in [*d, *lx]:
+            fused[row] = fusion.alpha * d.get(row, 0.0) + (1.0 - fusion.alpha) * lx.get(row, 0.0)
+    best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
+    return [Hit(row, score) for row, score in best]
 
 
 @dataclass
@@ -117,7 +160,9 @@ class Engine:
         if self.encoder.dim != self.dim:
             raise A.ArtifactError(f"{self.root}: encoder dimension {self.encoder.dim}, index {self.dim}")
         self.modes = [Mode.DENSE] + ([Mode.LEXICAL, Mode.HYBRID] if self.lexical else [])
-        wanted = settings.retrieval_mode or m.get("serving", {}).get("default_retrieval_mode", "dense")
+        serving = m.get("serving", {})
+        self.fusion = Fusion.from_dict({**serving.get("fusion", {}), **settings.fusion_overrides()})
+        wanted = settings.retrieval_mode or serving.get("default_retrieval_mode", "dense")
         self.default_mode = Mode(wanted) if Mode(wanted) in self.modes else Mode.DENSE
         logger.info(
             "artifact %s loaded from %s: %d items, dim %d, encoder %s on %s, default retrieval %s (%.2fs)",
@@ -234,14 +279,9 @@ class Engine:
         return [Hit(int(rows[i]), float(scores[i])) for i in order]
 
     def hybrid(self, vec: np.ndarray, text: str, k: int, filters: Filters, floor: float = -1.0) -> list[Hit]:
-        """Reciprocal rank fusion of dense and lexical candidate lists."""
+        """Fusion of the dense and lexical candidate lists (:func:`fuse`, configured by the artifact)."""
         pool = max(k, self.settings.anchor_pool)
-        fused: dict[int, float] = {}
-        for hits in (self.dense(vec, pool, filters, floor), self.lexical_hits(text, pool, filters)):
-            for rank, hit in enumerate(hits):
-                fused[hit.row] = fused.get(hit.row, 0.0) + 1.0 / (RRF_K + rank + 1)
-        best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
-        return [Hit(row, score) for row, score in best]
+        return fuse(self.dense(vec, pool, filters, floor), self.lexical_hits(text, pool, filters), self.fusion, k)
 
     def mode_for(self, mode: Mode | None) -> Mode:
         mode = mode or self.default_mode

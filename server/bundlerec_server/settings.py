@@ -65,6 +65,8 @@ class Settings:
     complement_bonus: float = field(default=0.25, metadata={"help": "bundle score = anchor score x (1 + bonus x mean complement strength)"})
     ef_search: int = field(default=0, metadata={"help": "HNSW ef at query time (0 = the artifact's recorded value)"})
     retrieval_mode: str = field(default="", metadata={"help": "default retrieval: dense, lexical or hybrid ('' = the artifact's recommendation)"})
+    fusion: str = field(default="", metadata={"help": "hybrid fusion: rrf or blend ('' = the artifact's tuned choice)"})
+    fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     # --- logging
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
 
@@ -111,6 +113,14 @@ class Settings:
             parser.add_argument(flag, **kwargs)
         return parser
 
+    def fusion_overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.fusion:
+            out["method"] = self.fusion
+        if self.fusion_alpha >= 0:
+            out["alpha"] = self.fusion_alpha
+        return out
+
     def token(self) -> str:
         """The bearer token required from callers ('' = no token authentication)."""
         if self.auth_token_file:
@@ -125,6 +135,10 @@ class Settings:
             problems.append(f"provider {self.provider!r} is not auto, cpu or cuda")
         if self.retrieval_mode not in ("", "dense", "lexical", "hybrid"):
             problems.append(f"retrieval_mode {self.retrieval_mode!r} is not dense, lexical or hybrid")
+        if self.fusion not in ("", "rrf", "blend"):
+            problems.append(f"fusion {self.fusion!r} is not rrf or blend")
+        if self.fusion_alpha > 1.0:
+            problems.append("fusion_alpha must be <= 1")
         if not -1.0 <= self.min_relevance <= 1.0:
             problems.append("min_relevance is a cosine in [-1, 1]")
         if not 0.0 <= self.history_weight < 1.0:

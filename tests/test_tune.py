@@ -1,0 +1,47 @@
+"""Serving configuration tuned on the dev split and applied by the server."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import ServerThread, build_tiny_artifact, server_settings
+
+from bundlerec import Client
+from bundlerec.v1 import bundlerec_pb2 as pb
+from bundlerec_export.finetune import split_of
+from bundlerec_export.tune import tune_serving
+
+
+def test_tune_writes_serving_choice_used_by_the_server(artifact_root, tmp_path):
+    art = build_tiny_artifact(artifact_root, name="tiny-tune")
+    items = [json.loads(line) for line in (art / "items.jsonl").read_text().splitlines()]
+    judgments = tmp_path / "judgments.csv"
+    with open(judgments, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["query", "product_id", "relevance"])
+        for it in items:  # queries = the first words of titles: BM25 can find them, a random BERT cannot
+            w.writerow([" ".join(it["title"].lower().split()[:2]), it["id"], 3.0])
+    n_dev = len({" ".join(it["title"].lower().split()[:2]) for it in items} & {q for q in _queries(judgments) if split_of(q) == "dev"})
+    assert n_dev > 0
+    serving = tune_serving(art, judgments, progress=False)
+    assert serving["tuned_on"]["split"] == "dev" and serving["tuned_on"]["queries"] == n_dev
+    scores = serving["tuned_on"]["ndcg"]
+    assert scores[serving["tuned_on"]["best"]] == max(scores.values())
+    assert scores["lexical"] > scores["dense"]  # the random encoder knows nothing
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["serving"] == serving
+    srv = ServerThread(server_settings(art)).start()  # checksums still verify after the manifest rewrite
+    try:
+        with Client(srv.target) as c:
+            info = c.info()
+        expected = {"dense": pb.RETRIEVAL_MODE_DENSE, "lexical": pb.RETRIEVAL_MODE_LEXICAL, "hybrid": pb.RETRIEVAL_MODE_HYBRID}
+        assert info.default_retrieval_mode == expected[serving["default_retrieval_mode"]]
+        assert srv.app.runtime.engine().fusion.method == serving["fusion"]["method"]
+    finally:
+        srv.stop()
+
+
+def _queries(path):
+    with open(path, newline="") as fh:
+        return {row["query"] for row in csv.DictReader(fh)}
