@@ -28,9 +28,17 @@ def test_stops_before_margin_with_deadline_reason():
     for item in p:
         sent.append(item)
         clock.tick()
-    # 10 -> 7 -> 4 -> 1 (<= 2): three items went out
-    assert sent == [0, 1, 2]
-    assert p.stop is Stop.DEADLINE and p.sent == 3
+    # left 10 ms: send (cost unknown); 7: learnt cost 3, 7 - 3 = 4 > 2: send; 4: 4 - 3 = 1 <= 2: stop
+    assert sent == [0, 1]
+    assert p.stop is Stop.DEADLINE and p.sent == 2
+
+
+def test_a_slow_gap_makes_it_stop_earlier():
+    lefts = iter([0.050, 0.049, 0.030, 0.015])  # one 19 ms stall between the 2nd and 3rd message
+    p = Paced(range(10), lambda: next(lefts), 0.002)
+    # at 15 ms left a plain margin check would send again; the learnt 19 ms cost would overrun: stop
+    assert list(p) == [0, 1, 2]
+    assert p.stop is Stop.DEADLINE
 
 
 def test_already_expired_sends_nothing():

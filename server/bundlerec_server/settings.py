@@ -37,7 +37,7 @@ class Settings:
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address for the metrics endpoint"})
     grace_s: float = field(default=10.0, metadata={"help": "shutdown grace period for in-flight calls"})
     # --- request handling
-    deadline_margin_ms: float = field(default=2.0, metadata={"help": "end a stream this long before the call's deadline"})
+    deadline_margin_ms: float = field(default=3.0, metadata={"help": "end a stream this long before the call's deadline"})
     default_max_bundles: int = field(default=5, metadata={"help": "bundles when a request says 0"})
     max_bundles_cap: int = field(default=50, metadata={"help": "largest max_bundles accepted"})
     default_items_per_bundle: int = field(default=3, metadata={"help": "items per bundle when a request says 0"})

@@ -11,9 +11,12 @@ T = TypeVar("T")
 
 
 class Paced(Generic[T]):
-    """Iterates ``items`` while the call has more than ``margin_s`` left; afterwards :attr:`stop` says why it ended.
+    """Iterates ``items`` while the call has more than ``margin_s`` left after the next message's expected
+    cost; afterwards :attr:`stop` says why it ended.
 
-    ``time_left()`` returns the seconds until the call's deadline, or None when the call has none.
+    ``time_left()`` returns the seconds until the call's deadline, or None when the call has none. The cost
+    of a message is learnt from the stream itself (the largest gap seen between two consecutive items), so
+    a slow consumer or a busy machine makes the stream stop earlier rather than overrun the deadline.
     """
 
     def __init__(self, items: Iterable[T], time_left: Callable[[], float | None], margin_s: float) -> None:
@@ -25,9 +28,16 @@ class Paced(Generic[T]):
 
     def expired(self) -> bool:
         left = self.time_left()
-        return left is not None and left <= self.margin_s
+        if left is None:
+            return False
+        if self._last_left is not None:
+            self._cost = max(self._cost, self._last_left - left)
+        self._last_left = left
+        return left - self._cost <= self.margin_s
 
     def __iter__(self) -> Iterator[T]:
+        self._last_left: float | None = None
+        self._cost = 0.0
         for item in self.items:
             if self.expired():
                 self.stop = Stop.DEADLINE
