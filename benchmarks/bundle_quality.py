@@ -34,7 +34,7 @@
    Recommend is called twice, without and with ``recent_item_ids`` = distinct items of the earlier orders,
    most recent first, at most 50; score = Recall of the target order's items among all items of the returned
    bundles (``--max-bundles`` 10 x ``--items-per-bundle`` 3). Means, the paired difference (95 % normal CI),
-   wins / ties / losses. Bounded: ``--max-users`` (stable-hash sample), ``--concurrency``.
+   wins / ties / losses; ``rest`` repeats it without the item the query came from (the query alone may find it). Bounded: ``--max-users`` (stable-hash sample), ``--concurrency``.
 """
 
 from __future__ import annotations
@@ -436,7 +436,9 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
                     rec[name] = None
                     continue
                 got, flag = res
-                rec[name] = {"recall": len(got & targets) / len(targets), "items": len(got), "flag": flag}
+                rest = targets - {case["query_item"]}
+                rec[name] = {"recall": len(got & targets) / len(targets), "items": len(got), "flag": flag,
+                             "recall_rest": len(got & rest) / len(rest) if rest else None}
             out[i] = rec
 
         await asyncio.gather(*(one(i, c) for i, c in enumerate(cases)))
@@ -447,6 +449,9 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
     diff = pers - plain
     m = len(ok)
     se = float(diff.std(ddof=1) / math.sqrt(m)) if m > 1 else float("nan")
+    rest = [(a["recall_rest"], b["recall_rest"]) for a, b in ok if a["recall_rest"] is not None]
+    rest_diff = np.asarray([y - x for x, y in rest], dtype=np.float64)
+    rest_se = float(rest_diff.std(ddof=1) / math.sqrt(len(rest))) if len(rest) > 1 else float("nan")
     return {
         "users": len(cases), "scored": m, "errors": errors,
         "recall_plain": float(plain.mean()) if m else None,
@@ -454,6 +459,11 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
         "diff_mean": float(diff.mean()) if m else None, "diff_se": se,
         "diff_ci95": [float(diff.mean() - 1.96 * se), float(diff.mean() + 1.96 * se)] if m > 1 else None,
         "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()), "losses": int((diff < 0).sum()),
+        # the same without the item the query was derived from (the rest of the next basket)
+        "rest": {"scored": len(rest),
+                 "recall_plain": float(np.mean([x for x, _ in rest])) if rest else None,
+                 "recall_personalized": float(np.mean([y for _, y in rest])) if rest else None,
+                 "diff_mean": float(rest_diff.mean()) if rest else None, "diff_se": rest_se},
         "hit_rate_plain": float((plain > 0).mean()) if m else None,
         "hit_rate_personalized": float((pers > 0).mean()) if m else None,
         "mean_items_plain": float(np.mean([a["items"] for a, _ in ok])) if m else None,
@@ -501,6 +511,12 @@ def print_report(res: dict[str, Any], ks: Sequence[int] = KS, file=sys.stdout) -
               f"wins/ties/losses {nb['wins']}/{nb['ties']}/{nb['losses']}; "
               f"hit rate {_fmt(nb['hit_rate_plain'])} -> {_fmt(nb['hit_rate_personalized'])} "
               f"-> {'MET' if nb['target']['met'] else 'NOT met'}", file=file)
+        r = nb["rest"]
+        if r["scored"]:
+            print(f"  without the query's own item ({r['scored']} users): recall plain {_fmt(r['recall_plain'])}, "
+                  f"personalized {_fmt(r['recall_personalized'])}, diff {r['diff_mean']:+.4f} "
+                  f"(se {r['diff_se']:.4f}); returned items plain {nb['mean_items_plain']:.1f}, "
+                  f"personalized {nb['mean_items_personalized']:.1f}", file=file)
 
 
 def plot(res: dict[str, Any], path: Path, ks: Sequence[int] = KS) -> None:
