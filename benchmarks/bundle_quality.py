@@ -25,7 +25,7 @@
    train items of the anchor's department, anchor excluded), ``popularity_global``. Popularity = train baskets
    containing the item. A method with no candidate for an anchor scores 0 for it (counted in ``pairs_empty``,
    distinct anchors in ``anchors_empty``); ``recall_covered`` averages over the pairs where it had candidates.
-   ``complements_basket_level`` (diagnostic): the same mining with basket-level evidence
+   ``complements_user_level`` (diagnostic): the same mining with user-level evidence
    (``--basket-level-evidence`` in the build), to show what the user-level unit costs or buys.
 
 2. **Next-basket personalization** (``--target``). Users with >= 3 orders (whole orders.csv): the last order
@@ -57,7 +57,7 @@ import numpy as np
 
 KS = (3, 5, 10)
 VARIANTS = ("other_aisle", "all")
-METHODS = ("complements", "cooccurrence", "popularity_department", "popularity_global", "complements_basket_level")
+METHODS = ("complements", "cooccurrence", "popularity_department", "popularity_global", "complements_user_level")
 SALT = "bundle-quality"
 TARGET_RATIO = 1.5  # issue 5: complements Recall@5 >= 1.5 x popularity-within-department
 
@@ -313,7 +313,7 @@ def build_defaults() -> dict[str, Any]:
     from bundlerec_export.build import BuildConfig
 
     f = {x.name: x.default for x in dataclasses.fields(BuildConfig)}
-    return {k: f[k] for k in ("min_support", "top_k", "shrinkage", "user_level_evidence")}
+    return {k: f[k] for k in ("min_support", "top_k", "shrinkage", "user_level_evidence", "min_users")}
 
 
 def run_completion(data: Data, test_pct: float, ks: Sequence[int] = KS, salt: str = SALT) -> dict[str, Any]:
@@ -332,10 +332,12 @@ def run_completion(data: Data, test_pct: float, ks: Sequence[int] = KS, salt: st
     test_b = [[row[p] for p in o.items] for o in test]
     d = build_defaults()
     users = [o.user_id for o in train] if d["user_level_evidence"] else None
+    support_users = [o.user_id for o in train]
     comp, stats = cmp.mine_cooccurrence(train_b, n, aisles, users=users, min_support=d["min_support"],
-                                        top_k=d["top_k"], shrinkage=d["shrinkage"])
-    # diagnostic: the same mining with basket-level evidence (the build's --basket-level-evidence)
-    comp_b, stats_b = cmp.mine_cooccurrence(train_b, n, aisles, users=None, min_support=d["min_support"],
+                                        top_k=d["top_k"], shrinkage=d["shrinkage"], support_users=support_users,
+                                        min_users=d["min_users"])
+    # diagnostic: the same mining with user-level evidence (the build's --user-level-evidence)
+    comp_b, stats_b = cmp.mine_cooccurrence(train_b, n, aisles, users=support_users, min_support=d["min_support"],
                                             top_k=d["top_k"], shrinkage=d["shrinkage"])
     t_mine = time.perf_counter() - t0
     counts = cmp.item_counts(train_b, n)
@@ -348,7 +350,7 @@ def run_completion(data: Data, test_pct: float, ks: Sequence[int] = KS, salt: st
             "cooccurrence": cooccurrence_ranker(train_b, counts, aisles, cross, kmax),
             "popularity_department": popularity_ranker(counts, departments, aisles, cross, kmax),
             "popularity_global": popularity_ranker(counts, None, aisles, cross, kmax),
-            "complements_basket_level": complements_ranker(comp_b),
+            "complements_user_level": complements_ranker(comp_b),
         }
         results[variant] = evaluate_completion(test_b, rankers, aisles, variant, ks)
     train_items = set(np.flatnonzero(counts).tolist())
@@ -362,7 +364,7 @@ def run_completion(data: Data, test_pct: float, ks: Sequence[int] = KS, salt: st
         "complement_settings": {**d, "category": "aisle", "cross_category_only": True, "method": stats.method,
                                 "evidence_unit": stats.unit, "evidence_units": stats.units,
                                 "pairs": stats.pairs, "anchors_with_complements": stats.anchors,
-                                "basket_level_diagnostic": {"pairs": stats_b.pairs, "anchors": stats_b.anchors}},
+                                "user_level_diagnostic": {"pairs": stats_b.pairs, "anchors": stats_b.anchors}},
         "catalog_items": n,
         "variants": results,
         "target": {"rule": f"complements Recall@5 >= {TARGET_RATIO} x popularity_department (other_aisle)",

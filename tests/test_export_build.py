@@ -63,6 +63,9 @@ def test_manifest_checksums_and_agreement(artifact):
     assert m["dataset"] == "instacart" and m["artifact_version"].startswith("instacart-")
     assert m["item_count"] == len(ItemTable.read(artifact / ITEMS)) == 300
     assert m["embedding_dim"] == 32
+    ef = m["index"]["ef_recall"]
+    assert m["index"]["ef_search"] >= 64 and all(0.0 <= row["recall"] <= 1.0 for row in ef["table"])
+    assert any(row["ef"] == m["index"]["ef_search"] for row in ef["table"]) or m["index"]["ef_search"] == 64
     assert [Path(s["path"]).name for s in m["sources"]] == ["products.csv", "orders.csv", "order_items.csv"]
     assert all(len(s["sha256"]) == 64 and s["rows"] > 0 for s in m["sources"])
     int8 = m["models"]["int8"]["cosine_to_fp32"]
@@ -79,7 +82,7 @@ def test_manifest_checksums_and_agreement(artifact):
     assert (enc["pooling"], enc["normalize"], enc["max_query_tokens"], enc["max_item_tokens"]) == ("mean", True, 64, 128)
     assert enc["fine_tuned"] is False and enc["item_variant"] == "fp32"
     assert m["index"]["space"] == "cosine" and m["index"]["M"] == 16 and m["index"]["ef_search"] == 64
-    assert m["complements"]["from_orders"] is True and m["complements"]["min_support"] == 3
+    assert m["complements"]["from_orders"] is True and m["complements"]["min_support"] == 2 and m["complements"]["min_users"] == 2
     assert m["lexical"]["tokenize"]["stemmer"]["algorithm"] == "english"
     assert set(m["timings_s"]) >= {"load", "export_fp32", "quantize_int8", "embed", "index", "complements", "total"}
     assert artifact.stat().st_mode & 0o055 == 0o055  # readable by the server's user, not 0700 like mkdtemp
@@ -117,7 +120,7 @@ def test_items_and_complements_round_trip(artifact, tmp_path):
     comp = Complements.read(artifact / COMPLEMENTS)
     assert len(comp.indptr) == len(items) + 1 and comp.indptr[-1] == len(comp.indices) > 0
     assert np.all((comp.strength >= 0) & (comp.strength <= 1)) and comp.strength.max() == pytest.approx(1.0)
-    assert np.all(comp.support >= 3)
+    assert np.all(comp.support >= 2)
     for row in range(len(items)):
         idx, strength, _ = comp.of(row)
         assert row not in idx.tolist()

@@ -45,7 +45,7 @@ def test_npmi_hand_computed():
 
 
 def test_min_support_and_cross_category():
-    comp, stats = mine_cooccurrence(BASKETS, 5, CATS, min_support=3, top_k=20)
+    comp, stats = mine_cooccurrence(BASKETS, 5, CATS, min_support=3, top_k=20, shrinkage=5.0)
     # (0,2) is same-category (dairy), (0,3) has support 2 < 3: only 0 <-> 1 survives
     idx, strength, support = comp.of(0)
     assert idx.tolist() == [1] and support.tolist() == [4] and strength.tolist() == [1.0]
@@ -56,7 +56,7 @@ def test_min_support_and_cross_category():
 
 
 def test_ranking_and_normalisation_without_categories():
-    comp, _ = mine_cooccurrence(BASKETS, 5, None, min_support=2, top_k=20)
+    comp, _ = mine_cooccurrence(BASKETS, 5, None, min_support=2, top_k=20, shrinkage=5.0)
     idx, strength, support = comp.of(0)
     s01, s02, s03 = shrunk_npmi(4, 9, 4, 10), shrunk_npmi(3, 9, 3, 10), shrunk_npmi(2, 9, 2, 10)
     assert idx.tolist() == [1, 2, 3]
@@ -64,19 +64,19 @@ def test_ranking_and_normalisation_without_categories():
     np.testing.assert_allclose(strength, [1.0, s02 / s01, s03 / s01], rtol=1e-6)
     assert comp.strength.dtype == np.float32 and comp.indices.dtype == np.int32 and comp.indptr.dtype == np.int64
     # top_k keeps the best only
-    top1, _ = mine_cooccurrence(BASKETS, 5, None, min_support=2, top_k=1)
+    top1, _ = mine_cooccurrence(BASKETS, 5, None, min_support=2, top_k=1, shrinkage=5.0)
     assert top1.of(0)[0].tolist() == [1]
 
 
 def test_unknown_category_is_allowed():
     cats = ["dairy", "dairy", "", "x", "y"]
-    comp, _ = mine_cooccurrence(BASKETS, 5, cats, min_support=3)
+    comp, _ = mine_cooccurrence(BASKETS, 5, cats, min_support=3, shrinkage=5.0)
     assert comp.of(0)[0].tolist() == [2]  # 1 is same category; 2 has none
 
 
 def test_negative_association_dropped():
     baskets = [[5, 6]] * 3 + [[5]] * 10 + [[6]] * 10 + [[0]] * 3
-    comp, stats = mine_cooccurrence(baskets, 7, None, min_support=3)
+    comp, stats = mine_cooccurrence(baskets, 7, None, min_support=3, shrinkage=5.0)
     assert stats.pairs == 0 and len(comp.indices) == 0
 
 
@@ -119,17 +119,29 @@ def test_user_level_evidence():
     baskets = [[0, 1]] * 5 + [[0, 2]] * 3 + [[3]] * 3
     users = ["loyal"] * 5 + ["a", "b", "c"] + ["f", "g", ""]
     # baskets: N=11, c0=8, c1=5, c01=5 -> lift 11/8, npmi 0.404, x 5/10; c02=3 -> npmi 0.245, x 3/8
-    by_basket, _ = mine_cooccurrence(baskets, 4, None, min_support=3)
+    by_basket, _ = mine_cooccurrence(baskets, 4, None, min_support=3, shrinkage=5.0)
     idx, strength, _ = by_basket.of(0)
     assert idx.tolist() == [1, 2]  # 5 baskets of one person count as 5
     np.testing.assert_allclose(strength, [1.0, shrunk_npmi(3, 8, 3, 11) / shrunk_npmi(5, 8, 5, 11)], rtol=1e-6)
     # users: N=7 (loyal, a, b, c, f, g, the id-less basket), c0=4, c1=1, c01=1 < 3: dropped; c02=3 kept
-    by_user, stats = mine_cooccurrence(baskets, 4, None, users=users, min_support=3)
+    by_user, stats = mine_cooccurrence(baskets, 4, None, users=users, min_support=3, shrinkage=5.0)
     idx, strength, support = by_user.of(0)
     assert idx.tolist() == [2] and support.tolist() == [3] and strength.tolist() == [1.0]
     assert (stats.unit, stats.units) == ("users", 7)
     assert shrunk_npmi(3, 4, 3, 7) > 0 and by_user.of(2)[0].tolist() == [0]
     # the support column still reports baskets, also when the unit is users
     repeat = [[0, 2]] * 4 + [[0, 2]] * 2 + [[1]]
-    comp, _ = mine_cooccurrence(repeat, 3, None, users=["x"] * 4 + ["y", "z", "w"], min_support=3)
+    comp, _ = mine_cooccurrence(repeat, 3, None, users=["x"] * 4 + ["y", "z", "w"], min_support=3, shrinkage=5.0)
     assert comp.of(0)[2].tolist() == [6]
+
+
+def test_basket_evidence_needs_distinct_shoppers():
+    # "loyal" buys 0+1 together in 5 orders (one person); 0+2 are bought together by 3 different users
+    baskets = [[0, 1]] * 5 + [[0, 2]] * 3 + [[3]] * 3
+    users = ["loyal"] * 5 + ["a", "b", "c"] + ["f", "g", ""]
+    comp, stats = mine_cooccurrence(baskets, 4, None, min_support=3, support_users=users, min_users=2)
+    idx, _, support = comp.of(0)
+    assert idx.tolist() == [2] and support.tolist() == [3]  # one shopper's habit is not a complement
+    assert stats.unit == "baskets"
+    loose, _ = mine_cooccurrence(baskets, 4, None, min_support=3, support_users=users, min_users=1)
+    assert loose.of(0)[0].tolist() == [1, 2]

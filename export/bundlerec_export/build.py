@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 MAX_QUERY_TOKENS = 64
 MAX_ITEM_TOKENS = 128
+ANCHOR_POOL_K = 64  # the server retrieves this many anchor candidates (Settings.anchor_pool)
 
 
 class BuildError(Exception):
@@ -78,12 +79,14 @@ class BuildConfig:
     # hnswlib
     hnsw_m: int = 16
     ef_construction: int = 200
-    ef_search: int = 64
+    ef_search: int = 64  # the floor; the build raises it until recall@64 >= 0.98 (tune_ef)
+    tune_ef: bool = True
     # complements
-    min_support: int = 3
+    min_support: int = 2
     top_k: int = 20
-    shrinkage: float = 5.0
-    user_level_evidence: bool = True  # count co-occurrence once per user when baskets carry user ids
+    shrinkage: float = 50.0
+    user_level_evidence: bool = False  # count co-occurrence once per user (default: per basket, >= 2 users a pair)
+    min_users: int = 2
     related_band: tuple[float, float] = (0.45, 0.85)
     # bm25s lexical index
     lexical: bool = True
@@ -280,6 +283,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
 
     from bundlerec_server.encoder import Encoder
 
+    from . import index_tuning as it
     from .pertoken import quantize_per_token
 
     base_model = finetuned.path if finetuned is not None else (cfg.base_model or ox.default_base_model())
@@ -326,9 +330,17 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
     index = hnswlib.Index(space="cosine", dim=dim)
     index.init_index(max_elements=n, M=cfg.hnsw_m, ef_construction=cfg.ef_construction, random_seed=cfg.seed + 100)
     index.add_items(emb, np.arange(n), num_threads=cfg.threads or -1)
-    index.set_ef(cfg.ef_search)
     index.save_index(str(root / INDEX))
     t = _stage(timings, "index", t)
+    # --- ef_search: the smallest ef reaching the recall target on pseudo-queries embedded by the serving graph
+    qenc = Encoder(root / MODEL_FILES["int8_pertoken"], root / TOKENIZER, max_length=MAX_QUERY_TOKENS, provider="cpu",
+                   intra_op_threads=cfg.threads)
+    qvec = qenc.encode_many(it.pseudo_queries(titles, 300, seed=cfg.seed), batch_size=64)
+    del qenc
+    ef_table = it.recall_table(index, emb, qvec, k=ANCHOR_POOL_K)
+    ef_search = max(cfg.ef_search, it.choose_ef(ef_table)) if cfg.tune_ef else cfg.ef_search
+    index.set_ef(ef_search)
+    t = _stage(timings, "ef_recall", t)
 
     # --- complements + item quality
     rows_of = {it.id: i for i, it in enumerate(ds.items)}
@@ -337,13 +349,15 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
         baskets = [[rows_of[i] for i in b.items] for b in ds.baskets]
         counts = cmp.item_counts(baskets, n)
         users = [b.user_id for b in ds.baskets] if cfg.user_level_evidence else None
+        support_users = [b.user_id for b in ds.baskets]
         comps, stats = cmp.mine_cooccurrence(
             baskets, n, categories, users=users, min_support=cfg.min_support, top_k=cfg.top_k,
-            shrinkage=cfg.shrinkage,
+            shrinkage=cfg.shrinkage, support_users=support_users, min_users=cfg.min_users,
         )
         quality, q_method = cmp.popularity_quality(counts), cmp.POPULARITY_METHOD
         comp_info = {"method": stats.method, "min_support": cfg.min_support, "top_k": cfg.top_k,
-                     "shrinkage": cfg.shrinkage, "pairs": stats.pairs, "anchors": stats.anchors,
+                     "shrinkage": cfg.shrinkage, "min_users": 0 if cfg.user_level_evidence else cfg.min_users,
+                     "pairs": stats.pairs, "anchors": stats.anchors,
                      "baskets": stats.baskets, "evidence_unit": stats.unit, "evidence_units": stats.units,
                      "support": "baskets containing both", "from_orders": True,
                      "cross_category_only": ds.has_categories}
@@ -432,8 +446,10 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
         "models": models,
         "agreement": agreement_info,
         "index": {"library": "hnswlib", "file": INDEX, "space": "cosine", "dim": dim, "M": cfg.hnsw_m,
-                  "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search, "count": n,
-                  "labels": "row index"},
+                  "ef_construction": cfg.ef_construction, "ef_search": ef_search, "count": n,
+                  "labels": "row index",
+                  "ef_recall": {"k": ANCHOR_POOL_K, "queries": len(qvec), "target": 0.98, "table": ef_table,
+                                "method": "pseudo-queries (first two title words) embedded with int8_pertoken vs exact search"}},
         "complements": comp_info,
         "quality": q_info,
         "lexical": lexical,

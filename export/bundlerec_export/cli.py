@@ -36,11 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="keep only the first N items")
     p.add_argument("--min-int8-cosine", type=float, default=0.98, help="fail below this int8 mean cosine to fp32")
     p.add_argument("--agreement-sample", type=int, default=200, help="titles used to measure agreement")
-    p.add_argument("--min-support", type=int, default=3, help="baskets a complement pair needs")
+    p.add_argument("--min-support", type=int, default=2, help="baskets a complement pair needs")
     p.add_argument("--top-k", type=int, default=20, help="complements kept per item")
-    p.add_argument("--shrinkage", type=float, default=5.0, help="NPMI shrinkage: score *= c/(c+shrinkage)")
-    p.add_argument("--basket-level-evidence", action="store_true",
-                   help="count co-occurrence per basket, not once per user (default: per user when known)")
+    p.add_argument("--shrinkage", type=float, default=50.0, help="NPMI shrinkage: score *= c/(c+shrinkage)")
+    p.add_argument("--min-users", type=int, default=2, help="distinct shoppers a complement pair needs (basket evidence)")
+    p.add_argument("--user-level-evidence", action="store_true",
+                   help="count co-occurrence once per user instead of per basket")
     p.add_argument("--related-band", type=float, nargs=2, default=(0.45, 0.85), metavar=("LO", "HI"),
                    help="cosine band of content-based related items (datasets without baskets)")
     p.add_argument("--ef-search", type=int, default=64)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset=args.dataset, out=args.out, data_dir=args.data_dir, catalog=args.catalog, orders=args.orders,
         base_model=args.base_model, limit=args.limit, min_int8_cosine=args.min_int8_cosine,
         agreement_sample=args.agreement_sample, min_support=args.min_support, top_k=args.top_k,
-        shrinkage=args.shrinkage, user_level_evidence=not args.basket_level_evidence, related_band=tuple(args.related_band), ef_search=args.ef_search,
+        shrinkage=args.shrinkage, user_level_evidence=args.user_level_evidence, min_users=args.min_users, related_band=tuple(args.related_band), ef_search=args.ef_search,
         embed_batch_size=args.batch_size, threads=args.threads, lexical=not args.no_lexical,
         progress=not args.no_progress and not args.quiet, finetune_judgments=judgments,
         finetune_epochs=args.finetune_epochs, finetune_cache=args.finetune_cache,
