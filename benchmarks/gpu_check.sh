@@ -12,13 +12,13 @@
 #   mkdir -p .gpuart/model && cp artifacts/demo/model/{fp16.onnx,tokenizer.json} .gpuart/model/
 #   (the server verifies checksums of the files it finds listed: start it with --no-verify-checksums for this
 #    partial copy; fp32/int8 graphs are left behind to fit the 64 MiB transfer limit)
-# Run THERE through the device tool: command "bash benchmarks/gpu_check.sh", carry [".whl", ".gpuart"].
+# Run THERE through the device tool: command "bash benchmarks/gpu_check.sh",
+#   carry [".whl", ".gpuart", "client/bundlerec/v1"] (the generated stubs are gitignored, so they must be carried).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl/*.tar.gz 2>&1 | tail -3 || true
 export PYTHONPATH=/tmp/site:$PWD/client:$PWD/server:$PWD
-python3 -m grpc_tools.protoc --version >/dev/null 2>&1 || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 - <<'PY'
 import onnxruntime as ort, sys
