@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import load
-from .sweep import ServerProcess, find_real_server, free_port
+from .sweep import start_real_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     queries = load.load_queries(None)
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    argv_srv = [find_real_server("bundlerec-server"), "--artifact", str(args.artifact), "--port", str(port),
-                "--host", "127.0.0.1", *args.server_args.split()]
+    server, target = start_real_server(args.artifact, args.out, args.server_args)
     phases = [("steady R", args.rps), ("overload 2R", 2 * args.rps), ("recovery R/2", args.rps / 2)]
     results = []
-    with ServerProcess("real", argv_srv, args.out / "server.log") as srv:
+    with server as srv:
         load.wait_for_health(target, 120, alive=srv.alive)
         load.run_rate(target, 20, 2, queries, procs=args.procs, seed=99)  # warm-up, discarded
         for i, (name, rate) in enumerate(phases):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import load
-from .sweep import ServerProcess, find_real_server, free_port
+from .sweep import start_real_server
 
 
 def rss_mb(pid: int) -> float:
@@ -39,13 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     queries = load.load_queries(None)
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    argv_srv = [find_real_server("bundlerec-server"), "--artifact", str(args.artifact), "--port", str(port),
-                "--host", "127.0.0.1", *args.server_args.split()]
+    server, target = start_real_server(args.artifact, args.out, args.server_args)
     samples: list[tuple[float, float]] = []
     minutes: list[dict] = []
-    with ServerProcess("real", argv_srv, args.out / "server.log") as srv:
+    with server as srv:
         load.wait_for_health(target, 120, alive=srv.alive)
         t0 = time.monotonic()
         stop = threading.Event()

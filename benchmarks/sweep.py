@@ -76,6 +76,14 @@ class ServerProcess:
             return ""
 
 
+def start_real_server(artifact: Path, out: Path, extra_args: str = "") -> tuple[ServerProcess, str]:
+    """A ``bundlerec-server`` subprocess on a free loopback port (enter the returned context to start it)."""
+    port = free_port()
+    argv = [find_real_server("bundlerec-server"), "--artifact", str(artifact), "--port", str(port),
+            "--host", "127.0.0.1", *extra_args.split()]
+    return ServerProcess("real", argv, out / "server.log"), f"127.0.0.1:{port}"
+
+
 def get_info(target: str) -> dict[str, Any]:
     import grpc
     from google.protobuf.json_format import MessageToDict

@@ -105,46 +105,44 @@ class _Base:
         return self.timeout if timeout is None else timeout
 
 
-class RecommendStream:
-    """Iterator over the bundles of one Recommend call; :attr:`summary` is set once the stream has ended."""
-
+class _Stream:
     def __init__(self, call) -> None:
         self._call = call
         self.summary: pb.StreamSummary | None = None
+
+    def _bundle(self, msg: pb.RecommendResponse) -> pb.Bundle | None:
+        """The bundle of a message, or None for the final summary (which it records)."""
+        if msg.HasField("bundle"):
+            return msg.bundle
+        self.summary = msg.summary
+        return None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class RecommendStream(_Stream):
+    """Iterator over the bundles of one Recommend call; :attr:`summary` is set once the stream has ended."""
 
     def __iter__(self) -> Iterator[pb.Bundle]:
         try:
             for msg in self._call:
-                if msg.HasField("bundle"):
-                    yield msg.bundle
-                else:
-                    self.summary = msg.summary
+                if (bundle := self._bundle(msg)) is not None:
+                    yield bundle
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def cancel(self) -> None:
-        self._call.cancel()
 
-
-class AsyncRecommendStream:
+class AsyncRecommendStream(_Stream):
     """Async iterator over the bundles of one Recommend call; :attr:`summary` is set once it has ended."""
-
-    def __init__(self, call) -> None:
-        self._call = call
-        self.summary: pb.StreamSummary | None = None
 
     async def __aiter__(self) -> AsyncIterator[pb.Bundle]:
         try:
             async for msg in self._call:
-                if msg.HasField("bundle"):
-                    yield msg.bundle
-                else:
-                    self.summary = msg.summary
+                if (bundle := self._bundle(msg)) is not None:
+                    yield bundle
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class Client(_Base):
