@@ -181,3 +181,29 @@ def test_sigterm_drains_in_flight_streams(tiny_artifact):
     assert broken == []
     assert all(code in ("UNAVAILABLE", "CANCELLED") for code, _, _ in refused)
     assert "draining" in proc.output()
+
+
+def test_workers_share_one_port_and_events(tiny_artifact, tmp_path):
+    """--workers 2: two processes behind one port (SO_REUSEPORT); an event recorded through either
+    personalises calls served by both; SIGTERM drains and stops them all."""
+    from conftest import free_port
+
+    port = free_port()
+    proc = ServerProcess(tiny_artifact, "--workers", "2", "--events-db", str(tmp_path / "ev.sqlite3"), port=port).wait_serving()
+    try:
+        with Client(proc.target) as c:
+            item = c.search("organic", 1)[0].item_id
+            assert c.record_events([pb.Event(user_id="multi", item_id=item, type=pb.EVENT_TYPE_PURCHASE)]).accepted == 1
+        personalized = []
+        for _ in range(8):  # new channels: connections land on either worker
+            with Client(proc.target) as c:
+                s = c.recommend("snacks", user_id="multi")
+                list(s)
+                personalized.append(s.summary.personalized)
+        assert all(personalized)
+        import subprocess
+
+        pids = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(pids) == 2
+    finally:
+        assert proc.stop() == 0

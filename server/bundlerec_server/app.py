@@ -103,7 +103,8 @@ async def create_server(settings: Settings) -> App:
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     if settings.events_db:
-        runtime.events = EventStore(settings.events_db, recent_per_user=settings.recent_events_per_user)
+        runtime.events = EventStore(settings.events_db, recent_per_user=settings.recent_events_per_user,
+                                    shared=settings.shared_events)
         await runtime.events.start()
     app = App(server, port, runtime, health_servicer)
     await app.set_serving(False)

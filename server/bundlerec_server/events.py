@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -46,8 +47,10 @@ class EventRecord:
 
 
 class EventStore:
-    def __init__(self, path: Path, recent_per_user: int = 20, max_users: int = 100_000) -> None:
+    def __init__(self, path: Path, recent_per_user: int = 20, max_users: int = 100_000, shared: bool = False) -> None:
         self.path = Path(path)
+        self.shared = shared
+        self._local = threading.local()
         self.recent_per_user = recent_per_user
         self.max_users = max_users
         self._recent: OrderedDict[str, deque[str]] = OrderedDict()
@@ -114,9 +117,25 @@ class EventStore:
             self._remember(e.user_id, e.item_id)
 
     async def recent_items(self, user_id: str) -> list[str]:
-        """The user's most recent distinct item ids, newest first (empty for an unknown user)."""
+        """The user's most recent distinct item ids, newest first (empty for an unknown user).
+
+        Single process: from memory. Several workers on one file (``shared``): from SQLite, so an event
+        recorded through one worker personalises calls served by any other."""
+        if self.shared:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self._read_recent, user_id)
         recent = self._recent.get(user_id)
         return list(reversed(recent)) if recent else []
+
+    def _read_recent(self, user_id: str) -> list[str]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        rows = conn.execute(
+            "SELECT item_id FROM events WHERE user_id = ? GROUP BY item_id ORDER BY MAX(ts_ms) DESC, MAX(id) DESC LIMIT ?",
+            (user_id, self.recent_per_user),
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def count(self) -> int:
         return self._writer.submit(lambda: self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]).result()

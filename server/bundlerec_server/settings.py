@@ -27,6 +27,7 @@ class Settings:
     # --- network
     host: str = field(default="[::]", metadata={"help": "address to bind"})
     port: int = field(default=50051, metadata={"help": "port to bind (0 = any free port)"})
+    workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT); >1 needs a fixed port"})
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "max gRPC message size, both directions"})
     tls_cert: Path | None = field(default=None, metadata={"help": "server certificate chain (PEM): enables TLS"})
     tls_key: Path | None = field(default=None, metadata={"help": "server private key (PEM)"})
@@ -54,6 +55,7 @@ class Settings:
     max_queue: int = field(default=64, metadata={"help": "calls allowed to wait for a slot; beyond it RESOURCE_EXHAUSTED at once"})
     # --- events & reload
     events_db: Path | None = field(default=None, metadata={"help": "SQLite file for RecordEvents (WAL); unset disables events"})
+    shared_events: bool = field(default=False, metadata={"help": "read users' recent events from SQLite (set for each of several workers)"})
     max_events_per_call: int = field(default=10_000, metadata={"help": "most events in one RecordEvents call"})
     recent_events_per_user: int = field(default=20, metadata={"help": "recent items per user blended into Recommend"})
     watch_interval_s: float = field(default=0.0, metadata={"help": "poll the artifact's manifest this often and hot-reload a new version (0 = only on SIGHUP)"})
@@ -149,6 +151,10 @@ class Settings:
         for name in ("encode_workers", "max_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.workers < 1:
+            problems.append("workers must be >= 1")
+        if self.workers > 1 and self.port == 0:
+            problems.append("workers > 1 share one port through SO_REUSEPORT: give a fixed --port")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
