@@ -45,13 +45,15 @@ class MicroBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._workers = workers
         self._task: asyncio.Task | None = None
+        self._retired = False
         self.encoded = 0  # texts that went through encode_fn
         self.dropped = 0  # texts whose caller was gone before their batch started
         self.batches = 0
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self._workers)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._workers)
         self._task = asyncio.create_task(self._dispatch(), name="micro-batcher")
 
     async def stop(self) -> None:
@@ -66,8 +68,18 @@ class MicroBatcher:
                 fut.cancel()
         self._queue.clear()
 
+    def retire(self) -> None:
+        """No longer the current engine's batcher: the dispatcher exits once idle (a late submit restarts it)."""
+        self._retired = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def submit(self, text: str) -> np.ndarray:
-        if self._task is None:
+        if not self.running:
             self.start()
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((text, fut))
@@ -88,6 +100,8 @@ class MicroBatcher:
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._retired and not self._queue:
+                return  # idle and replaced: let the old engine be garbage-collected
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:

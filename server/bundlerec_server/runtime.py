@@ -38,8 +38,6 @@ class Runtime:
         self.events = None  # an EventStore when configured
         self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
-        self._batchers: dict[Engine, MicroBatcher] = {}
-        self._retired: list[MicroBatcher] = []  # batchers of replaced engines, kept for calls still on them
 
     @property
     def ready(self) -> bool:
@@ -64,12 +62,10 @@ class Runtime:
             engine.encoder.encode, self.pool, max_batch=batch, max_wait_s=self.settings.max_batch_wait_ms / 1000,
             workers=self.settings.encode_workers,
         )
+        engine.batcher = batcher  # calls still holding an old engine keep using its batcher
         old, self._engine = self._engine, engine
-        old_batcher, self._batchers[engine] = self._batchers.get(old), batcher
-        if old is not None:
-            self._batchers.pop(old, None)
-            if old_batcher is not None:
-                self._retired.append(old_batcher)
+        if old is not None and getattr(old, "batcher", None) is not None:
+            old.batcher.retire()  # its task ends once idle, so the old engine can be freed
         if not engine.batch_exact and self.settings.max_batch > 1:
             logger.warning("encoder graph %s is not batch-exact: micro-batching disabled (one query per run)", engine.variant)
         return old
@@ -77,7 +73,7 @@ class Runtime:
     async def encode(self, engine: Engine, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
         """Embeds one query through the engine's micro-batcher; OutOfTime if the deadline comes first
         (the query is then dropped from the queue if its batch has not started: no encoder work)."""
-        batcher = self._batchers.get(engine) or next(b for b in self._retired if b.encode_fn == engine.encoder.encode)
+        batcher = engine.batcher
         left = time_left() if time_left else None
         if left is None:
             return await batcher.submit(text)
@@ -108,6 +104,6 @@ class Runtime:
             return True
 
     async def close(self) -> None:
-        for batcher in [*self._batchers.values(), *self._retired]:
-            await batcher.stop()
+        if self._engine is not None and getattr(self._engine, "batcher", None) is not None:
+            await self._engine.batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
