@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,13 @@ class Engine:
         if self.lexical:
             self.lexical.search("warmup", 10)
 
-    def personalize(self, query_vec: np.ndarray, history_ids: list[str] | tuple[str, ...]) -> tuple[np.ndarray, Personalization]:
-        """Blends the mean embedding of known history items into the query vector (the seed's query/user fusion)."""
+    def personalize(
+        self, query_vec: np.ndarray, history_ids: Sequence[str], event_ids: Sequence[str] = ()
+    ) -> tuple[np.ndarray, Personalization]:
+        """Blends the mean embedding of known history items into the query vector (the seed's query/user fusion).
+
+        ``history_ids`` come from the request: unknown ones are reported. ``event_ids`` come from the user's
+        recorded events: items no longer in the catalog (after a reload) are skipped silently."""
         info = Personalization()
         for item_id in history_ids:
             row = self.catalog.row_of.get(item_id)
@@ -210,6 +216,7 @@ class Engine:
                 info.unknown_ids.append(item_id)
             else:
                 info.rows.append(row)
+        info.rows += [r for r in map(self.catalog.row_of.get, event_ids) if r is not None]
         if not info.rows or self.settings.history_weight <= 0:
             return query_vec, info
         hist = np.asarray(self.embeddings[info.rows], dtype=np.float32).mean(axis=0)

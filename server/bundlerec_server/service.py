@@ -71,14 +71,14 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
             q = convert.recommend_query(request, self.settings)
             engine = self.rt.engine()
             async with self.rt.admission.slot():
-                history = list(q.recent_item_ids)
+                from_events = []
                 if q.user_id and self.rt.events is not None:
-                    history += await self.rt.events.recent_items(q.user_id)
+                    from_events = await self.rt.events.recent_items(q.user_id)
                 try:
                     vec = None
                     if engine.needs_vector(engine.mode_for(q.mode)):
                         vec = await self.rt.encode(engine, q.query, time_left)
-                        vec, info = engine.personalize(vec, history)
+                        vec, info = engine.personalize(vec, q.recent_item_ids, from_events)
                     bundles = engine.recommend(q, vec)
                 except OutOfTime:
                     stop = Stop.DEADLINE
