@@ -235,3 +235,15 @@ def test_relevance_floor_means_no_match(tiny_artifact):
             assert len(c.search("买一双好穿的鞋子", 5)) == 5  # Search ranks without the floor
     finally:
         srv.stop()
+
+
+def test_query_over_the_token_limit_is_invalid(client, server):
+    limit = server.settings.max_query_tokens
+    long_query = "买" * (limit + 5)  # CJK: one token a character; under the character limit, over the token limit
+    assert len(long_query) <= server.settings.max_query_chars
+    with pytest.raises(BundleRecError) as info:
+        list(client.recommend(long_query))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in info.value.field_violations] == ["query"]
+    assert "tokens" in info.value.field_violations[0].description
+    assert client.search("买" * limit, 3)  # at the limit: served

@@ -51,6 +51,9 @@ class Encoder:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(max_length=max_length)
         self.tokenizer.no_padding()
+        self._counter = Tokenizer.from_file(str(tokenizer_path))  # untruncated: to enforce request limits
+        self._counter.no_truncation()
+        self._counter.no_padding()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -65,6 +68,10 @@ class Encoder:
         self._output_name = self.session.get_outputs()[0].name
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         logger.info("encoder %s on %s (max_length=%d, dim=%d)", self.model_path.name, self.provider, max_length, self.dim)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` without special tokens or truncation."""
+        return len(self._counter.encode(text, add_special_tokens=False).ids)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenises and right-pads to the longest text of the batch."""

@@ -20,7 +20,7 @@ from . import artifact as A
 from .bundling import rank_bundles
 from .domain import BundleOut, Filters, Hit, Mode, Personalization, RecommendQuery, SearchQuery
 from .encoder import CUDA, Encoder
-from .errors import Unsupported
+from .errors import InvalidRequest, Unsupported, Violation
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -302,6 +302,12 @@ class Engine:
         if mode is Mode.HYBRID:
             return self.hybrid(vec, text, k, filters, floor)
         return self.dense(vec, k, filters, floor)
+
+    def check_tokens(self, text: str, field: str = "query") -> None:
+        """INVALID_ARGUMENT when the query is longer than ``max_query_tokens`` encoder tokens."""
+        n = self.encoder.count_tokens(text)
+        if n > self.settings.max_query_tokens:
+            raise InvalidRequest([Violation(field, f"{n} tokens; at most {self.settings.max_query_tokens}")])
 
     def needs_vector(self, mode: Mode) -> bool:
         return mode is not Mode.LEXICAL

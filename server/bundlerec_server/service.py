@@ -70,6 +70,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         try:
             q = convert.recommend_query(request, self.settings)
             engine = self.rt.engine()
+            engine.check_tokens(q.query)
             async with self.rt.admission.slot():
                 from_events = []
                 if q.user_id and self.rt.events is not None:
@@ -113,6 +114,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         try:
             q = convert.search_query(request, self.settings)
             engine = self.rt.engine()
+            engine.check_tokens(q.query)
             async with self.rt.admission.slot():
                 vec = None
                 if engine.needs_vector(engine.mode_for(q.mode)):
