@@ -137,6 +137,7 @@ def test_typo_keeps_first_letter_and_short_words():
 
 def test_loss_decreases_on_toy_set(toy):
     import torch
+
     from bundlerec_export import finetune as ft
 
     j, p, model_dir = toy
@@ -195,11 +196,11 @@ def test_deterministic_with_fixed_seed(toy, trained, tmp_path):
 
 def test_output_folder_loads_and_exports(trained, tmp_path):
     import numpy as np
+
     from bundlerec_export import finetune as ft
     from bundlerec_export import onnx_export as ox
-    from bundlerec_server.encoder import Encoder
-
     from bundlerec_server.artifact import MODEL_FILES, TOKENIZER
+    from bundlerec_server.encoder import Encoder
 
     tok, model = ft.load_model(trained)
     fp32 = ox.export_fp32(trained, tmp_path / Path(MODEL_FILES["fp32"]).parent)
