@@ -178,6 +178,12 @@ class Engine:
         max_len = int(self.manifest.get("encoder", {}).get("max_query_tokens", 64))
         tok = self.root / A.TOKENIZER
         models = self.manifest.get("models", {})
+        if s.model_variant:
+            if s.model_variant not in models:
+                raise A.ArtifactError(f"{self.root}: no {s.model_variant} graph in this artifact")
+            enc = Encoder(self.root / A.MODEL_FILES[s.model_variant], tok, max_length=max_len, provider=s.provider,
+                          intra_op_threads=s.intra_op_threads)
+            return enc, s.model_variant
         if s.provider in ("auto", "cuda") and "fp16" in models:
             enc = Encoder(self.root / A.MODEL_FILES["fp16"], tok, max_length=max_len, provider=s.provider, intra_op_threads=s.intra_op_threads)
             if enc.provider == CUDA:

@@ -22,6 +22,7 @@ class Settings:
     # --- artifact & runtime
     artifact: Path = field(default=Path("artifacts/demo"), metadata={"help": "artifact folder to serve"})
     provider: str = field(default="auto", metadata={"help": "ONNX Runtime provider: auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    model_variant: str = field(default="", metadata={"help": "force an encoder graph: fp32, int8, int8_pertoken or fp16 ('' = best for the provider)"})
     intra_op_threads: int = field(default=0, metadata={"help": "ORT intra-op threads (0 = ORT default)"})
     verify_checksums: bool = field(default=True, metadata={"help": "verify every artifact file against the manifest at load"})
     # --- network
@@ -138,6 +139,8 @@ class Settings:
             problems.append(f"provider {self.provider!r} is not auto, cpu or cuda")
         if self.retrieval_mode not in ("", "dense", "lexical", "hybrid"):
             problems.append(f"retrieval_mode {self.retrieval_mode!r} is not dense, lexical or hybrid")
+        if self.model_variant not in ("", "fp32", "int8", "int8_pertoken", "fp16"):
+            problems.append(f"model_variant {self.model_variant!r} is not fp32, int8, int8_pertoken or fp16")
         if self.fusion not in ("", "rrf", "blend"):
             problems.append(f"fusion {self.fusion!r} is not rrf or blend")
         if self.fusion_alpha > 1.0:
