@@ -159,6 +159,11 @@ class Complements:
         lo, hi = self.indptr[row], self.indptr[row + 1]
         return self.indices[lo:hi], self.strength[lo:hi], self.support[lo:hi]
 
+    def top_strength(self, row: int) -> float:
+        """Strength of the row's strongest complement (0 when it has none)."""
+        lo, hi = self.indptr[row], self.indptr[row + 1]
+        return float(self.strength[lo]) if hi > lo else 0.0
+
     @classmethod
     def read(cls, path: Path) -> Complements:
         with np.load(path) as z:

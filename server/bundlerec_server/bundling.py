@@ -12,6 +12,7 @@ at most ``bonus`` (25 % by default).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from typing import Protocol
@@ -30,6 +31,8 @@ class CatalogView(Protocol):
 
 class ComplementView(Protocol):
     def of(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def top_strength(self, row: int) -> float: ...
 
 
 def item_allowed(row: int, catalog: CatalogView, filters: Filters) -> bool:
@@ -127,14 +130,19 @@ def rank_bundles(
     perfect complements, the remaining anchors are skipped (same result, less work).
     """
     bundles: list[BundleOut] = []
-    kth_best = -math.inf
+    best: list[float] = []  # min-heap of the max_bundles best scores so far
     for anchor in anchors:
-        if len(bundles) >= max_bundles and anchor.score * (1.0 + bonus) < kth_best:
-            break
+        if len(best) == max_bundles:
+            if anchor.score * (1.0 + bonus) < best[0]:
+                break  # no later anchor can beat the weakest kept bundle
+            if anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
+                continue  # not even this anchor's strongest complement would lift it enough
         bundle = make_bundle(anchor, catalog, complements, filters, items_per_bundle, bonus, min_strength)
         if bundle is not None:
             bundles.append(bundle)
-            if len(bundles) >= max_bundles:
-                kth_best = sorted((b.score for b in bundles), reverse=True)[max_bundles - 1]
+            if len(best) < max_bundles:
+                heapq.heappush(best, bundle.score)
+            elif bundle.score > best[0]:
+                heapq.heapreplace(best, bundle.score)
     bundles.sort(key=lambda b: -b.score)
     return bundles[:max_bundles]
