@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     judgments = _finetune_judgments(args)
     if judgments is not None and not judgments.is_file():
-        _parser().error(f"--finetune: {judgments} not found")
+        _parser().error(f"fine-tuning: {judgments} not found (give --finetune FILE, or --no-finetune)")
     if judgments is not None and args.base_model is not None:
         _parser().error("--base-model and fine-tuning exclude each other (add --no-finetune)")
 
