@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +395,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, timings: dict[str, fl
                 shutil.copyfile(finetuned.path / name, root / name)
     t = _stage(timings, "write", t)
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     models = {}
     for name in ("fp32", "int8", "int8_pertoken", "fp16"):
         a = agree[name]

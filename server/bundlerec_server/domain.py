@@ -6,13 +6,13 @@ import enum
 from dataclasses import dataclass, field
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     DENSE = "dense"
     LEXICAL = "lexical"
     HYBRID = "hybrid"
 
 
-class Stop(str, enum.Enum):
+class Stop(enum.StrEnum):
     COMPLETE = "complete"
     DEADLINE = "deadline"
     NO_MATCH = "no_match"

@@ -81,8 +81,9 @@ class Runtime:
         if budget <= 0:
             raise OutOfTime()
         try:
-            return await asyncio.wait_for(batcher.submit(text), timeout=budget)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(budget):  # no extra task, unlike wait_for
+                return await batcher.submit(text)
+        except TimeoutError:
             raise OutOfTime() from None
 
     async def reload(self, root: Path | None = None) -> bool:
