@@ -23,7 +23,7 @@ class Settings:
     artifact: Path = field(default=Path("artifacts/demo"), metadata={"help": "artifact folder to serve"})
     provider: str = field(default="auto", metadata={"help": "ONNX Runtime provider: auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
     model_variant: str = field(default="", metadata={"help": "force an encoder graph: fp32, int8, int8_pertoken or fp16 ('' = best for the provider)"})
-    intra_op_threads: int = field(default=0, metadata={"help": "ORT intra-op threads (0 = ORT default)"})
+    intra_op_threads: int = field(default=1, metadata={"help": "ORT intra-op threads per run (0 = ORT default); concurrency comes from encode_workers"})
     verify_checksums: bool = field(default=True, metadata={"help": "verify every artifact file against the manifest at load"})
     # --- network
     host: str = field(default="[::]", metadata={"help": "address to bind"})
