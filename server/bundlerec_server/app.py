@@ -92,7 +92,13 @@ async def create_server(settings: Settings) -> App:
     """Builds the server (not started, model not loaded); binds ``settings.port`` (0 = a free port)."""
     runtime = Runtime(settings)
     interceptors = [BearerTokenInterceptor(settings.token())] if settings.token() else []
-    server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
+    # gRPC core refuses calls beyond in-flight + queue + headroom (for health/GetInfo/events) before any
+    # Python runs: the cheapest possible shedding under extreme load; our own admission (with RetryInfo)
+    # sheds first in normal overload.
+    server = grpc.aio.server(
+        options=server_options(settings), interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_in_flight + settings.max_queue + 32,
+    )
     pb_grpc.add_BundleRecommenderServicer_to_server(BundleRecommenderServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
