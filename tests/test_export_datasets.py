@@ -62,49 +62,20 @@ def test_generic_jsonl(tmp_path):
     assert [(i.id, i.category, i.price) for i in ds.items] == [("7", "", 9.95), ("8", "light", None)]
 
 
-def test_missing_column_names_file_and_line(tmp_path):
-    cat = _write(tmp_path / "cat.csv", "id,name\n1,Hammer\n")
-    with pytest.raises(DatasetError, match=r"cat\.csv:1: missing column\(s\) title"):
-        load_dataset("csv", catalog=cat)
-
-
-def test_duplicate_id_names_both_lines(tmp_path):
-    cat = _write(tmp_path / "cat.csv", "id,title\n1,Hammer\n2,Saw\n1,Drill\n")
-    with pytest.raises(DatasetError, match=r"cat\.csv:4: duplicate item id '1' \(first seen on line 2\)"):
-        load_dataset("csv", catalog=cat)
-
-
-def test_duplicate_id_in_jsonl(tmp_path):
-    cat = _write(tmp_path / "cat.jsonl", '{"id": "a", "title": "x"}\n{"id": "a", "title": "y"}\n')
-    with pytest.raises(DatasetError, match=r"cat\.jsonl:2: duplicate item id 'a'"):
-        load_dataset("jsonl", catalog=cat)
-
-
-def test_jsonl_errors_name_line(tmp_path):
-    bad = _write(tmp_path / "bad.jsonl", '{"id": "a", "title": "x"}\n{not json}\n')
-    with pytest.raises(DatasetError, match=r"bad\.jsonl:2: invalid JSON"):
-        load_dataset("jsonl", catalog=bad)
-    nokey = _write(tmp_path / "nokey.jsonl", '{"id": "a", "title": "x"}\n\n{"id": "b"}\n')
-    with pytest.raises(DatasetError, match=r"nokey\.jsonl:3: missing key\(s\) title"):
-        load_dataset("jsonl", catalog=nokey)
-
-
-def test_bad_price_names_line(tmp_path):
-    cat = _write(tmp_path / "cat.csv", "id,title,price\n1,Hammer,3\n2,Saw,cheap\n")
-    with pytest.raises(DatasetError, match=r"cat\.csv:3: price 'cheap'"):
-        load_dataset("csv", catalog=cat)
-
-
-def test_empty_catalog(tmp_path):
-    only_header = _write(tmp_path / "cat.csv", "id,title\n")
-    with pytest.raises(DatasetError, match=r"cat\.csv: empty catalog"):
-        load_dataset("csv", catalog=only_header)
-    blank_titles = _write(tmp_path / "blank.csv", "id,title\n1,  \n")
-    with pytest.raises(DatasetError, match=r"blank\.csv: empty catalog"):
-        load_dataset("csv", catalog=blank_titles)
-    empty = _write(tmp_path / "empty.csv", "")
-    with pytest.raises(DatasetError, match=r"empty\.csv:1: empty file"):
-        load_dataset("csv", catalog=empty)
+@pytest.mark.parametrize(("name", "kind", "text", "message"), [
+    ("cat.csv", "csv", "id,name\n1,Hammer\n", r"cat\.csv:1: missing column\(s\) title"),
+    ("cat.csv", "csv", "id,title\n1,Hammer\n2,Saw\n1,Drill\n", r"cat\.csv:4: duplicate item id '1' \(first seen on line 2\)"),
+    ("cat.jsonl", "jsonl", '{"id": "a", "title": "x"}\n{"id": "a", "title": "y"}\n', r"cat\.jsonl:2: duplicate item id 'a'"),
+    ("bad.jsonl", "jsonl", '{"id": "a", "title": "x"}\n{not json}\n', r"bad\.jsonl:2: invalid JSON"),
+    ("nokey.jsonl", "jsonl", '{"id": "a", "title": "x"}\n\n{"id": "b"}\n', r"nokey\.jsonl:3: missing key\(s\) title"),
+    ("cat.csv", "csv", "id,title,price\n1,Hammer,3\n2,Saw,cheap\n", r"cat\.csv:3: price 'cheap'"),
+    ("cat.csv", "csv", "id,title\n", r"cat\.csv: empty catalog"),
+    ("blank.csv", "csv", "id,title\n1,  \n", r"blank\.csv: empty catalog"),
+    ("empty.csv", "csv", "", r"empty\.csv:1: empty file"),
+])
+def test_catalog_errors_name_file_and_line(tmp_path, name, kind, text, message):
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(kind, catalog=_write(tmp_path / name, text))
 
 
 def test_missing_files_and_columns_in_instacart(tmp_path):

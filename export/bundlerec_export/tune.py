@@ -11,10 +11,8 @@ blends by NDCG@10, and records the winner in ``manifest["serving"]`` (``default_
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +23,13 @@ RRF_KS = (20, 60)
 POOL = 100
 
 
-def read_judgments(path: Path) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = defaultdict(dict)
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            out[row["query"]][row["product_id"]] = float(row["relevance"])
-    return out
-
-
 def tune_serving(artifact: Path, judgments: Path, split: str = "dev", k: int = 10, progress: bool = True) -> dict[str, Any]:
     from bundlerec_server import artifact as A
     from bundlerec_server.domain import Filters, Mode
     from bundlerec_server.engine import Engine, Fusion, fuse
     from bundlerec_server.settings import Settings
 
-    from .finetune import _metrics_module
+    from .finetune import _metrics_module, read_judgments
 
     metrics = _metrics_module()
     settings = Settings(artifact=artifact, provider="cpu", verify_checksums=False, min_relevance=-1.0, anchor_pool=POOL)

@@ -137,9 +137,6 @@ class EventStore:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def count(self) -> int:
-        return self._writer.submit(lambda: self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]).result()
-
     async def close(self) -> None:
         def _close() -> None:
             if self._conn is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +35,6 @@ class Runtime:
         self.pool = ThreadPoolExecutor(max_workers=settings.encode_workers, thread_name_prefix="encode")
         self.admission = Admission(settings.max_in_flight, settings.max_queue)
         self.events = None  # an EventStore when configured
-        self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
 
     @property
