@@ -1,45 +1,93 @@
 #!/usr/bin/env bash
-# GPU check (issue 4): CUDA EP + fp16 graph + I/O binding, a short sweep, figures printed; < 8 minutes.
+# GPU check (issue 4): CUDA EP + fp16 graph + I/O binding, correctness against the artifact's fp32 catalog
+# embeddings, encoder timings, then a short open-loop sweep through the real server. < 8 minutes there.
 #
-# Prepare HERE (no network there), from the repo root:
-#   echo /.whl/ >> .git/info/exclude; echo /.gpuart/ >> .git/info/exclude
-#   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl"
-#   for pl in manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do P="$P --platform $pl"; done
-#   python3 -m pip download $P onnxruntime-gpu==1.31.1 hnswlib==0.8.0 grpcio-health-checking==1.85.1 \
-#       grpcio-reflection==1.85.1 grpcio-status==1.85.1 googleapis-common-protos bm25s PyStemmer
-#   (hnswlib has no wheel: download its sdist with --no-binary hnswlib instead; it builds there with pybind11)
-#   mkdir -p .gpuart && cp -r artifacts/demo/{manifest.json,items.jsonl,embeddings.npy,index.hnsw,complements.npz,lexical} .gpuart/
-#   mkdir -p .gpuart/model && cp artifacts/demo/model/{fp16.onnx,tokenizer.json} .gpuart/model/
-#   (the server verifies checksums of the files it finds listed: start it with --no-verify-checksums for this
-#    partial copy; fp32/int8 graphs are left behind to fit the 64 MiB transfer limit)
-# Run THERE through the device tool: command "bash benchmarks/gpu_check.sh",
-#   carry [".whl", ".gpuart", "client/bundlerec/v1"] (the generated stubs are gitignored, so they must be carried).
+# Prepare HERE with `bash benchmarks/gpu_stage.sh` (writes .gpu/1..N, one < 60 MiB part each: the machine takes
+# 64 MiB a call and has no network). THERE, through the device tool, on one warm machine:
+#   parts 1..N-1: command "bash benchmarks/gpu_check.sh stage", carry [".gpu/K"]   (copies the part aside)
+#   part N:       command "bash benchmarks/gpu_check.sh",       carry [".gpu/N"]   (assembles and runs)
+# Knobs: GPU_CHECK_PROVIDER=cpu runs the same flow on CPU (a dry run of the plumbing anywhere),
+#        WORKERS (server processes, default 8), PROCS (load processes, default 6), RATES.
 set -euo pipefail
+PARTS=/tmp/bundlerec-gpu-parts
+mkdir -p "$PARTS"
+cp .gpu/*/part.* "$PARTS"/ 2>/dev/null || true
+if [ "${1:-}" = stage ]; then ls -la "$PARTS"; exit 0; fi
+
 OUT=${OUT:-/tmp/gpu-check}
+PROVIDER=${GPU_CHECK_PROVIDER:-cuda}
+WORKERS=${WORKERS:-8}
+PROCS=${PROCS:-6}
+RATES=${RATES:-500,1000,2000,3000,4000}
+G=/tmp/bundlerec-gpu
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl/*.tar.gz 2>&1 | tail -3 || true
-export PYTHONPATH=/tmp/site:$PWD/client:$PWD/server:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 - <<'PY'
-import onnxruntime as ort, sys
+rm -rf "$G" && mkdir -p "$G"
+echo "== unpack $(ls "$PARTS" | wc -l) parts"
+cat "$PARTS"/part.* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$G', filter='tar')"
+mkdir -p client/bundlerec && rm -rf client/bundlerec/v1 && cp -r "$G/client/bundlerec/v1" client/bundlerec/
+SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
+if [ -d "$SP/nvidia" ]; then  # the image's CUDA 13 / cuDNN 9 pip packages, where ort.preload_dlls() looks
+  ln -sfn "$SP/nvidia" "$G/site/nvidia"
+  export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:${LD_LIBRARY_PATH:-}"
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$G/hnsw" "$G"/hnswlib-*.tar.gz 2>&1 | tail -2
+export PYTHONPATH="$G/site:$G/hnsw:$PWD/client:$PWD/server:$PWD" PYTHONUNBUFFERED=1
+ART="$G/.gpuart"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+nproc
+
+echo "== encoder"
+python3 - "$ART" "$PROVIDER" "$OUT" <<'PY'
+import json, statistics, sys, time
+import numpy as np
+import onnxruntime as ort
+from bundlerec_server.encoder import CUDA, Encoder
+art, provider, out = sys.argv[1:4]
 print("onnxruntime", ort.__version__, ort.get_available_providers())
-sys.path.insert(0, "server")
-from bundlerec_server.encoder import Encoder, CUDA
-enc = Encoder(".gpuart/model/fp16.onnx", ".gpuart/model/tokenizer.json", provider="cuda")
-assert enc.provider == CUDA, f"CUDA EP not in use: {enc.provider}"
-import time
-enc.warmup(10)
-for bs in (1, 8, 32):
-    texts = ["organic baby spinach"] * bs
-    t = time.perf_counter()
-    for _ in range(50): enc.encode(texts)
-    print(f"fp16 CUDA batch {bs}: {(time.perf_counter() - t) / 50 * 1000:.2f} ms")
+enc = Encoder(f"{art}/model/fp16.onnx", f"{art}/model/tokenizer.json", max_length=128, provider=provider)
+print("provider in use:", enc.provider)
+if provider == "cuda":
+    assert enc.provider == CUDA, f"CUDA EP not in use: {enc.provider}"
+titles = [json.loads(line)["title"] for line in open(f"{art}/items.jsonl")][:1024]
+ref = np.load(f"{art}/embeddings.npy", mmap_mode="r")[: len(titles)]
+got = enc.encode_many(titles, batch_size=64)
+cos = (got * ref).sum(axis=1)
+alone = np.stack([enc.encode([t])[0] for t in titles[:64]])
+batch_diff = float(np.abs(alone - got[:64]).max())
+print(f"fp16 {enc.provider} vs artifact fp32 catalog embeddings: mean cosine {cos.mean():.6f}, min {cos.min():.6f} "
+      f"(n={len(titles)}); max |alone - in batch| {batch_diff:.2e}")
+enc.warmup(20)
+timings = {}
+queries = ["organic baby spinach", "gluten free pasta sauce with basil", "sparkling water", "dark chocolate almond bar"]
+for bs in (1, 8, 32, 64):
+    texts = (queries * 16)[:bs]
+    runs = []
+    for _ in range(200):
+        t = time.perf_counter(); enc.encode(texts); runs.append((time.perf_counter() - t) * 1000)
+    runs.sort()
+    timings[bs] = {"p50_ms": statistics.median(runs), "p99_ms": runs[int(0.99 * len(runs)) - 1]}
+    print(f"fp16 {enc.provider} batch {bs:2d}: p50 {timings[bs]['p50_ms']:.3f} ms, p99 {timings[bs]['p99_ms']:.3f} ms "
+          f"({timings[bs]['p50_ms'] / bs:.3f} ms a query)")
+json.dump({"provider": enc.provider, "onnxruntime": ort.__version__, "cosine_mean": float(cos.mean()),
+           "cosine_min": float(cos.min()), "batch_max_abs_diff": batch_diff, "encode": timings},
+          open(f"{out}/gpu_encoder.json", "w"), indent=2)
 PY
+
+echo "== server: $WORKERS workers, provider $PROVIDER; load: $PROCS processes"
 PORT=50099
-python3 -m bundlerec_server --artifact .gpuart --no-verify-checksums --provider cuda --host 127.0.0.1 --port $PORT \
-  --encode-workers 4 --max-batch 32 --max-in-flight 256 --max-queue 512 > "$OUT/server.log" 2>&1 &
+python3 -m bundlerec_server --artifact "$ART" --provider "$PROVIDER" --host 127.0.0.1 --port $PORT --workers "$WORKERS" \
+  --encode-workers 2 --max-batch 32 --max-in-flight 256 --max-queue 512 > "$OUT/server.log" 2>&1 &
 SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
-python3 -m benchmarks.load --target 127.0.0.1:$PORT --sweep --rates 500,1000,2000,3000,4000 --duration 8 \
-  --p99-bound-ms 5 --procs 8 --json "$OUT/gpu_sweep.json" --plot "$OUT/gpu_sweep.png"
-grep -E "CUDA|provider|serving" "$OUT/server.log" | head -5
+trap 'kill -TERM $SERVER 2>/dev/null || true; sleep 2' EXIT
+python3 -m benchmarks.load --target 127.0.0.1:$PORT --sweep --rates "$RATES" --must-run "$RATES" --duration 8 \
+  --p99-bound-ms 5 --procs "$PROCS" --json "$OUT/gpu_sweep.json" --plot "$OUT/gpu_sweep.png" 2>&1 | grep -v "^WARNING"
+python3 -m bundlerec.cli --target 127.0.0.1:$PORT --json info > "$OUT/info.json"
+python3 - "$OUT/info.json" "$PROVIDER" <<'PY'
+import json, sys
+info = json.load(open(sys.argv[1]))
+text = json.dumps(info)
+print({k: v for k, v in info.items() if k in ("artifactVersion", "modelVariant", "executionProvider", "itemCount")} or text[:400])
+if sys.argv[2] == "cuda":
+    assert "CUDAExecutionProvider" in text, "server is not on the CUDA provider"
+PY
+grep -E "encoder|serving|ERROR|Traceback" "$OUT/server.log" | head -8

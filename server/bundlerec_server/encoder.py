@@ -26,6 +26,18 @@ def cuda_usable() -> bool:
     return CUDA in ort.get_available_providers() and os.path.exists("/dev/nvidiactl")
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """Loads CUDA/cuDNN from pip's ``nvidia`` packages beside onnxruntime (ORT >= 1.21; no-op otherwise), so the
+    CUDA provider finds them without LD_LIBRARY_PATH. Missing libraries surface as the CPU fallback below."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # noqa: BLE001 - best effort: ORT itself reports what is missing
+        logger.warning("could not preload CUDA libraries: %s", exc)
+
+
 class Encoder:
     """Mean-pooled, L2-normalised BERT embeddings from an ONNX graph.
 
@@ -62,6 +74,8 @@ class Encoder:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         providers = [CUDA, CPU] if provider == "cuda" or (provider == "auto" and cuda_usable()) else [CPU]
+        if CUDA in providers:
+            _preload_cuda_libraries(ort)
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self._input_names = {i.name for i in self.session.get_inputs()}
