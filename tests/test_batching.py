@@ -99,3 +99,41 @@ async def test_same_request_same_ranking_alone_and_under_concurrent_load(server)
         got = results[i]
         assert [h.item_id for h in got] == [h.item_id for h in alone]
         assert np.allclose([h.score for h in got], [h.score for h in alone], rtol=0, atol=1e-5)
+
+
+def test_fixed_shape_encoder_is_independent_of_batch_mates(tiny_artifact):
+    """The CUDA path's fixed (rows, max_length) runs, exercised on CPU: bit-identical alone or batched, chunked
+    past ``fixed_rows``, and equal (to float tolerance) to the unpadded encoding."""
+    from bundlerec_server.encoder import Encoder
+
+    model, tok = tiny_artifact / "model" / "fp32.onnx", tiny_artifact / "model" / "tokenizer.json"
+    fixed = Encoder(model, tok, max_length=32, fixed_rows=4)
+    plain = Encoder(model, tok, max_length=32)
+    texts = ["milk", "organic baby spinach leaves", "买一双好穿的鞋子", "a much longer query about pasta sauce with basil",
+             "eggs", "sparkling water", "dark chocolate", "bananas", "cheddar cheese"]
+    batched = fixed.encode(texts)  # 9 texts: three runs of 4 rows
+    alone = np.concatenate([fixed.encode([t]) for t in texts])
+    assert batched.shape == (len(texts), fixed.dim)
+    assert np.array_equal(batched, alone)
+    np.testing.assert_allclose(batched, plain.encode(texts), atol=1e-5)
+    cuda_only = Encoder(model, tok, max_length=32, fixed_rows=4, fixed_rows_on_cuda_only=True)
+    assert cuda_only.fixed_rows == 0  # on CPU the CUDA-only padding stays off
+
+
+def test_batch_exactness_is_measured_not_assumed(server):
+    """An encoder whose output shifts with batch size is detected, so micro-batching would be turned off."""
+    from bundlerec_server.engine import Engine
+
+    engine = server.app.runtime.engine()
+    assert engine.batch_exact  # the served per-token int8 graph passes the probe
+
+    class Drifting:
+        provider = "fake"
+
+        def encode(self, texts):
+            return np.full((len(texts), 4), 1.0 + 1e-3 * len(texts), dtype=np.float32)
+
+    class Probe:
+        variant, encoder = "fake", Drifting()
+
+    assert Engine.batch_exact.func(Probe()) is False

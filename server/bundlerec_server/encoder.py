@@ -54,6 +54,8 @@ class Encoder:
         max_length: int = 64,
         provider: str = "cpu",
         intra_op_threads: int = 0,
+        fixed_rows: int = 0,
+        fixed_rows_on_cuda_only: bool = False,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -81,16 +83,21 @@ class Encoder:
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_name = self.session.get_outputs()[0].name
         self.dim = int(self.session.get_outputs()[0].shape[-1])
+        # Fixed shapes: every run is (fixed_rows, max_length), padded with empty rows. The same shape means the
+        # same kernels, so a row's result cannot depend on its batch mates (GPU GEMMs pick tiling by shape).
+        use_fixed = fixed_rows > 0 and (self.provider == CUDA or not fixed_rows_on_cuda_only)
+        self.fixed_rows = fixed_rows if use_fixed else 0
         logger.info("encoder %s on %s (max_length=%d, dim=%d)", self.model_path.name, self.provider, max_length, self.dim)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` without special tokens or truncation."""
         return len(self._counter.encode(text, add_special_tokens=False).ids)
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Tokenises and right-pads to the longest text of the batch."""
-        encs = self.tokenizer.encode_batch(list(texts))
-        width = max(1, max(len(e.ids) for e in encs))
+    def tokenize(self, texts: Sequence[str], rows: int = 0, width: int = 0) -> dict[str, np.ndarray]:
+        """Tokenises and right-pads to the longest text of the batch (or to ``width``); ``rows`` > len(texts)
+        adds rows holding an empty text ([CLS] [SEP])."""
+        encs = self.tokenizer.encode_batch(list(texts) + [""] * max(0, rows - len(texts)))
+        width = width or max(1, max(len(e.ids) for e in encs))
         ids = np.zeros((len(encs), width), dtype=np.int64)
         mask = np.zeros((len(encs), width), dtype=np.int64)
         for row, enc in enumerate(encs):
@@ -106,12 +113,18 @@ class Encoder:
         """Embeds ``texts`` as one batch: float32 (len(texts), dim), rows L2-normalised."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        feeds = self.tokenize(texts)
+        if self.fixed_rows:
+            n = self.fixed_rows
+            return np.concatenate([self._encode(texts[i : i + n], rows=n, width=self.max_length) for i in range(0, len(texts), n)])
+        return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str], rows: int = 0, width: int = 0) -> np.ndarray:
+        feeds = self.tokenize(texts, rows=rows, width=width)
         if self.provider == CUDA:
             hidden = self._run_bound(feeds)
         else:
             hidden = self.session.run(None, feeds)[0]
-        return mean_pool_normalize(hidden.astype(np.float32, copy=False), feeds["attention_mask"])
+        return mean_pool_normalize(hidden.astype(np.float32, copy=False), feeds["attention_mask"])[: len(texts)]
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """CUDA: I/O binding, so inputs go to the device once and the output comes back once, without the

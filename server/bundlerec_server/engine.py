@@ -6,7 +6,9 @@ request that started on one version finishes on it.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +29,11 @@ logger = logging.getLogger(__name__)
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 CPU_PREFERENCE = ("int8_pertoken", "int8", "fp32")
-BATCH_EXACT = {"int8_pertoken", "fp32", "fp16"}
+# Probe for batch-exactness at load: each text alone vs all together (varied lengths, so padding differs).
+EXACTNESS_PROBE = (
+    "milk", "organic baby spinach", "gluten free whole wheat pasta sauce with basil and garlic",
+    "买一双好穿的鞋子", "sparkling water 🍋", "dark chocolate", "frozen pizza margherita extra cheese", "eggs",
+)
 BRUTE_FORCE_MAX_ROWS = 20_000  # restricted to categories this small, exact search beats over-fetching HNSW
 
 
@@ -104,6 +110,9 @@ class Lexical:
     """BM25 over titles (bm25s), tokenised exactly as at export time (settings from the manifest)."""
 
     def __init__(self, folder: Path, params: dict[str, Any]) -> None:
+        # bm25s probes JAX at import when it is installed; on a GPU host JAX would then take ~75 % of the GPU in
+        # every worker. Top-k runs on numpy here (backend_selection below), so keep any JAX on the CPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import bm25s
 
         self._bm25s = bm25s
@@ -123,7 +132,7 @@ class Lexical:
         if not tokens.vocab or all(len(t) == 0 for t in tokens.ids):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         k = min(k, self.retriever.scores["num_docs"])
-        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1, backend_selection="numpy")
         keep = scores[0] > 0
         return docs[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
 
@@ -173,7 +182,8 @@ class Engine:
 
     def _load_encoder(self) -> tuple[Encoder, str]:
         """fp16 on CUDA when a GPU is really usable; otherwise the best CPU graph the artifact has:
-        per-token int8 (batch-exact), then per-tensor dynamic int8 (served without batching), then fp32."""
+        per-token int8, then per-tensor dynamic int8, then fp32. Micro-batching is used only where the load-time
+        probe finds the graph batch-exact on this hardware (see batch_exact)."""
         s = self.settings
         max_len = int(self.manifest.get("encoder", {}).get("max_query_tokens", 64))
         tok = self.root / A.TOKENIZER
@@ -182,10 +192,11 @@ class Engine:
             if s.model_variant not in models:
                 raise A.ArtifactError(f"{self.root}: no {s.model_variant} graph in this artifact")
             enc = Encoder(self.root / A.MODEL_FILES[s.model_variant], tok, max_length=max_len, provider=s.provider,
-                          intra_op_threads=s.intra_op_threads)
+                          intra_op_threads=s.intra_op_threads, fixed_rows=s.max_batch, fixed_rows_on_cuda_only=True)
             return enc, s.model_variant
         if s.provider in ("auto", "cuda") and "fp16" in models:
-            enc = Encoder(self.root / A.MODEL_FILES["fp16"], tok, max_length=max_len, provider=s.provider, intra_op_threads=s.intra_op_threads)
+            enc = Encoder(self.root / A.MODEL_FILES["fp16"], tok, max_length=max_len, provider=s.provider,
+                          intra_op_threads=s.intra_op_threads, fixed_rows=s.max_batch, fixed_rows_on_cuda_only=True)
             if enc.provider == CUDA:
                 return enc, "fp16"
             if s.provider == "cuda":
@@ -194,10 +205,17 @@ class Engine:
         enc = Encoder(self.root / A.MODEL_FILES[variant], tok, max_length=max_len, provider="cpu", intra_op_threads=s.intra_op_threads)
         return enc, variant
 
-    @property
+    @functools.cached_property
     def batch_exact(self) -> bool:
-        """Whether a query's embedding is independent of its batch mates with the graph in use."""
-        return self.variant in BATCH_EXACT
+        """Whether a query's embedding is independent of its batch mates with this graph on this hardware:
+        measured, not assumed (each probe text alone vs all in one batch must agree bit for bit)."""
+        probe = list(EXACTNESS_PROBE)
+        together = self.encoder.encode(probe)
+        alone = np.concatenate([self.encoder.encode([t]) for t in probe])
+        exact = bool(np.array_equal(together, alone))
+        logger.info("encoder %s on %s is %sbatch-exact (max |alone - batched| %.2e)", self.variant,
+                    self.encoder.provider, "" if exact else "NOT ", float(np.abs(together - alone).max()))
+        return exact
 
     # --- pipeline -------------------------------------------------------------------------------
 
