@@ -20,7 +20,7 @@ for pl in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 many
 done
 python3 -m pip download -q $P onnxruntime-gpu==$ORT_VERSION grpcio==1.85.3 protobuf==7.36.2 \
   grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 grpcio-status==1.85.1 googleapis-common-protos==1.76.0 \
-  bm25s==0.3.16 PyStemmer==3.1.0
+  bm25s==0.3.16 PyStemmer==3.1.0 rapidfuzz==3.14.6
 python3 -m pip download -q --no-deps --no-binary hnswlib -d "$STAGE/payload" hnswlib==0.8.0
 for w in "$STAGE"/wheels/*.whl; do unzip -q -o "$w" -d "$STAGE/payload/site"; done  # a wheel is a zip: --target install
 rm -f "$STAGE"/payload/site/onnxruntime/capi/libonnxruntime_providers_tensorrt.so \

@@ -76,11 +76,14 @@ class ServerProcess:
             return ""
 
 
-def start_real_server(artifact: Path, out: Path, extra_args: str = "") -> tuple[ServerProcess, str]:
-    """A ``bundlerec-server`` subprocess on a free loopback port (enter the returned context to start it)."""
+def start_real_server(artifact: Path, out: Path, extra_args: str = "", cpus: str = "") -> tuple[ServerProcess, str]:
+    """A ``bundlerec-server`` subprocess on a free loopback port (enter the returned context to start it),
+    pinned to ``cpus`` (a taskset list) when given."""
     port = free_port()
     argv = [find_real_server("bundlerec-server"), "--artifact", str(artifact), "--port", str(port),
             "--host", "127.0.0.1", *extra_args.split()]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
     return ServerProcess("real", argv, out / "server.log"), f"127.0.0.1:{port}"
 
 

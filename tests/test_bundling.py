@@ -123,3 +123,27 @@ def test_fusion_rrf_and_blend():
     assert [h.row for h in blend] == [3, 4, 1, 2]
     assert blend[0].score == pytest.approx(0.75)
     assert [h.row for h in fuse(dense, lexical, Fusion("blend", alpha=1.0), 3)] == [1, 2, 3]
+
+
+def test_fusion_on_exact_scores_with_coverage():
+    from bundlerec_server.engine import Candidates, Fusion, fuse_scores
+
+    c = Candidates(
+        rows=np.array([2, 5, 7, 9]),
+        cosine=np.array([0.9, 0.5, 0.7, 0.5]),  # scaled: 1, 0, .5, 0
+        bm25=np.array([0.0, 10.0, 5.0, 0.0]),  # scaled: 0, 1, .5, 0
+        coverage=np.array([0.0, 1.0, 0.5, 0.5]),
+        quality=np.array([1.0, 1.0, 1.0, 0.5]),
+    )
+    # alpha .5, coverage 0: 2 -> .5, 5 -> .5, 7 -> .5, 9 -> 0; ties by row
+    assert [h.row for h in fuse_scores(c, Fusion("scores", alpha=0.5), 4)] == [2, 5, 7, 9]
+    # coverage 1: 2 -> .5, 5 -> 1.5, 7 -> 1.0, 9 -> (0 + .5) x quality .5 = .25
+    hits = fuse_scores(c, Fusion("scores", alpha=0.5, coverage=1.0), 3)
+    assert [h.row for h in hits] == [5, 7, 2]
+    assert [h.score for h in hits] == pytest.approx([1.5, 1.0, 0.5])
+    # alpha 1: cosine alone
+    assert [h.row for h in fuse_scores(c, Fusion("scores", alpha=1.0), 2)] == [2, 7]
+    empty = Candidates(*(np.zeros(0) for _ in range(5)))
+    assert fuse_scores(empty, Fusion("scores"), 3) == []
+    with pytest.raises(Exception):
+        Fusion.from_dict({"method": "scores", "coverage": -1})

@@ -128,14 +128,20 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
     return now
 
 
+# Words of one character too (bm25s's default pattern drops them): sizes like "1/2 in." or "3/4" live in them
+# (Home Depot dev split: BM25 NDCG@10 0.3874 -> 0.3942, hybrid 0.4495 -> 0.4532).
+LEXICAL_TOKEN_PATTERN = r"(?u)\b\w+\b"
+
+
 def _lexical_tokenizer_settings() -> dict[str, Any]:
     import bm25s
 
     return {
         "library": "bm25s", "library_version": bm25s.__version__,
-        "tokenize": {"lower": True, "token_pattern": r"(?u)\b\w\w+\b", "stopwords": "en",
+        "tokenize": {"lower": True, "token_pattern": LEXICAL_TOKEN_PATTERN, "stopwords": "en",
                      "stemmer": {"library": "PyStemmer", "algorithm": "english"}},
-        "call": "bm25s.tokenize(texts, lower=True, stopwords='en', stemmer=Stemmer.Stemmer('english'))",
+        "call": "bm25s.tokenize(texts, lower=True, stopwords='en', stemmer=Stemmer.Stemmer('english'), "
+                "token_pattern=LEXICAL_TOKEN_PATTERN)",
     }
 
 
@@ -145,7 +151,8 @@ def build_lexical(titles: list[str], out_dir: Path, k1: float, b: float, progres
     import Stemmer
 
     stemmer = Stemmer.Stemmer("english")
-    tokens = bm25s.tokenize(titles, lower=True, stopwords="en", stemmer=stemmer, show_progress=progress)
+    tokens = bm25s.tokenize(titles, lower=True, stopwords="en", stemmer=stemmer, show_progress=progress,
+                            token_pattern=LEXICAL_TOKEN_PATTERN)
     retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
     retriever.index(tokens, show_progress=progress)
     retriever.save(str(out_dir), show_progress=progress)

@@ -20,13 +20,15 @@ logger = logging.getLogger(__name__)
 
 BLEND_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 RRF_KS = (20, 60)
+SCORE_ALPHAS = (0.5, 0.6, 0.7, 0.8)
+COVERAGE_WEIGHTS = (0.0, 0.3, 0.5, 0.7, 1.0, 1.5)
 POOL = 100
 
 
 def tune_serving(artifact: Path, judgments: Path, split: str = "dev", k: int = 10, progress: bool = True) -> dict[str, Any]:
     from bundlerec_server import artifact as A
     from bundlerec_server.domain import Filters, Mode
-    from bundlerec_server.engine import Engine, Fusion, fuse
+    from bundlerec_server.engine import Engine, Fusion, fuse, fuse_scores
     from bundlerec_server.settings import Settings
 
     from .finetune import _metrics_module, read_judgments
@@ -47,18 +49,25 @@ def tune_serving(artifact: Path, judgments: Path, split: str = "dev", k: int = 1
     lists = {}
     for q in it:
         vec = engine.encoder.encode([q])[0]
-        lists[q] = (engine.dense(vec, POOL, Filters()), engine.lexical_hits(q, POOL, Filters()))
+        dense, lexical = engine.dense(vec, POOL, Filters()), engine.lexical_hits(q, POOL, Filters())
+        lists[q] = (dense, lexical, engine.candidates(vec, q, dense, lexical))
     configs: dict[str, tuple[Mode, Fusion | None]] = {"dense": (Mode.DENSE, None), "lexical": (Mode.LEXICAL, None)}
     for rk in RRF_KS:
         configs[f"rrf k={rk}"] = (Mode.HYBRID, Fusion("rrf", rrf_k=rk))
     for a in BLEND_ALPHAS:
         configs[f"blend alpha={a}"] = (Mode.HYBRID, Fusion("blend", alpha=a))
+    for a in SCORE_ALPHAS:
+        for g in COVERAGE_WEIGHTS:
+            configs[f"scores alpha={a} coverage={g}"] = (Mode.HYBRID, Fusion("scores", alpha=a, coverage=g))
     scores: dict[str, float] = {}
     for name, (mode, fusion) in configs.items():
         per_query = []
         for q in queries:
-            dense, lexical = lists[q]
-            hits = dense[:k] if mode is Mode.DENSE else lexical[:k] if mode is Mode.LEXICAL else fuse(dense, lexical, fusion, k)
+            dense, lexical, cands = lists[q]
+            if mode is not Mode.HYBRID:
+                hits = dense[:k] if mode is Mode.DENSE else lexical[:k]
+            else:
+                hits = fuse_scores(cands, fusion, k) if fusion.method == "scores" else fuse(dense, lexical, fusion, k)
             per_query.append(metrics.query_metrics([ids[h.row] for h in hits], judged[q], k))
         scores[name] = metrics.aggregate(per_query)["ndcg"]
     best = max(scores, key=lambda n: scores[n])

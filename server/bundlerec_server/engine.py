@@ -24,6 +24,7 @@ from .domain import BundleOut, Filters, Hit, Mode, Personalization, RecommendQue
 from .encoder import CUDA, Encoder
 from .errors import InvalidRequest, Unsupported, Violation
 from .settings import Settings
+from .spelling import SpellCorrector
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,54 @@ class Fusion:
     """How hybrid retrieval merges the dense and lexical lists.
 
     ``rrf``: reciprocal rank fusion, sum of 1 / (rrf_k + rank). ``blend``: alpha x dense + (1 - alpha) x lexical
-    after min-max normalising each list's scores (an item missing from a list gets 0 for it).
+    after min-max normalising each list's scores (an item missing from a list gets 0 for it). ``scores``: every
+    candidate of either list gets its exact cosine and its exact BM25 score (not 0 when the other list missed
+    it), each min-max normalised over the candidates, blended with alpha, plus ``coverage`` x the fraction of
+    the query's words the title contains (:func:`fuse_scores`).
     """
 
     method: str = "rrf"
     alpha: float = 0.5
     rrf_k: int = RRF_K
+    coverage: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fusion:
-        f = cls(method=str(d.get("method", "rrf")), alpha=float(d.get("alpha", 0.5)), rrf_k=int(d.get("rrf_k", RRF_K)))
-        if f.method not in ("rrf", "blend") or not 0.0 <= f.alpha <= 1.0 or f.rrf_k < 1:
+        f = cls(method=str(d.get("method", "rrf")), alpha=float(d.get("alpha", 0.5)), rrf_k=int(d.get("rrf_k", RRF_K)),
+                coverage=float(d.get("coverage", 0.0)))
+        if f.method not in FUSION_METHODS or not 0.0 <= f.alpha <= 1.0 or f.rrf_k < 1 or f.coverage < 0:
             raise A.ArtifactError(f"invalid fusion settings {d}")
         return f
+
+
+FUSION_METHODS = ("rrf", "blend", "scores")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The union of a query's dense and lexical candidates with exact per-candidate evidence."""
+
+    rows: np.ndarray  # int64, ascending
+    cosine: np.ndarray  # query-title cosine
+    bm25: np.ndarray  # BM25 score (0 when no query word matches)
+    coverage: np.ndarray  # fraction of the query's distinct words found in the title
+    quality: np.ndarray  # catalog quality prior (multiplies the fused score)
+
+
+def _scale(x: np.ndarray) -> np.ndarray:
+    lo, span = float(x.min()), float(x.max() - x.min())
+    return (x - lo) / span if span > 0 else np.ones_like(x)
+
+
+def fuse_scores(c: Candidates, fusion: Fusion, k: int) -> list[Hit]:
+    """Top ``k`` candidates by (alpha x scaled cosine + (1 - alpha) x scaled BM25 + coverage weight x coverage)
+    x quality; ties broken by row."""
+    if len(c.rows) == 0:
+        return []
+    fused = fusion.alpha * _scale(c.cosine.astype(np.float64)) + (1.0 - fusion.alpha) * _scale(c.bm25.astype(np.float64))
+    fused = (fused + fusion.coverage * c.coverage) * c.quality
+    order = np.argsort(-fused, kind="stable")[:k]
+    return [Hit(int(c.rows[i]), float(fused[i])) for i in order]
 
 
 def _minmax(hits: list[Hit]) -> dict[int, float]:
@@ -106,10 +142,20 @@ class Catalog:
         return len(self.ids)
 
 
+def _sort_postings(index: dict[str, Any]) -> None:
+    """bm25s keeps one posting list per word (CSC: indptr, indices = doc rows, data = scores); score_rows
+    binary-searches them, so make sure each list is in ascending row order."""
+    indptr, indices, data = index["indptr"], index["indices"], index["data"]
+    word = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    if len(indices) and not np.all((np.diff(indices) > 0) | (np.diff(word) > 0)):
+        order = np.lexsort((indices, word))
+        index["indices"], index["data"] = indices[order], data[order]
+
+
 class Lexical:
     """BM25 over titles (bm25s), tokenised exactly as at export time (settings from the manifest)."""
 
-    def __init__(self, folder: Path, params: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, params: dict[str, Any], titles: Sequence[str] | None = None) -> None:
         # bm25s probes JAX at import when it is installed; on a GPU host JAX would then take ~75 % of the GPU in
         # every worker. Top-k runs on numpy here (backend_selection below), so keep any JAX on the CPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -117,24 +163,61 @@ class Lexical:
 
         self._bm25s = bm25s
         self.retriever = bm25s.BM25.load(str(folder))
+        _sort_postings(self.retriever.scores)
         tok = params.get("tokenize", {})
         self.stopwords = tok.get("stopwords", "en")
         self.lower = bool(tok.get("lower", True))
+        self.token_pattern = str(tok.get("token_pattern", r"(?u)\b\w\w+\b"))  # bm25s's default
         self.stemmer = None
         algorithm = (tok.get("stemmer") or {}).get("algorithm")
         if algorithm:
             import Stemmer
 
             self.stemmer = Stemmer.Stemmer(algorithm)
+        # typos: query words unknown to the catalog are corrected against the titles' own words (None = off)
+        self.speller = SpellCorrector(titles) if titles is not None else None
+        # search and score_rows of one request (and repeated queries) tokenise once; per instance, so a reload frees it
+        self._query = functools.lru_cache(maxsize=4096)(self._query_uncached)
+
+    def corrected(self, text: str) -> str:
+        return self.speller.correct(text) if self.speller is not None else text
+
+    def _query_uncached(self, text: str) -> tuple[list[int], int]:
+        """The (spelling-corrected) query's distinct vocabulary ids and its number of distinct words."""
+        words = self._bm25s.tokenize([self.corrected(text)], lower=self.lower, stopwords=self.stopwords, stemmer=self.stemmer,
+                                     token_pattern=self.token_pattern, show_progress=False, return_ids=False)[0]
+        vocab = self.retriever.vocab_dict
+        return sorted({vocab[w] for w in words if w in vocab}), len(set(words))
 
     def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        tokens = self._bm25s.tokenize([text], lower=self.lower, stopwords=self.stopwords, stemmer=self.stemmer, show_progress=False)
-        if not tokens.vocab or all(len(t) == 0 for t in tokens.ids):
+        """Top ``k`` rows by BM25 (score > 0), best first, ties by row."""
+        ids, _ = self._query(text)
+        if not ids or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        k = min(k, self.retriever.scores["num_docs"])
-        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1, backend_selection="numpy")
-        keep = scores[0] > 0
-        return docs[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
+        scores = self.retriever.get_scores_from_ids(ids)
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.lexsort((top, -scores[top]))]
+        top = top[scores[top] > 0]
+        return top.astype(np.int64), scores[top].astype(np.float32)
+
+    def score_rows(self, text: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact BM25 score of each of ``rows`` (ascending) and the fraction of the query's distinct words its
+        title has: per query word, a binary search of ``rows`` in the word's posting list."""
+        ids, n_words = self._query(text)
+        bm25 = np.zeros(len(rows), dtype=np.float32)
+        matched = np.zeros(len(rows), dtype=np.float32)
+        index = self.retriever.scores
+        for t in ids:
+            lo, hi = int(index["indptr"][t]), int(index["indptr"][t + 1])
+            if hi == lo:
+                continue
+            postings = index["indices"][lo:hi]
+            at = np.minimum(np.searchsorted(postings, rows), hi - lo - 1)
+            hit = postings[at] == rows
+            bm25[hit] += index["data"][lo:hi][at[hit]]
+            matched += hit
+        return bm25, matched / max(n_words, 1)
 
 
 class Engine:
@@ -165,7 +248,8 @@ class Engine:
         self.index.set_ef(max(self.ef, settings.anchor_pool))
         self.lexical = None
         if (self.root / A.LEXICAL_DIR).is_dir():
-            self.lexical = Lexical(self.root / A.LEXICAL_DIR, m.get("lexical", {}))
+            titles = self.catalog.titles if settings.spell_correction else None
+            self.lexical = Lexical(self.root / A.LEXICAL_DIR, m.get("lexical", {}), titles)
         self.encoder, self.variant = self._load_encoder()
         if self.encoder.dim != self.dim:
             raise A.ArtifactError(f"{self.root}: encoder dimension {self.encoder.dim}, index {self.dim}")
@@ -310,9 +394,20 @@ class Engine:
         return [Hit(int(rows[i]), float(scores[i])) for i in order]
 
     def hybrid(self, vec: np.ndarray, text: str, k: int, filters: Filters, floor: float = -1.0) -> list[Hit]:
-        """Fusion of the dense and lexical candidate lists (:func:`fuse`, configured by the artifact)."""
+        """Fusion of the dense and lexical candidates (:func:`fuse` or :func:`fuse_scores`, as the artifact's
+        tuning chose)."""
         pool = max(k, self.settings.anchor_pool)
-        return fuse(self.dense(vec, pool, filters, floor), self.lexical_hits(text, pool, filters), self.fusion, k)
+        dense, lexical = self.dense(vec, pool, filters, floor), self.lexical_hits(text, pool, filters)
+        if self.fusion.method == "scores":
+            return fuse_scores(self.candidates(vec, text, dense, lexical), self.fusion, k)
+        return fuse(dense, lexical, self.fusion, k)
+
+    def candidates(self, vec: np.ndarray, text: str, dense: list[Hit], lexical: list[Hit]) -> Candidates:
+        """Exact cosine, BM25 and word coverage for the union of two candidate lists."""
+        rows = np.unique(np.fromiter((h.row for h in (*dense, *lexical)), dtype=np.int64))
+        cosine = np.asarray(self.embeddings[rows], dtype=np.float32) @ vec
+        bm25, coverage = self.lexical.score_rows(text, rows)
+        return Candidates(rows, cosine, bm25, coverage, self.catalog.quality[rows])
 
     def mode_for(self, mode: Mode | None) -> Mode:
         mode = mode or self.default_mode

@@ -1,0 +1,71 @@
+"""Query spelling correction against the catalog's own vocabulary (for the lexical channel).
+
+Shoppers' queries are full of typos ("gas mowe", "steele stake"); BM25 cannot match a misspelt word at all.
+At load, the vocabulary of the catalog titles (lower-cased words, the BM25 token pattern) and each word's
+document frequency are collected. A query word that is not in it, is alphabetic and long enough, is replaced
+by the most frequent catalog word within a small edit distance (1 for 4-7 letters, 2 from 8), or split in two
+catalog words when it is a run-together compound ("deckover" -> "deck over"). Words already in the catalog,
+numbers and sizes ("3/4", "4x8") are left alone. Candidates come from rapidfuzz (optimal string alignment distance: a swap of two letters counts 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+logger = logging.getLogger(__name__)
+
+WORD = re.compile(r"(?u)\b\w\w+\b")
+
+
+class SpellCorrector:
+    def __init__(self, titles: Iterable[str], min_len: int = 4, min_df: int = 2) -> None:
+        df: Counter[str] = Counter()
+        for title in titles:
+            df.update(set(WORD.findall(title.lower())))
+        self.df = df
+        self.min_len = min_len
+        # candidates: frequent enough alphabetic words (rare title words are often typos themselves)
+        self._choices = [w for w, n in df.items() if n >= min_df and w.isalpha()]
+        self._cache: dict[str, str] = {}
+
+    def max_distance(self, word: str) -> int:
+        return 1 if len(word) < 8 else 2
+
+    def correct_word(self, word: str) -> str:
+        """The word itself when known or not correctable; otherwise its correction (possibly two words)."""
+        if word in self.df or len(word) < self.min_len or not word.isalpha():
+            return word
+        hit = self._cache.get(word)
+        if hit is not None:
+            return hit
+        from rapidfuzz import process
+        from rapidfuzz.distance import OSA
+
+        best = word
+        found = process.extract(word, self._choices, scorer=OSA.distance, score_cutoff=self.max_distance(word), limit=20)
+        if found:
+            best = min(found, key=lambda f: (f[1], -self.df[f[0]], f[0]))[0]
+        else:
+            splits = [
+                (min(self.df[word[:i]], self.df[word[i:]]), word[:i] + " " + word[i:])
+                for i in range(3, len(word) - 2)
+                if self.df.get(word[:i], 0) >= 2 and self.df.get(word[i:], 0) >= 2
+            ]
+            if splits:
+                best = max(splits)[1]
+        if len(self._cache) < 100_000:
+            self._cache[word] = best
+        return best
+
+    def correct(self, query: str) -> str:
+        """``query`` with unknown words corrected (lower-cased); unchanged text when nothing was corrected."""
+        lowered = query.lower()
+        out, changed = [], False
+        for word in WORD.findall(lowered):
+            fixed = self.correct_word(word)
+            changed |= fixed != word
+            out.append(fixed)
+        return " ".join(out) if changed else query
