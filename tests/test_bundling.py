@@ -145,5 +145,7 @@ def test_fusion_on_exact_scores_with_coverage():
     assert [h.row for h in fuse_scores(c, Fusion("scores", alpha=1.0), 2)] == [2, 7]
     empty = Candidates(*(np.zeros(0) for _ in range(5)))
     assert fuse_scores(empty, Fusion("scores"), 3) == []
-    with pytest.raises(Exception):
+    from bundlerec_server.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError, match="invalid fusion"):
         Fusion.from_dict({"method": "scores", "coverage": -1})
