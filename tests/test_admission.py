@@ -1,0 +1,73 @@
+"""Bounded admission (pure asyncio, no gRPC): slots, a bounded queue, immediate refusal beyond both."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bundlerec_server.admission import Admission
+from bundlerec_server.errors import Overloaded
+
+
+async def test_calls_beyond_slots_and_queue_are_refused_at_once_and_the_rest_complete():
+    adm = Admission(max_in_flight=2, max_queue=3, retry_after_s=0.2)
+    gate = asyncio.Event()
+    started, done = [], []
+
+    async def call(i):
+        async with adm.slot():
+            started.append(i)
+            await gate.wait()
+            done.append(i)
+
+    tasks = [asyncio.create_task(call(i)) for i in range(5)]  # 2 run, 3 queue
+    await asyncio.sleep(0.01)
+    assert (adm.in_flight, adm.waiting) == (2, 3) and started == [0, 1]
+    with pytest.raises(Overloaded) as exc:  # the sixth call: no slot, queue full -> refused without waiting
+        async with adm.slot():
+            pass
+    assert exc.value.retry_after_s == 0.2 and "2 calls in flight and 3 queued" in str(exc.value)
+    assert adm.shed == 1
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert started == [0, 1, 2, 3, 4] and sorted(done) == started  # queued calls ran in arrival order
+    assert (adm.in_flight, adm.waiting) == (0, 0)
+
+
+async def test_a_failing_call_releases_its_slot():
+    adm = Admission(max_in_flight=1, max_queue=0)
+    with pytest.raises(RuntimeError):
+        async with adm.slot():
+            raise RuntimeError("handler failed")
+    async with adm.slot():  # the slot is free again
+        assert adm.in_flight == 1
+    assert adm.in_flight == 0 and adm.shed == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue():
+    adm = Admission(max_in_flight=1, max_queue=1)
+    gate = asyncio.Event()
+
+    async def hold():
+        async with adm.slot():
+            await gate.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+
+    async def wait_for_slot():
+        async with adm.slot():
+            pass
+
+    waiter = asyncio.create_task(wait_for_slot())
+    await asyncio.sleep(0.01)
+    assert adm.waiting == 1
+    waiter.cancel()  # the caller went away while queued
+    await asyncio.sleep(0.01)
+    assert adm.waiting == 0
+    async with asyncio.timeout(1):  # its place in the queue is free: a new call queues instead of being refused
+        gate.set()
+        await holder
+        async with adm.slot():
+            pass
