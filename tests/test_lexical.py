@@ -10,7 +10,7 @@ from bundlerec_server.spelling import SpellCorrector
 TITLES = [
     "Briggs and Stratton Lawn Mower Blade", "Gas Lawn Mower 21 in.", "Toilet Seat in White", "Toilet Seat Elongated",
     "Cedar Fence Picket", "Cedar Fence Post", "Deck Stain Cedar", "Kohler Faucet in Chrome", "Kohler Toilet",
-    "Milwaukee Drill Kit", "Milwaukee Impact Driver", "PVC Pipe 1/2 in.", "Refrigerator Water Filter",
+    "Milwaukee Drill Kit", "Milwaukee Impact Driver", "PVC Pipe 1/2 in.", "Copper Pipe Fitting", "Refrigerator Water Filter",
     "Refrigerator French Door", "Wood Deck Screws", "Drywall Screws", "Deck Over Coating",
 ]
 
@@ -30,6 +30,7 @@ def speller():
         ("refridgerator filter", "refrigerator filter"),  # 12 letters: two edits allowed
         ("milwakee drill", "milwaukee drill"),
         ("deckscrews", "deck screws"),  # a run-together compound is split
+        ("1/2 in. pvc pipr", "1/2 in. pvc pipe"),  # what lies between words stays
     ],
 )
 def test_unknown_words_are_corrected_to_catalog_words(speller, query, expected):

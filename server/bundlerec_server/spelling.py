@@ -61,11 +61,16 @@ class SpellCorrector:
         return best
 
     def correct(self, query: str) -> str:
-        """``query`` with unknown words corrected (lower-cased); unchanged text when nothing was corrected."""
-        lowered = query.lower()
-        out, changed = [], False
-        for word in WORD.findall(lowered):
+        """``query`` lower-cased with unknown words corrected in place (everything between words, such as the
+        "1/2" of "1/2 in.", is kept); the query unchanged when nothing was corrected."""
+        changed = False
+
+        def fix(match: re.Match[str]) -> str:
+            nonlocal changed
+            word = match.group(0)
             fixed = self.correct_word(word)
             changed |= fixed != word
-            out.append(fixed)
-        return " ".join(out) if changed else query
+            return fixed
+
+        out = WORD.sub(fix, query.lower())
+        return out if changed else query
