@@ -157,7 +157,7 @@ class Lexical:
 
     def __init__(self, folder: Path, params: dict[str, Any], titles: Sequence[str] | None = None) -> None:
         # bm25s probes JAX at import when it is installed; on a GPU host JAX would then take ~75 % of the GPU in
-        # every worker. Top-k runs on numpy here (backend_selection below), so keep any JAX on the CPU.
+        # every worker. Scoring and top-k below use bm25s's score matrix with numpy, so keep any JAX on the CPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import bm25s
 
