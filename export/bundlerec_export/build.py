@@ -77,7 +77,7 @@ class BuildConfig:
     seed: int = 0
     embed_batch_size: int = 64
     # hnswlib
-    hnsw_m: int = 16
+    hnsw_m: int = 16  # 32 on Home Depot: recall@64 at ef 256 0.972 -> 0.979, dev dense NDCG +0.4 %, search 1.1 -> 1.4 ms
     ef_construction: int = 200
     ef_search: int = 64  # the floor; the build raises it until recall@64 >= 0.98 (tune_ef)
     tune_ef: bool = True

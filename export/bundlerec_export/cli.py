@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--related-band", type=float, nargs=2, default=(0.45, 0.85), metavar=("LO", "HI"),
                    help="cosine band of content-based related items (datasets without baskets)")
     p.add_argument("--ef-search", type=int, default=64)
+    p.add_argument("--hnsw-m", type=int, default=16, help="HNSW links per node (higher: better recall, bigger index)")
     p.add_argument("--batch-size", type=int, default=64, help="catalog embedding batch size")
     p.add_argument("--threads", type=int, default=0, help="ORT/hnswlib threads (0: library default)")
     p.add_argument("--no-lexical", action="store_true", help="skip the bm25s lexical index")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset=args.dataset, out=args.out, data_dir=args.data_dir, catalog=args.catalog, orders=args.orders,
         base_model=args.base_model, limit=args.limit, min_int8_cosine=args.min_int8_cosine,
         agreement_sample=args.agreement_sample, min_support=args.min_support, top_k=args.top_k,
-        shrinkage=args.shrinkage, user_level_evidence=args.user_level_evidence, min_users=args.min_users, related_band=tuple(args.related_band), ef_search=args.ef_search,
+        shrinkage=args.shrinkage, user_level_evidence=args.user_level_evidence, min_users=args.min_users, related_band=tuple(args.related_band), ef_search=args.ef_search, hnsw_m=args.hnsw_m,
         embed_batch_size=args.batch_size, threads=args.threads, lexical=not args.no_lexical,
         progress=not args.no_progress and not args.quiet, finetune_judgments=judgments,
         finetune_epochs=args.finetune_epochs, finetune_cache=args.finetune_cache,
