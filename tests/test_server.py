@@ -197,6 +197,18 @@ def test_cli_recommend_search_info(server, capsys):
     assert "query" in capsys.readouterr().err
 
 
+def test_cli_stops_quietly_when_its_reader_leaves(server):
+    """`bundlerec recommend ... | head`: the reader is gone before the CLI writes (``true`` exits at once); no
+    traceback, exit 141 like other Unix tools killed by SIGPIPE."""
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m bundlerec.cli --target {server.target} recommend soda -n 20 | true"
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.returncode == 141
+
+
 def test_cli_unreachable_server_is_a_clean_error(capsys):
     assert cli_main(["--target", "127.0.0.1:1", "--timeout", "1", "info"]) == 1
     err = capsys.readouterr().err
