@@ -305,6 +305,7 @@ class Engine:
 
     def warmup(self) -> None:
         self.encoder.warmup()
+        _ = self.batch_exact  # the probe runs here, in the loading thread, not at swap time in the event loop
         vec = self.encoder.encode(["warmup"])[0]
         self.dense(vec, 10, Filters())
         if self.lexical:
