@@ -61,3 +61,10 @@ def test_score_rows_matches_search_and_counts_coverage(tiny_artifact):
     assert n_words > len(ids)  # the nonsense word counts in the denominator
     assert np.all((coverage >= 0) & (coverage <= 1))
     assert np.all((coverage > 0) == (bm25 > 0))  # a title matching a query word is exactly one with a BM25 score
+
+
+def test_lookups_per_query_are_bounded():
+    speller = SpellCorrector(TITLES, max_lookups=2)
+    query = "toliet ceadar kholer milwakee"
+    assert speller.correct(query) == "toilet cedar kholer milwakee"  # two scans, then words pass unchanged
+    assert speller.correct(query) == "toilet cedar kohler milwaukee"  # cached corrections cost no scan

@@ -5,7 +5,8 @@ At load, the vocabulary of the catalog titles (lower-cased words, the BM25 token
 document frequency are collected. A query word that is not in it, is alphabetic and long enough, is replaced
 by the most frequent catalog word within a small edit distance (1 for 4-7 letters, 2 from 8), or split in two
 catalog words when it is a run-together compound ("deckover" -> "deck over"). Words already in the catalog,
-numbers and sizes ("3/4", "4x8") are left alone. Candidates come from rapidfuzz (optimal string alignment distance: a swap of two letters counts 1).
+numbers and sizes ("3/4", "4x8") are left alone; at most ``max_lookups`` (8) unknown words of one query are
+looked up, so a query of junk words costs little. Candidates come from rapidfuzz (optimal string alignment distance: a swap of two letters counts 1).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ WORD = re.compile(r"(?u)\b\w\w+\b")
 
 
 class SpellCorrector:
-    def __init__(self, titles: Iterable[str], min_len: int = 4, min_df: int = 2) -> None:
+    def __init__(self, titles: Iterable[str], min_len: int = 4, min_df: int = 2, max_lookups: int = 8, max_len: int = 30) -> None:
         df: Counter[str] = Counter()
         for title in titles:
             df.update(set(WORD.findall(title.lower())))
         self.df = df
         self.min_len = min_len
+        # a query of many unknown words must not cost many vocabulary scans (≈ 1 ms each on 10k words)
+        self.max_lookups = max_lookups
+        self.max_len = max_len
         # candidates: frequent enough alphabetic words (rare title words are often typos themselves)
         self._choices = [w for w, n in df.items() if n >= min_df and w.isalpha()]
         self._cache: dict[str, str] = {}
@@ -34,13 +38,18 @@ class SpellCorrector:
     def max_distance(self, word: str) -> int:
         return 1 if len(word) < 8 else 2
 
-    def correct_word(self, word: str) -> str:
-        """The word itself when known or not correctable; otherwise its correction (possibly two words)."""
-        if word in self.df or len(word) < self.min_len or not word.isalpha():
+    def correct_word(self, word: str, budget: list[int] | None = None) -> str:
+        """The word itself when known or not correctable; otherwise its correction (possibly two words).
+        ``budget`` ([lookups left]) bounds the vocabulary scans of one query; cached words cost none."""
+        if word in self.df or not self.min_len <= len(word) <= self.max_len or not word.isalpha():
             return word
         hit = self._cache.get(word)
         if hit is not None:
             return hit
+        if budget is not None:
+            if budget[0] <= 0:
+                return word
+            budget[0] -= 1
         from rapidfuzz import process
         from rapidfuzz.distance import OSA
 
@@ -64,11 +73,12 @@ class SpellCorrector:
         """``query`` lower-cased with unknown words corrected in place (everything between words, such as the
         "1/2" of "1/2 in.", is kept); the query unchanged when nothing was corrected."""
         changed = False
+        budget = [self.max_lookups]
 
         def fix(match: re.Match[str]) -> str:
             nonlocal changed
             word = match.group(0)
-            fixed = self.correct_word(word)
+            fixed = self.correct_word(word, budget)
             changed |= fixed != word
             return fixed
 
