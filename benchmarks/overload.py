@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p99-bound-ms", type=float, default=50.0, help="sustainability bound for --rps auto")
     p.add_argument("--server-cpus", default="", help="pin the server to these CPUs (taskset list, e.g. 1)")
     p.add_argument("--load-cpus", default="", help="pin the load generator to these CPUs (e.g. 0)")
+    p.add_argument("--load-nice", type=int, default=0, help="run the load generator at this nice value (server at 0)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     p.add_argument("--out", type=Path, default=Path("runs/overload"))
     p.add_argument("--server-args", default="--max-in-flight 8 --max-queue 16",
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     server, target = start_real_server(args.artifact, args.out, args.server_args, cpus=args.server_cpus)
     results = []
     with server as srv:
+        if args.load_nice:
+            os.nice(args.load_nice)  # after the server started: it keeps nice 0; the load processes inherit this
         load.wait_for_health(target, 120, alive=srv.alive)
         load.run_rate(target, 20, 2, queries, procs=args.procs, seed=99)  # warm-up, discarded
         rate_sweep = None

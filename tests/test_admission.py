@@ -71,3 +71,45 @@ async def test_a_cancelled_waiter_leaves_the_queue():
         await holder
         async with adm.slot():
             pass
+
+
+async def test_limit_adapts_to_the_latency_target():
+    """AIMD: calls over the target cut the limit by 10 % (once per target interval), calls within it grow it
+    by 1/limit, always between 1 and max_in_flight; a lower limit refuses sooner."""
+    adm = Admission(max_in_flight=8, max_queue=0, target_latency_s=0.01)
+
+    async def call(seconds):
+        async with adm.slot():
+            await asyncio.sleep(seconds)
+
+    await call(0.03)  # over the target: 8 -> 7.2
+    assert adm.limit == pytest.approx(7.2)
+    await asyncio.gather(call(0.03), call(0.03))  # both end within one interval: one cut only
+    assert adm.limit == pytest.approx(6.48)
+    for _ in range(40):
+        await call(0.03)
+    assert adm.limit == pytest.approx(1.0)  # floor
+    gate = asyncio.Event()
+
+    async def held():
+        async with adm.slot():
+            await gate.wait()
+
+    first = asyncio.create_task(held())
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):  # limit 1, no queue: the second call is refused
+        async with adm.slot():
+            pass
+    gate.set()
+    await first
+    for _ in range(200):
+        await call(0)  # within the target: +1/limit each
+    assert adm.limit == pytest.approx(8.0)  # ceiling
+
+
+async def test_fixed_limit_without_target():
+    adm = Admission(max_in_flight=3, max_queue=1)
+    for _ in range(3):
+        async with adm.slot():
+            await asyncio.sleep(0.01)
+    assert adm.limit == 3.0

@@ -37,6 +37,7 @@ class App:
     health: health.aio.HealthServicer
     _refused_version: str | None = None
     _watcher: asyncio.Task | None = None
+    _lag_watch: asyncio.Task | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -52,12 +53,15 @@ class App:
         logger.info("serving artifact %s on port %d", engine.version, self.port)
         if self.runtime.settings.watch_interval_s > 0:
             self._watcher = asyncio.create_task(self.watch(self.runtime.settings.watch_interval_s))
+        if self.runtime.settings.target_latency_ms > 0:
+            self._lag_watch = asyncio.create_task(self.runtime.admission.watch_loop())
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, stop accepting, let in-flight calls finish within the grace period."""
         await self.set_serving(False)
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._lag_watch):
+            if task is not None:
+                task.cancel()
         await self.server.stop(self.runtime.settings.grace_s if grace is None else grace)
         if self.runtime.events is not None:
             await self.runtime.events.close()

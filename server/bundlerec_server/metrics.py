@@ -14,6 +14,7 @@ BATCH_SIZE = Histogram("bundlerec_encoder_batch_size", "Queries per encoder run"
 DROPPED = Counter("bundlerec_encoder_dropped_total", "Queries dropped before encoding (caller cancelled or out of time)")
 SHED = Counter("bundlerec_shed_total", "Calls refused with RESOURCE_EXHAUSTED by admission control")
 IN_FLIGHT = Gauge("bundlerec_in_flight", "Calls being worked on")
+ADMISSION_LIMIT = Gauge("bundlerec_admission_limit", "Calls admitted at once (adapts with --target-latency-ms)")
 EVENTS = Counter("bundlerec_events_total", "Events stored durably")
 RELOADS = Counter("bundlerec_reloads_total", "Artifact reload attempts by outcome", ["outcome"])
 
