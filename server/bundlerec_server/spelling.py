@@ -34,6 +34,10 @@ class SpellCorrector:
         # candidates: frequent enough alphabetic words (rare title words are often typos themselves)
         self._choices = [w for w, n in df.items() if n >= min_df and w.isalpha()]
         self._cache: dict[str, str] = {}
+        from rapidfuzz import process  # at load, so a missing library fails the load, not a request
+        from rapidfuzz.distance import OSA
+
+        self._extract, self._distance = process.extract, OSA.distance
 
     def max_distance(self, word: str) -> int:
         return 1 if len(word) < 8 else 2
@@ -50,11 +54,8 @@ class SpellCorrector:
             if budget[0] <= 0:
                 return word
             budget[0] -= 1
-        from rapidfuzz import process
-        from rapidfuzz.distance import OSA
-
         best = word
-        found = process.extract(word, self._choices, scorer=OSA.distance, score_cutoff=self.max_distance(word), limit=20)
+        found = self._extract(word, self._choices, scorer=self._distance, score_cutoff=self.max_distance(word), limit=20)
         if found:
             best = min(found, key=lambda f: (f[1], -self.df[f[0]], f[0]))[0]
         else:
