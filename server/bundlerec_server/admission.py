@@ -6,11 +6,11 @@ without bound, so shed calls fail fast (TEI/Triton style).
 A fixed limit cannot be right both at the sustainable rate and under overload: loose enough not to shed at
 R, it admits so much at 2R (when the CPU is also busy refusing) that admitted latency grows. With a latency
 target (``target_latency_s`` > 0) the limit adapts, AIMD as in TCP congestion control and Netflix's
-concurrency-limits: each admitted call whose estimated latency (its work, the time it held its slot, plus
-LOOP_HOPS x the event loop's current lag) stays within the target adds 1/limit (about +1 per round of calls), one that overshoots cuts the limit by 10 % (at most once per target
-interval), between ``min_in_flight`` and ``max_in_flight``; the queue is then bounded by the limit too. Under
-overload the work slows (the CPU is shared with more calls), the limit shrinks until admitted calls meet the
-target again, and the rest are shed; when load drops it grows back.
+concurrency-limits: a call whose estimated latency (the time it held its slot plus LOOP_HOPS x the event
+loop's measured lag) stays within the target adds 1/limit (about +1 per round of calls); one that overshoots
+cuts the limit by 10 %, at most once per target interval; the limit stays between 1 and ``max_in_flight``
+and bounds the queue too. Under overload the limit shrinks until admitted calls meet the target again and
+the rest are shed; when load drops it grows back.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ LAG_PROBE_S = 0.005
 
 class Admission:
     def __init__(self, max_in_flight: int, max_queue: int, retry_after_s: float = 0.05,
-                 target_latency_s: float = 0.0, min_in_flight: int = 1) -> None:
+                 target_latency_s: float = 0.0) -> None:
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self.target_latency_s = target_latency_s
-        self.min_in_flight = max(1, min(min_in_flight, max_in_flight))
         self.limit = float(max_in_flight)
         self.in_flight = 0  # calls holding a slot (granted ones not yet resumed included)
         self.shed = 0
@@ -111,6 +110,6 @@ class Admission:
         else:
             now = time.perf_counter()
             if now - self._last_cut >= self.target_latency_s:
-                self.limit = max(float(self.min_in_flight), self.limit * DECREASE)
+                self.limit = max(1.0, self.limit * DECREASE)
                 self._last_cut = now
         metrics.ADMISSION_LIMIT.set(self.limit)

@@ -35,6 +35,7 @@ EXACTNESS_PROBE = (
     "milk", "organic baby spinach", "gluten free whole wheat pasta sauce with basil and garlic",
     "买一双好穿的鞋子", "sparkling water 🍋", "dark chocolate", "frozen pizza margherita extra cheese", "eggs",
 )
+FUSION_METHODS = ("rrf", "blend", "scores")
 BRUTE_FORCE_MAX_ROWS = 20_000  # restricted to categories this small, exact search beats over-fetching HNSW
 
 
@@ -61,9 +62,6 @@ class Fusion:
         if f.method not in FUSION_METHODS or not 0.0 <= f.alpha <= 1.0 or f.rrf_k < 1 or f.coverage < 0:
             raise A.ArtifactError(f"invalid fusion settings {d}")
         return f
-
-
-FUSION_METHODS = ("rrf", "blend", "scores")
 
 
 @dataclass(frozen=True)
@@ -96,9 +94,8 @@ def fuse_scores(c: Candidates, fusion: Fusion, k: int) -> list[Hit]:
 def _minmax(hits: list[Hit]) -> dict[int, float]:
     if not hits:
         return {}
-    scores = np.array([h.score for h in hits], dtype=np.float64)
-    lo, span = scores.min(), scores.max() - scores.min()
-    return {h.row: (float((h.score - lo) / span) if span > 0 else 1.0) for h in hits}
+    scaled = _scale(np.array([h.score for h in hits], dtype=np.float64))
+    return {h.row: float(v) for h, v in zip(hits, scaled, strict=True)}
 
 
 def fuse(dense: list[Hit], lexical: list[Hit], fusion: Fusion, k: int) -> list[Hit]:

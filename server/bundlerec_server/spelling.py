@@ -42,18 +42,14 @@ class SpellCorrector:
     def max_distance(self, word: str) -> int:
         return 1 if len(word) < 8 else 2
 
-    def correct_word(self, word: str, budget: list[int] | None = None) -> str:
-        """The word itself when known or not correctable; otherwise its correction (possibly two words).
-        ``budget`` ([lookups left]) bounds the vocabulary scans of one query; cached words cost none."""
-        if word in self.df or not self.min_len <= len(word) <= self.max_len or not word.isalpha():
-            return word
-        hit = self._cache.get(word)
-        if hit is not None:
-            return hit
-        if budget is not None:
-            if budget[0] <= 0:
-                return word
-            budget[0] -= 1
+    def _needs_lookup(self, word: str) -> bool:
+        return (word not in self.df and self.min_len <= len(word) <= self.max_len and word.isalpha()
+                and word not in self._cache)
+
+    def correct_word(self, word: str) -> str:
+        """The word itself when known or not correctable; otherwise its correction (possibly two words)."""
+        if not self._needs_lookup(word):
+            return self._cache.get(word, word)
         best = word
         found = self._extract(word, self._choices, scorer=self._distance, score_cutoff=self.max_distance(word), limit=20)
         if found:
@@ -73,13 +69,16 @@ class SpellCorrector:
     def correct(self, query: str) -> str:
         """``query`` lower-cased with unknown words corrected in place (everything between words, such as the
         "1/2" of "1/2 in.", is kept); the query unchanged when nothing was corrected."""
-        changed = False
-        budget = [self.max_lookups]
+        changed, lookups = False, 0
 
         def fix(match: re.Match[str]) -> str:
-            nonlocal changed
+            nonlocal changed, lookups
             word = match.group(0)
-            fixed = self.correct_word(word, budget)
+            if self._needs_lookup(word):
+                if lookups >= self.max_lookups:
+                    return word
+                lookups += 1
+            fixed = self.correct_word(word)
             changed |= fixed != word
             return fixed
 
