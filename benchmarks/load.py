@@ -103,6 +103,8 @@ def summarize(records: dict[str, Any], offered_rps: float, duration: float) -> d
     ok = np.array([c == "OK" for c in codes], dtype=bool)
     ttfb = np.asarray(records["ttfb_ms"], dtype=np.float64)
     total = np.asarray(records["total_ms"], dtype=np.float64)
+    server = np.asarray(records.get("server_ms", [np.nan] * n), dtype=np.float64)
+    lag = np.asarray(records.get("client_lag_ms", [np.nan] * n), dtype=np.float64)
     done = np.asarray(records["done_s"], dtype=np.float64)
     n_ok = int(ok.sum())
     window = max(duration, float(done.max()) if n else 0.0)
@@ -122,6 +124,12 @@ def summarize(records: dict[str, Any], offered_rps: float, duration: float) -> d
         "errors": dict(sorted(errors.items())),
         "ttfb_ms": latency_summary(ttfb[ok]),
         "full_ms": latency_summary(total[ok]),
+        # the server's own view (StreamSummary.server_ms: handler start to summary); full - server = time
+        # before the handler (gRPC, event loop), on the wire and in the client
+        "server_ms": latency_summary(server[ok & np.isfinite(server)]),
+        # how late the load generator itself started calls: large values mean the client, not the server,
+        # is overloaded and the latencies above are not the server's
+        "client_lag_ms": latency_summary(lag[np.isfinite(lag)]),
         "no_bundle_ok": int((ok & ~np.isfinite(ttfb)).sum()),
         # how fast failures came back, by code (e.g. RESOURCE_EXHAUSTED: load shedding must be fast)
         "error_ms": {code: latency_summary(total[np.array([c == code for c in codes], dtype=bool)]) for code in sorted(errors)},
@@ -156,10 +164,12 @@ def split_round_robin(n: int, parts: int) -> list[np.ndarray]:
 
 
 def merge_records(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, list] = {"ttfb_ms": [], "total_ms": [], "code": [], "done_s": [], "bundles": []}
+    merged: dict[str, list] = {"ttfb_ms": [], "total_ms": [], "server_ms": [], "client_lag_ms": [], "code": [], "done_s": [],
+                               "bundles": []}
     for part in parts:
+        n = len(part["code"])
         for key in merged:
-            merged[key].extend(list(part[key]))
+            merged[key].extend(list(part.get(key, [math.nan] * n)))
     return merged
 
 
@@ -279,12 +289,15 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
     if start_epoch <= 0:  # the parent aborted the run before starting it
         for ch in channels:
             await ch.close()
-        return {"ttfb_ms": [], "total_ms": [], "code": [], "done_s": [], "bundles": []}
+        return {"ttfb_ms": [], "total_ms": [], "server_ms": [], "client_lag_ms": [], "code": [], "done_s": [],
+                "bundles": []}
     t0 = loop.time() + (start_epoch - time.time())  # loop clock of the common start instant
 
     n = len(offsets)
     ttfb = np.full(n, np.nan)
     total = np.full(n, np.nan)
+    server = np.full(n, np.nan)
+    lag = np.full(n, np.nan)
     done = np.full(n, np.nan)
     bundles = np.zeros(n, dtype=np.int32)
     codes = ["NOT_STARTED"] * n
@@ -297,6 +310,7 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
 
     async def one(i: int) -> None:
         sched = t0 + float(offsets[i])
+        lag[i] = (loop.time() - sched) * 1e3  # how late this client started the call (its own overload)
         stub = stubs[i % n_ch]
         got = 0
         try:
@@ -308,10 +322,13 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
             else:
                 call = stub.Recommend(pb.RecommendRequest(query=queries[i], **rec_kw), timeout=timeout)
                 async for resp in call:
-                    if resp.WhichOneof("payload") == "bundle":
+                    payload = resp.WhichOneof("payload")
+                    if payload == "bundle":
                         if got == 0:
                             ttfb[i] = (loop.time() - sched) * 1e3
                         got += 1
+                    elif payload == "summary":
+                        server[i] = resp.summary.server_ms
             codes[i] = "OK"
         except grpc.aio.AioRpcError as exc:
             codes[i] = exc.code().name
@@ -344,8 +361,8 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
         await asyncio.gather(*tasks, return_exceptions=True)
     for ch in channels:
         await ch.close()
-    return {"ttfb_ms": ttfb.tolist(), "total_ms": total.tolist(), "code": codes, "done_s": done.tolist(),
-            "bundles": bundles.tolist()}
+    return {"ttfb_ms": ttfb.tolist(), "total_ms": total.tolist(), "server_ms": server.tolist(), "client_lag_ms": lag.tolist(), "code": codes,
+            "done_s": done.tolist(), "bundles": bundles.tolist()}
 
 
 def _worker_entry(cfg, offsets, queries, start_evt, start_val, ready_q, result_q, idx) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import grpc
@@ -18,6 +20,8 @@ from conftest import ServerProcess, ServerThread, build_tiny_artifact, server_se
 from bundlerec import BundleRecError, Client
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec_server import artifact as A
+from bundlerec_server.runtime import Runtime
+from bundlerec_server.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +211,25 @@ def test_workers_share_one_port_and_events(tiny_artifact, tmp_path):
         assert len(pids) == 2
     finally:
         assert proc.stop() == 0
+
+
+def test_a_loaded_engine_leaves_the_cyclic_gc_yet_is_freed_when_replaced(tiny_artifact):
+    """After a load the heap is frozen (full GC passes no longer walk the artifact's objects), so an engine
+    must be freed by reference counting alone: no reference cycles, or every reload would leak one."""
+    rt = Runtime(Settings(artifact=tiny_artifact, provider="cpu"))
+    try:
+        engine = rt.load(tiny_artifact)
+        assert engine.lexical is not None
+        titles = engine.catalog.titles
+        assert gc.is_tracked(titles) and gc.get_freeze_count() > 0
+        assert all(o is not titles for o in gc.get_objects())  # frozen: collections skip it
+        engine.lexical.search("pasta sauce", 3)  # fills the query cache
+        refs = [weakref.ref(o) for o in (engine, engine.lexical, engine.encoder, engine.catalog)]
+        del engine, titles
+        gc.disable()
+        try:
+            assert [r() for r in refs] == [None] * len(refs)
+        finally:
+            gc.enable()
+    finally:
+        rt.pool.shutdown()

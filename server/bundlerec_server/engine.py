@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,14 @@ def _sort_postings(index: dict[str, Any]) -> None:
         index["indices"], index["data"] = indices[order], data[order]
 
 
+def _parse_query(tokenize: Callable, speller: SpellCorrector | None, vocab: dict[str, int], options: dict,
+                 text: str) -> tuple[list[int], int]:
+    """The (spelling-corrected) query's distinct vocabulary ids and its number of distinct words."""
+    words = tokenize([speller.correct(text) if speller is not None else text], show_progress=False,
+                     return_ids=False, **options)[0]
+    return sorted({vocab[w] for w in words if w in vocab}), len(set(words))
+
+
 class Lexical:
     """BM25 over titles (bm25s), tokenised exactly as at export time (settings from the manifest)."""
 
@@ -158,7 +166,6 @@ class Lexical:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import bm25s
 
-        self._bm25s = bm25s
         self.retriever = bm25s.BM25.load(str(folder))
         _sort_postings(self.retriever.scores)
         tok = params.get("tokenize", {})
@@ -173,18 +180,15 @@ class Lexical:
             self.stemmer = Stemmer.Stemmer(algorithm)
         # typos: query words unknown to the catalog are corrected against the titles' own words (None = off)
         self.speller = SpellCorrector(titles) if titles is not None else None
-        # search and score_rows of one request (and repeated queries) tokenise once; per instance, so a reload frees it
-        self._query = functools.lru_cache(maxsize=4096)(self._query_uncached)
+        # search and score_rows of one request (and repeated queries) tokenise once; per instance, so a reload
+        # frees it. The cached function must not hold ``self`` (a cycle): the heap is frozen out of the cyclic
+        # GC after a load, so an engine must be freed by reference counting alone.
+        self._query = functools.lru_cache(maxsize=4096)(functools.partial(
+            _parse_query, bm25s.tokenize, self.speller, self.retriever.vocab_dict,
+            {"lower": self.lower, "stopwords": self.stopwords, "stemmer": self.stemmer, "token_pattern": self.token_pattern}))
 
     def corrected(self, text: str) -> str:
         return self.speller.correct(text) if self.speller is not None else text
-
-    def _query_uncached(self, text: str) -> tuple[list[int], int]:
-        """The (spelling-corrected) query's distinct vocabulary ids and its number of distinct words."""
-        words = self._bm25s.tokenize([self.corrected(text)], lower=self.lower, stopwords=self.stopwords, stemmer=self.stemmer,
-                                     token_pattern=self.token_pattern, show_progress=False, return_ids=False)[0]
-        vocab = self.retriever.vocab_dict
-        return sorted({vocab[w] for w in words if w in vocab}), len(set(words))
 
     def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` rows by BM25 (score > 0), best first, ties by row."""
