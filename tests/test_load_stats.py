@@ -184,3 +184,30 @@ def test_committed_instacart_queries():
     assert len(set(qs)) == len(qs)
     assert all(1 <= len(q.split()) <= 5 for q in qs)  # head terms 1-3 words, aisle names up to 5
     assert sum(len(q.split()) <= 3 for q in qs) / len(qs) > 0.9
+
+
+def _phase_run(phase, cycle, p99, server_p99, shed=0, shed_p99=None, requests=100):
+    codes = {"RESOURCE_EXHAUSTED": shed} if shed else {}
+    return {"phase": phase, "cycle": cycle, "requests": requests, "achieved_rps": float(requests - shed),
+            "full_ms": {"p99": p99}, "server_ms": {"p99": server_p99}, "errors": codes,
+            "error_ms": {"RESOURCE_EXHAUSTED": {"p50": shed_p99 / 2, "p99": shed_p99}} if shed else {}}
+
+
+def test_overload_summary_takes_medians_over_cycles_and_the_2r_ratio():
+    from benchmarks.overload import summarize_phases
+
+    runs = [
+        _phase_run("steady R", 1, 40.0, 30.0), _phase_run("overload 2R", 1, 48.0, 33.0, shed=40, shed_p99=9.0),
+        _phase_run("recovery R/2", 1, 20.0, 15.0),
+        _phase_run("steady R", 2, 60.0, 34.0), _phase_run("overload 2R", 2, 50.0, 35.0, shed=50, shed_p99=11.0),
+        _phase_run("recovery R/2", 2, 22.0, 16.0),
+        _phase_run("steady R", 3, 50.0, 32.0, shed=1, shed_p99=3.0), _phase_run("overload 2R", 3, 90.0, 60.0, shed=45, shed_p99=10.0),
+        _phase_run("recovery R/2", 3, 24.0, 17.0),
+    ]
+    s = summarize_phases(runs)
+    assert s["steady R"]["full_p99_ms"] == 50.0 and s["overload 2R"]["full_p99_ms"] == 50.0  # medians, not means
+    assert s["overload 2R"]["shed_fraction"] == pytest.approx(0.45) and s["overload 2R"]["shed_p99_ms"] == 10.0
+    assert s["steady R"]["shed_fraction"] == 0.0 and s["steady R"]["shed_p99_ms"] == 3.0
+    assert s["ratios"]["full_p99_ms 2R/R"] == pytest.approx(1.0)
+    assert s["ratios"]["server_p99_ms 2R/R"] == pytest.approx(35.0 / 32.0)
+    assert s["recovery R/2"]["cycles"] == 3 and s["recovery R/2"]["other_errors"] == 0

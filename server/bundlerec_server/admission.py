@@ -6,11 +6,19 @@ without bound, so shed calls fail fast (TEI/Triton style).
 A fixed limit cannot be right both at the sustainable rate and under overload: loose enough not to shed at
 R, it admits so much at 2R (when the CPU is also busy refusing) that admitted latency grows. With a latency
 target (``target_latency_s`` > 0) the limit adapts, AIMD as in TCP congestion control and Netflix's
-concurrency-limits: a call whose estimated latency (the time it held its slot plus LOOP_HOPS x the event
-loop's measured lag) stays within the target adds 1/limit (about +1 per round of calls); one that overshoots
-cuts the limit by 10 %, at most once per target interval; the limit stays between 1 and ``max_in_flight``
-and bounds the queue too. Under overload the limit shrinks until admitted calls meet the target again and
-the rest are shed; when load drops it grows back.
+concurrency-limits, once per window (an interval with at least WINDOW_MIN_CALLS calls): when the window's
+90th percentile of estimated latency (queue wait + time holding the slot + LOOP_HOPS x the event loop's
+measured lag) exceeds the target the limit is cut by 10 %, otherwise it grows by one; it stays between 1
+and ``max_in_flight`` and bounds the queue too. A quantile per window, not every call's verdict: a few slow
+calls (a noisy neighbour, a long query) do not shed a server that keeps up, while under overload the limit
+shrinks until admitted calls meet the target again and the rest are shed; when load drops it grows back.
+
+The queue itself is governed by CoDel (``queue_target_s`` > 0; Nichols & Jacobson's controlled delay, in the
+form folly and Facebook's RPC servers use): a queue that empties now and then is a burst and may wait; one
+whose *shortest* wait over an interval (100 ms) exceeded the target is standing, the server is overloaded,
+and until an interval shows otherwise a queued call that has waited 2 x target is refused (a timer, so it
+fails fast) instead of adding its wait to the latency of every call behind it. Bursts at the sustainable
+rate are absorbed; under overload admitted calls wait at most 2 x target and the rest fail within it.
 """
 
 from __future__ import annotations
@@ -20,27 +28,45 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from . import metrics
 from .errors import Overloaded
 
 DECREASE = 0.9
 LOOP_HOPS = 8  # event-loop turns a streamed call waits for (arrival, start, encode done, each message, end)
+WINDOW_MIN_CALLS = 10
+TARGET_QUANTILE = 0.9
 LAG_PROBE_S = 0.005
+CODEL_INTERVAL_S = 0.1
+
+
+@dataclass(eq=False)
+class _Waiter:
+    granted: asyncio.Future[None]
+    since: float
+    timer: asyncio.TimerHandle | None = field(default=None)
 
 
 class Admission:
     def __init__(self, max_in_flight: int, max_queue: int, retry_after_s: float = 0.05,
-                 target_latency_s: float = 0.0) -> None:
+                 target_latency_s: float = 0.0, queue_target_s: float = 0.0,
+                 interval_s: float = CODEL_INTERVAL_S) -> None:
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self.target_latency_s = target_latency_s
+        self.queue_target_s = queue_target_s
+        self.interval_s = interval_s
         self.limit = float(max_in_flight)
         self.in_flight = 0  # calls holding a slot (granted ones not yet resumed included)
         self.shed = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._last_cut = 0.0
+        self.overloaded = False  # CoDel's verdict on the last interval: the queue is standing
+        self._interval_end = 0.0
+        self._min_wait = 0.0
+        self._waiters: deque[_Waiter] = deque()
+        self._window: list[float] = []
+        self._window_end = 0.0
         self.loop_lag_s = 0.0  # moving average of how late the event loop runs a timer (see watch_loop)
         metrics.ADMISSION_LIMIT.set(self.limit)
 
@@ -68,48 +94,98 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
+        arrived = time.perf_counter()
         if self._has_room() and not self._waiters:
             self.in_flight += 1
+            self._observe_wait(0.0)
         elif len(self._waiters) >= self.queue_bound():
-            self.shed += 1
-            metrics.SHED.inc()
-            raise Overloaded(
-                f"server busy: {self.in_flight} calls in flight and {len(self._waiters)} queued", self.retry_after_s
-            )
+            raise self._refuse(f"server busy: {self.in_flight} calls in flight and {len(self._waiters)} queued")
         else:
-            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(granted)
+            loop = asyncio.get_running_loop()
+            waiter = _Waiter(loop.create_future(), time.perf_counter())
+            if self.overloaded and self.queue_target_s > 0:  # a standing queue: wait 2 x target, no longer
+                waiter.timer = loop.call_later(2 * self.queue_target_s, self._expire, waiter)
+            self._waiters.append(waiter)
             try:
-                await granted  # _release counts us in before it wakes us
+                await waiter.granted  # _release counts us in before it wakes us (or refuses us)
             except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():  # woken, then cancelled: give the slot on
-                    self._release()
-                else:
-                    self._waiters.remove(granted)
+                if waiter.granted.done() and not waiter.granted.cancelled() and waiter.granted.exception() is None:
+                    self._release()  # woken, then cancelled: give the slot on
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    self._cancel_timer(waiter)
                 raise
         metrics.IN_FLIGHT.inc()
-        started = time.perf_counter()
         try:
             yield
         finally:
             metrics.IN_FLIGHT.dec()
-            self._adapt(time.perf_counter() - started)
+            self._adapt(time.perf_counter() - arrived)
             self._release()
+
+    def _refuse(self, message: str) -> Overloaded:
+        self.shed += 1
+        metrics.SHED.inc()
+        return Overloaded(message, self.retry_after_s)
 
     def _release(self) -> None:
         self.in_flight -= 1
         while self._waiters and self._has_room():
+            waiter = self._waiters.popleft()
+            self._cancel_timer(waiter)
+            wait = time.perf_counter() - waiter.since
+            if self._observe_wait(wait):
+                waiter.granted.set_exception(self._too_long(wait))
+                continue
             self.in_flight += 1
-            self._waiters.popleft().set_result(None)
+            waiter.granted.set_result(None)
 
-    def _adapt(self, held_s: float) -> None:
+    def _expire(self, waiter: _Waiter) -> None:
+        """A queued call's timer: still waiting after 2 x target under overload, it is refused now."""
+        waiter.timer = None
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            waiter.granted.set_exception(self._too_long(time.perf_counter() - waiter.since))
+
+    def _too_long(self, wait: float) -> Overloaded:
+        return self._refuse(f"server overloaded: no slot within {wait * 1000:.0f} ms (queue standing for "
+                            f"{self.interval_s * 1000:.0f} ms, {self.in_flight} calls in flight)")
+
+    @staticmethod
+    def _cancel_timer(waiter: _Waiter) -> None:
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+            waiter.timer = None
+
+    def _observe_wait(self, wait: float) -> bool:
+        """CoDel's detector, fed each granted call's queue wait (0 when it found a free slot); at the end of
+        every interval the queue is called standing (``overloaded``) when even the shortest wait of that
+        interval exceeded the target. True when this call should be refused: overloaded and waited over
+        2 x target (folly's "slough" rule)."""
+        if self.queue_target_s <= 0:
+            return False
+        now = time.perf_counter()
+        if now >= self._interval_end:
+            self.overloaded = self._min_wait > self.queue_target_s
+            self._interval_end = now + self.interval_s
+            self._min_wait = wait
+            return False  # the first call of an interval is never refused
+        self._min_wait = min(self._min_wait, wait)
+        return self.overloaded and wait > 2 * self.queue_target_s
+
+    def _adapt(self, latency_s: float) -> None:
+        """Collects the call's estimated latency; at the end of a window, one AIMD step on its 90th percentile."""
         if self.target_latency_s <= 0:
             return
-        if held_s + LOOP_HOPS * self.loop_lag_s <= self.target_latency_s:
-            self.limit = min(float(self.max_in_flight), self.limit + 1.0 / self.limit)
+        self._window.append(latency_s + LOOP_HOPS * self.loop_lag_s)
+        now = time.perf_counter()
+        if now < self._window_end or len(self._window) < WINDOW_MIN_CALLS:
+            return
+        window = sorted(self._window)
+        if window[int(TARGET_QUANTILE * (len(window) - 1))] > self.target_latency_s:
+            self.limit = max(1.0, self.limit * DECREASE)
         else:
-            now = time.perf_counter()
-            if now - self._last_cut >= self.target_latency_s:
-                self.limit = max(1.0, self.limit * DECREASE)
-                self._last_cut = now
+            self.limit = min(float(self.max_in_flight), self.limit + 1.0)
+        self._window.clear()
+        self._window_end = now + self.interval_s
         metrics.ADMISSION_LIMIT.set(self.limit)

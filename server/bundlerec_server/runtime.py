@@ -45,7 +45,8 @@ class Runtime:
         self._engine: Engine | None = None
         self.pool = ThreadPoolExecutor(max_workers=settings.encode_workers, thread_name_prefix="encode")
         self.admission = Admission(settings.max_in_flight, settings.max_queue,
-                                   target_latency_s=settings.target_latency_ms / 1000)
+                                   target_latency_s=settings.target_latency_ms / 1000,
+                                   queue_target_s=settings.queue_target_ms / 1000)
         self.events = None  # an EventStore when configured
         self._reload_lock = asyncio.Lock()
 

@@ -70,8 +70,8 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         try:
             q = convert.recommend_query(request, self.settings)
             engine = self.rt.engine()
-            engine.check_tokens(q.query)
-            async with self.rt.admission.slot():
+            async with self.rt.admission.slot():  # before tokenising: a shed call should cost next to nothing
+                engine.check_tokens(q.query)
                 from_events = []
                 if q.user_id and self.rt.events is not None:
                     from_events = await self.rt.events.recent_items(q.user_id)
@@ -114,8 +114,8 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         try:
             q = convert.search_query(request, self.settings)
             engine = self.rt.engine()
-            engine.check_tokens(q.query)
             async with self.rt.admission.slot():
+                engine.check_tokens(q.query)
                 vec = None
                 if engine.needs_vector(engine.mode_for(q.mode)):
                     vec = await self.rt.encode(engine, q.query, _time_left(context))

@@ -55,6 +55,7 @@ class Settings:
     max_batch_wait_ms: float = field(default=0.0, metadata={"help": "wait this long for a micro-batch to fill (0 = take what is queued when a worker is free)"})
     max_in_flight: int = field(default=32, metadata={"help": "calls worked on at once; more wait in the queue"})
     max_queue: int = field(default=64, metadata={"help": "calls allowed to wait for a slot; beyond it RESOURCE_EXHAUSTED at once"})
+    queue_target_ms: float = field(default=5.0, metadata={"help": "CoDel target for the admission queue: once even the shortest wait over 100 ms exceeds it, queued calls waiting 2x this long are refused (0 = plain FIFO)"})
     target_latency_ms: float = field(default=0.0, metadata={"help": "adapt the in-flight limit (AIMD, up to max_in_flight) so admitted calls take at most this long (0 = fixed limit)"})
     # --- events & reload
     events_db: Path | None = field(default=None, metadata={"help": "SQLite file for RecordEvents (WAL); unset disables events"})
@@ -170,6 +171,8 @@ class Settings:
             problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.max_queue < 0:
             problems.append("max_queue must be >= 0")
+        if self.queue_target_ms < 0:
+            problems.append("queue_target_ms must be >= 0")
         if self.target_latency_ms < 0:
             problems.append("target_latency_ms must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
