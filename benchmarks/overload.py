@@ -1,14 +1,17 @@
-"""Overload demonstration: steady load at R, then 2R, then R/2, against a real server with bounded admission.
+"""Overload demonstration: load at R, 2R, R/2 (repeated), against a real server with bounded admission.
 
-    python -m benchmarks.overload --artifact artifacts/demo --rps 300 --out runs/overload
-    python -m benchmarks.overload --artifact artifacts/demo --rps auto --server-cpus 1 --load-cpus 0
+    python -m benchmarks.overload --artifact artifacts/demo --rps auto --cycles 3 \
+        --server-args "--max-in-flight 8 --max-queue 16 --target-latency-ms 20" --out runs/overload
+    python -m benchmarks.overload --artifact artifacts/demo --rps 100 --server-args "--max-in-flight 8 --max-queue 16"
 
 Shows (JSON + PNG): admitted requests keep their p99 under 2x load, shed requests fail fast with
 RESOURCE_EXHAUSTED (their latency is reported separately), and the server recovers as soon as load drops.
 R should be the highest sustainable rate of the same server on the same machine: ``--rps auto`` measures it
-first with a sweep (same admission settings, same CPUs). ``--server-cpus`` / ``--load-cpus`` pin the server and
-the load generator to separate cores, so the generator's own CPU (≈ 1.3 ms a call in Python, shed calls
-included) does not count against the server under test.
+first with a sweep (same admission settings, same CPUs). The phases repeat ``--cycles`` times and the summary
+gives medians over cycles, because a shared VM drifts between runs. Per phase it also prints the server-side
+p99 (StreamSummary.server_ms) and how late the load generator started its calls, to tell the server's latency
+from the shared cores'. ``--server-cpus`` / ``--load-cpus`` pin the server and the load generator to separate
+cores; ``--load-nice`` lowers the generator's priority.
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def plot(results: list[dict], path: Path) -> None:
           label="shed: RESOURCE_EXHAUSTED p99")
     a.set_xticks(list(x), names)
     a.set_ylabel("ms")
-    a.legend()
+    a.set_ylim(0, a.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    a.legend(fontsize=8, ncols=2)
     a.set_title("latency by phase")
     b.bar([i - 0.2 for i in x], [r["achieved_rps"] for r in results], 0.4, label="OK / s")
     b.bar([i + 0.2 for i in x], [r["errors"].get("RESOURCE_EXHAUSTED", 0) / r["duration_s"] for r in results], 0.4, label="shed / s")
