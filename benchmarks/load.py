@@ -49,6 +49,8 @@ DEFAULT_RATES = (10, 25, 50, 100, 200, 400, 800, 1600)
 MAX_REQUESTS_PER_RUN = 200_000
 MAX_DURATION_S = 600.0
 GRACE_S = 5.0
+# per request, in every worker's result: the same keys, equal lengths
+RECORD_KEYS = ("ttfb_ms", "total_ms", "server_ms", "client_lag_ms", "code", "done_s", "bundles")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,8 +166,7 @@ def split_round_robin(n: int, parts: int) -> list[np.ndarray]:
 
 
 def merge_records(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, list] = {"ttfb_ms": [], "total_ms": [], "server_ms": [], "client_lag_ms": [], "code": [], "done_s": [],
-                               "bundles": []}
+    merged: dict[str, list] = {key: [] for key in RECORD_KEYS}
     for part in parts:
         n = len(part["code"])
         for key in merged:
@@ -289,8 +290,7 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
     if start_epoch <= 0:  # the parent aborted the run before starting it
         for ch in channels:
             await ch.close()
-        return {"ttfb_ms": [], "total_ms": [], "server_ms": [], "client_lag_ms": [], "code": [], "done_s": [],
-                "bundles": []}
+        return {key: [] for key in RECORD_KEYS}
     t0 = loop.time() + (start_epoch - time.time())  # loop clock of the common start instant
 
     n = len(offsets)

@@ -10,6 +10,15 @@ from bundlerec_server.admission import WINDOW_MIN_CALLS, Admission
 from bundlerec_server.errors import Overloaded
 
 
+def hold_slot(adm: Admission, gate: asyncio.Event) -> asyncio.Task:
+    """A call that takes a slot (or queues for one) and holds it until ``gate`` is set."""
+    async def hold():
+        async with adm.slot():
+            await gate.wait()
+
+    return asyncio.create_task(hold())
+
+
 async def test_calls_beyond_slots_and_queue_are_refused_at_once_and_the_rest_complete():
     adm = Admission(max_in_flight=2, max_queue=3, retry_after_s=0.2)
     gate = asyncio.Event()
@@ -48,12 +57,7 @@ async def test_a_failing_call_releases_its_slot():
 async def test_a_cancelled_waiter_leaves_the_queue():
     adm = Admission(max_in_flight=1, max_queue=1)
     gate = asyncio.Event()
-
-    async def hold():
-        async with adm.slot():
-            await gate.wait()
-
-    holder = asyncio.create_task(hold())
+    holder = hold_slot(adm, gate)
     await asyncio.sleep(0.01)
 
     async def wait_for_slot():
@@ -98,12 +102,7 @@ async def test_limit_adapts_to_the_latency_target(monkeypatch):
         window([0.03] * WINDOW_MIN_CALLS)
     assert adm.limit == pytest.approx(1.0)  # floor
     gate = asyncio.Event()
-
-    async def held():
-        async with adm.slot():
-            await gate.wait()
-
-    first = asyncio.create_task(held())
+    first = hold_slot(adm, gate)
     await asyncio.sleep(0)
     with pytest.raises(Overloaded):  # limit 1, no queue: the second call is refused
         async with adm.slot():
@@ -151,12 +150,7 @@ def test_codel_calls_the_queue_standing_only_when_a_whole_interval_waited(monkey
 async def test_codel_refuses_a_queued_call_after_2x_target_without_waiting_for_a_slot():
     adm = Admission(max_in_flight=1, max_queue=8, queue_target_s=0.005, interval_s=60.0)
     gate = asyncio.Event()
-
-    async def hold():
-        async with adm.slot():
-            await gate.wait()
-
-    holder = asyncio.create_task(hold())
+    holder = hold_slot(adm, gate)
     await asyncio.sleep(0.01)
     adm.overloaded, adm._interval_end = True, float("inf")  # a standing queue was seen
     async with asyncio.timeout(5):

@@ -187,9 +187,6 @@ class Lexical:
             _parse_query, bm25s.tokenize, self.speller, self.retriever.vocab_dict,
             {"lower": self.lower, "stopwords": self.stopwords, "stemmer": self.stemmer, "token_pattern": self.token_pattern}))
 
-    def corrected(self, text: str) -> str:
-        return self.speller.correct(text) if self.speller is not None else text
-
     def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` rows by BM25 (score > 0), best first, ties by row."""
         ids, _ = self._query(text)
