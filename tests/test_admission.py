@@ -78,9 +78,9 @@ async def test_a_cancelled_waiter_leaves_the_queue():
 
 
 async def test_limit_adapts_to_the_latency_target(monkeypatch):
-    """AIMD per window (>= WINDOW_MIN_CALLS calls and one interval): a window whose 90th percentile is over the
-    target cuts the limit by 10 %, one within it adds 1, always between 1 and max_in_flight; a few slow calls
-    in a window do not cut; a lower limit refuses sooner."""
+    """AIMD per window (>= WINDOW_MIN_CALLS calls and one interval): a window whose 99th percentile is over the
+    target cuts the limit by 10 %, one within it adds 1, always between 1 and max_in_flight; the slowest call of
+    a window alone does not cut, two do; a lower limit refuses sooner."""
     now = [0.0]
     monkeypatch.setattr("bundlerec_server.admission.time.perf_counter", lambda: now[0])
     adm = Admission(max_in_flight=8, max_queue=0, target_latency_s=0.01, interval_s=0.1)
@@ -96,8 +96,10 @@ async def test_limit_adapts_to_the_latency_target(monkeypatch):
     assert adm.limit == pytest.approx(7.2)
     adm._adapt(0.03)
     assert adm.limit == pytest.approx(6.48)
-    window([0.005] * 18 + [0.5] * 2)  # 10 % slow: the 90th percentile is still within the target
+    window([0.005] * (WINDOW_MIN_CALLS - 1) + [0.5])  # one slow call: the 99th percentile is within the target
     assert adm.limit == pytest.approx(7.48)
+    window([0.005] * (WINDOW_MIN_CALLS - 2) + [0.5] * 2)  # two are over it
+    assert adm.limit == pytest.approx(7.48 * 0.9)
     for _ in range(40):
         window([0.03] * WINDOW_MIN_CALLS)
     assert adm.limit == pytest.approx(1.0)  # floor

@@ -266,3 +266,27 @@ def test_query_over_the_token_limit_is_invalid(client, server):
     assert [v.field for v in info.value.field_violations] == ["query"]
     assert "tokens" in info.value.field_violations[0].description
     assert client.search("买" * limit, 3)  # at the limit: served
+
+
+def test_a_recommend_call_holds_its_admission_slot_until_its_stream_is_sent(server):
+    """The slot spans the whole call, streaming included, so the limit bounds all work in progress and the
+    adaptive limit sees the latency callers see (server_ms), not only the compute before the first message."""
+    from bundlerec_server.service import BundleRecommenderServicer
+
+    class Context:  # what the servicer asks of a call that ends well
+        def time_remaining(self):
+            return 10.0
+
+    async def stream():
+        adm = server.app.runtime.admission
+        before = adm.in_flight
+        gen = BundleRecommenderServicer(server.app.runtime).Recommend(pb.RecommendRequest(query="milk", max_bundles=3), Context())
+        first = await gen.__anext__()
+        during = adm.in_flight
+        rest = [m async for m in gen]
+        return before, first, during, rest, adm.in_flight
+
+    before, first, during, rest, after = server.call(stream())
+    assert first.HasField("bundle") and rest[-1].HasField("summary")
+    assert during == before + 1  # suspended after its first bundle, the call still holds its slot
+    assert after == before

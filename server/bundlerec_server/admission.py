@@ -7,11 +7,14 @@ A fixed limit cannot be right both at the sustainable rate and under overload: l
 R, it admits so much at 2R (when the CPU is also busy refusing) that admitted latency grows. With a latency
 target (``target_latency_s`` > 0) the limit adapts, AIMD as in TCP congestion control and Netflix's
 concurrency-limits, once per window (an interval with at least WINDOW_MIN_CALLS calls): when the window's
-90th percentile of estimated latency (queue wait + time holding the slot + LOOP_HOPS x the event loop's
-measured lag) exceeds the target the limit is cut by 10 %, otherwise it grows by one; it stays between 1
-and ``max_in_flight`` and bounds the queue too. A quantile per window, not every call's verdict: a few slow
-calls (a noisy neighbour, a long query) do not shed a server that keeps up, while under overload the limit
-shrinks until admitted calls meet the target again and the rest are shed; when load drops it grows back.
+99th percentile of estimated latency exceeds the target the limit is cut by 10 %, otherwise it grows by one;
+it stays between 1 and ``max_in_flight`` and bounds the queue too. The estimate is what a caller waits for:
+the time from asking for a slot to giving it back (queue wait and the whole call, streaming included: the
+servicer holds the slot until its last message is handed to gRPC) plus LOOP_HOPS x the event loop's measured
+lag, which stands for the wait before a handler runs at all (gRPC and the loop, which no handler can time).
+The 99th percentile, because p99 is what the service promises; per window, because one slow call (a noisy
+neighbour) in twenty should not shed a server that keeps up. Under overload the limit shrinks until admitted
+calls meet the target again and the rest are shed; when load drops it grows back.
 
 The queue itself is governed by CoDel (``queue_target_s`` > 0; Nichols & Jacobson's controlled delay, in the
 form folly and Facebook's RPC servers use): a queue that empties now and then is a burst and may wait; one
@@ -34,9 +37,9 @@ from . import metrics
 from .errors import Overloaded
 
 DECREASE = 0.9
-LOOP_HOPS = 8  # event-loop turns a streamed call waits for (arrival, start, encode done, each message, end)
-WINDOW_MIN_CALLS = 10
-TARGET_QUANTILE = 0.9
+LOOP_HOPS = 8  # weight of the loop lag: a call waits several loop turns before its handler runs
+WINDOW_MIN_CALLS = 20  # with TARGET_QUANTILE: the second-slowest of 20 calls decides
+TARGET_QUANTILE = 0.99
 LAG_PROBE_S = 0.005
 CODEL_INTERVAL_S = 0.1
 
@@ -174,7 +177,7 @@ class Admission:
         return self.overloaded and wait > 2 * self.queue_target_s
 
     def _adapt(self, latency_s: float) -> None:
-        """Collects the call's estimated latency; at the end of a window, one AIMD step on its 90th percentile."""
+        """Collects the call's estimated latency; at the end of a window, one AIMD step on its TARGET_QUANTILE."""
         if self.target_latency_s <= 0:
             return
         self._window.append(latency_s + LOOP_HOPS * self.loop_lag_s)

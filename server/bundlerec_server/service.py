@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -67,10 +68,11 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         t0 = call.t0
         time_left = _time_left(context)
         bundles, info, stop = [], Personalization(), None
-        try:
-            q = convert.recommend_query(request, self.settings)
-            engine = self.rt.engine()
-            async with self.rt.admission.slot():  # before tokenising: a shed call should cost next to nothing
+        async with contextlib.AsyncExitStack() as held:  # the slot is held until the summary is handed to gRPC
+            try:
+                q = convert.recommend_query(request, self.settings)
+                engine = self.rt.engine()
+                await held.enter_async_context(self.rt.admission.slot())  # before tokenising: shedding is cheap
                 engine.check_tokens(q.query)
                 from_events = []
                 if q.user_id and self.rt.events is not None:
@@ -83,28 +85,28 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                     bundles = engine.recommend(q, vec)
                 except OutOfTime:
                     stop = Stop.DEADLINE
-        except Exception as exc:  # BundleRecError -> its status; anything else is a bug: INTERNAL, logged
-            await call.abort(context, exc)
-        paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
-        for rank, bundle in enumerate(paced, start=1):
-            if rank == 1:
-                metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)
-            yield convert.bundle_message(bundle, rank, engine.catalog)
-        stop = stop or paced.stop
-        metrics.STOPS.labels(stop.value).inc()
-        if logger.isEnabledFor(logging.DEBUG):  # fingerprints only: raw queries and user ids never reach logs
-            logger.debug("recommend q=%s user=%s bundles=%d stop=%s %.1f ms", fingerprint(q.query),
-                         fingerprint(q.user_id) if q.user_id else "-", paced.sent, stop.value, (time.perf_counter() - t0) * 1000)
-        yield pb.RecommendResponse(
-            summary=pb.StreamSummary(
-                bundles_sent=paced.sent,
-                stop_reason=convert.STOP_TO_PB[stop],
-                artifact_version=engine.version,
-                personalized=info.applied,
-                unknown_item_ids=info.unknown_ids,
-                server_ms=(time.perf_counter() - t0) * 1000.0,
+            except Exception as exc:  # BundleRecError -> its status; anything else is a bug: INTERNAL, logged
+                await call.abort(context, exc)
+            paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
+            for rank, bundle in enumerate(paced, start=1):
+                if rank == 1:
+                    metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)
+                yield convert.bundle_message(bundle, rank, engine.catalog)
+            stop = stop or paced.stop
+            metrics.STOPS.labels(stop.value).inc()
+            if logger.isEnabledFor(logging.DEBUG):  # fingerprints only: raw queries and user ids never reach logs
+                logger.debug("recommend q=%s user=%s bundles=%d stop=%s %.1f ms", fingerprint(q.query),
+                             fingerprint(q.user_id) if q.user_id else "-", paced.sent, stop.value, (time.perf_counter() - t0) * 1000)
+            yield pb.RecommendResponse(
+                summary=pb.StreamSummary(
+                    bundles_sent=paced.sent,
+                    stop_reason=convert.STOP_TO_PB[stop],
+                    artifact_version=engine.version,
+                    personalized=info.applied,
+                    unknown_item_ids=info.unknown_ids,
+                    server_ms=(time.perf_counter() - t0) * 1000.0,
+                )
             )
-        )
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         with _Observed("Search") as call:
