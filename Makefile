@@ -58,10 +58,10 @@ eval: $(STAMP) $(STUBS)
 soak: $(STAMP) $(STUBS) artifacts/demo/manifest.json
 	$(PYTHON) -m benchmarks.soak --artifact artifacts/demo --minutes $${MINUTES:-10} --out runs/soak
 
-OVERLOAD_SERVER_ARGS ?= --max-in-flight 8 --max-queue 16 --target-latency-ms 20
+OVERLOAD_SERVER_ARGS ?= --max-in-flight 8 --max-queue 16 --target-latency-ms 25
 overload: $(STAMP) $(STUBS) artifacts/demo/manifest.json
-	$(PYTHON) -m benchmarks.overload --artifact artifacts/demo --rps $${RPS:-auto} --rates 60,80,100,120,140,160,180 \
-		--server-args "$(OVERLOAD_SERVER_ARGS)" --cycles 3 --out runs/overload
+	$(PYTHON) -m benchmarks.overload --artifact artifacts/demo --rps $${RPS:-auto} --rates 60,80,100,120,140,160,180,200 \
+		--server-args "$(OVERLOAD_SERVER_ARGS)" --cycles 5 --out runs/overload
 
 lint: $(STAMP)
 	$(BIN)/ruff check client/bundlerec server export benchmarks tests

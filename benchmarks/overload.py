@@ -157,20 +157,20 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [f"{r['phase'].split()[-1]} #{r.get('cycle', 1)}" for r in results]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(12, 0.9 * len(results)), 4.5))
     x = range(len(results))
     a.bar([i - 0.27 for i in x], [r["full_ms"]["p99"] or 0 for r in results], 0.27, label="admitted: full-stream p99")
     a.bar(list(x), [(r.get("server_ms") or {}).get("p99") or 0 for r in results], 0.27, label="admitted: server-side p99")
     a.bar([i + 0.27 for i in x], [(r["error_ms"].get("RESOURCE_EXHAUSTED") or {}).get("p99") or 0 for r in results], 0.27,
           label="shed: RESOURCE_EXHAUSTED p99")
-    a.set_xticks(list(x), names)
+    a.set_xticks(list(x), names, rotation=60, fontsize=8)
     a.set_ylabel("ms")
     a.set_ylim(0, a.get_ylim()[1] * 1.3)  # room for the legend above the bars
     a.legend(fontsize=8, ncols=2)
     a.set_title("latency by phase")
     b.bar([i - 0.2 for i in x], [r["achieved_rps"] for r in results], 0.4, label="OK / s")
     b.bar([i + 0.2 for i in x], [r["errors"].get("RESOURCE_EXHAUSTED", 0) / r["duration_s"] for r in results], 0.4, label="shed / s")
-    b.set_xticks(list(x), names)
+    b.set_xticks(list(x), names, rotation=60, fontsize=8)
     b.legend()
     b.set_title("throughput by phase")
     fig.tight_layout()
