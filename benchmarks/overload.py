@@ -1,7 +1,7 @@
 """Overload demonstration: load at R, 2R, R/2 (repeated), against a real server with bounded admission.
 
     python -m benchmarks.overload --artifact artifacts/demo --rps auto --cycles 3 \
-        --server-args "--max-in-flight 8 --max-queue 16 --target-latency-ms 20" --out runs/overload
+        --server-args "--max-in-flight 8 --max-queue 16 --target-latency-ms 25" --out runs/overload
     python -m benchmarks.overload --artifact artifacts/demo --rps 100 --server-args "--max-in-flight 8 --max-queue 16"
 
 Shows (JSON + PNG): admitted requests keep their p99 under 2x load, shed requests fail fast with

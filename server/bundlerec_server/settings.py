@@ -56,7 +56,7 @@ class Settings:
     max_in_flight: int = field(default=32, metadata={"help": "calls worked on at once; more wait in the queue"})
     max_queue: int = field(default=64, metadata={"help": "calls allowed to wait for a slot; beyond it RESOURCE_EXHAUSTED at once"})
     queue_target_ms: float = field(default=5.0, metadata={"help": "CoDel target for the admission queue: once even the shortest wait over 100 ms exceeds it, queued calls waiting 2x this long are refused (0 = plain FIFO)"})
-    target_latency_ms: float = field(default=0.0, metadata={"help": "adapt the in-flight limit (AIMD per 100 ms window, up to max_in_flight) so the 90th percentile of admitted calls' latency stays within this (0 = fixed limit)"})
+    target_latency_ms: float = field(default=0.0, metadata={"help": "adapt the in-flight limit (AIMD per 100 ms window, up to max_in_flight) so the 99th percentile of admitted calls' latency (queue wait + whole call) stays within this (0 = fixed limit)"})
     # --- events & reload
     events_db: Path | None = field(default=None, metadata={"help": "SQLite file for RecordEvents (WAL); unset disables events"})
     shared_events: bool = field(default=False, metadata={"help": "read users' recent events from SQLite (set for each of several workers)"})
