@@ -31,7 +31,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import metrics
 from .errors import Overloaded
@@ -48,7 +48,7 @@ CODEL_INTERVAL_S = 0.1
 class _Waiter:
     granted: asyncio.Future[None]
     since: float
-    timer: asyncio.TimerHandle | None = field(default=None)
+    timer: asyncio.TimerHandle | None = None
 
 
 class Admission:
@@ -105,7 +105,7 @@ class Admission:
             raise self._refuse(f"server busy: {self.in_flight} calls in flight and {len(self._waiters)} queued")
         else:
             loop = asyncio.get_running_loop()
-            waiter = _Waiter(loop.create_future(), time.perf_counter())
+            waiter = _Waiter(loop.create_future(), arrived)
             if self.overloaded and self.queue_target_s > 0:  # a standing queue: wait 2 x target, no longer
                 waiter.timer = loop.call_later(2 * self.queue_target_s, self._expire, waiter)
             self._waiters.append(waiter)
