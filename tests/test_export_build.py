@@ -79,7 +79,7 @@ def test_manifest_checksums_and_agreement(artifact):
     fp16 = m["models"]["fp16"]
     assert fp16["cosine_to_fp32"] is not None or fp16["reason"]
     enc = m["encoder"]
-    assert (enc["pooling"], enc["normalize"], enc["max_query_tokens"], enc["max_item_tokens"]) == ("mean", True, 64, 128)
+    assert (enc["pooling"], enc["normalize"], enc["query_truncate_tokens"], enc["max_item_tokens"]) == ("mean", True, 64, 128)
     assert enc["fine_tuned"] is False and enc["item_variant"] == "fp32"
     assert m["index"]["space"] == "cosine" and m["index"]["M"] == 16 and m["index"]["ef_search"] == 64
     assert m["complements"]["from_orders"] is True and m["complements"]["min_support"] == 2 and m["complements"]["min_users"] == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.metrics import split_of as bench_split_of
+from bundlerec_export.evaluation import split_of as bench_split_of
 
 WORDS = ["drill", "hammer", "paint", "brush", "ladder", "faucet", "valve", "pipe", "lamp", "bulb", "screw", "nail",
          "saw", "glue", "tape", "hose", "mower", "rake", "shovel", "tile", "grout", "caulk", "fan", "vent"]

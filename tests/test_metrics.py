@@ -1,17 +1,13 @@
-"""benchmarks.metrics against hand-computed examples, and the query split's determinism/disjointness."""
+"""bundlerec_export.evaluation against hand-computed examples, and the query split's determinism/disjointness."""
 
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.metrics import (  # noqa: E402
+from bundlerec_export.evaluation import (
     SPLITS,
     aggregate,
     dcg,

@@ -37,7 +37,7 @@ def quantize_per_token(src: str | Path, dst: str | Path) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    consts = {
+    consts: dict[str, np.ndarray] = {
         "pt_c127": np.array(127.0, np.float32), "pt_eps": np.array(1e-8, np.float32),
         "pt_c128": np.array(128.0, np.float32), "pt_zp": np.array(128, np.uint8),
         "pt_axes": np.array([-1], np.int64),
