@@ -4,8 +4,8 @@
   states ``last_hidden_state``; mean pooling + L2 normalisation happen in :class:`bundlerec_server.encoder.Encoder`).
   It embeds the catalog.
 * ``model/int8.onnx``: dynamic int8 quantisation of the fp32 graph with **per-channel** weight scales
-  (``ORTQuantizer`` + ``AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)``). Per-tensor
-  scales cost ~3 points of cosine on MiniLM (see the project's field notes). Serves queries on CPU.
+  (``ORTQuantizer`` + ``AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)``). Why
+  per-channel: ``docs/export-notes.md``. Serves queries on CPU.
 * ``model/fp16.onnx``: float16 weights and compute with float32 inputs/outputs
   (``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``). Serves on CUDA.
 * ``model/tokenizer.json``: copied from the base model, used by export and server alike.
