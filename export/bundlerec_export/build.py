@@ -120,8 +120,11 @@ class _Stages:
 
 
 def _merge(into: dict[str, Any], part: Part) -> None:
+    """Deep merge of ``part`` into ``into``; dicts are copied, so a stage's part never aliases the manifest."""
     for key, value in part.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
+        if isinstance(value, dict):
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
             _merge(into[key], value)
         else:
             into[key] = value
