@@ -62,15 +62,20 @@ class BuildConfig:
 
     def as_manifest(self) -> dict[str, Any]:
         """The manifest's ``build_config``: JSON types, ``progress`` left out."""
-        d = asdict(self)
-        for k, v in list(d.items()):
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, tuple):
-                d[k] = list(v)
-        d["finetune_options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in d["finetune_options"].items()}
+        d: dict[str, Any] = to_json(asdict(self))
         d.pop("progress", None)
         return d
+
+
+def to_json(value: Any) -> Any:
+    """``value`` with paths as strings and tuples as lists, through dicts and lists (for manifests and logs)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
 
 
 def defaults() -> dict[str, Any]:

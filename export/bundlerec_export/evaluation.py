@@ -70,9 +70,7 @@ def recall_at_k(
 ) -> float | None:
     """Share of the query's relevant products found in the top k; None when it has none."""
     relevant = _relevant(judgments, threshold)
-    if not relevant:
-        return None
-    return len(relevant.intersection(_dedup(ranked)[:k])) / len(relevant)
+    return len(relevant.intersection(_dedup(ranked)[:k])) / len(relevant) if relevant else None
 
 
 def mrr_at_k(

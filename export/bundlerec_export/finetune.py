@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import to_json
 from .evaluation import Judgments, aggregate, query_metrics, read_judgments, split_of
 from .offline import ensure_offline
 
@@ -94,10 +95,7 @@ class FinetuneConfig:
             raise ValueError("neg_max_rel must be below pos_min_rel")
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k, v in list(d.items()):
-            if isinstance(v, Path):
-                d[k] = str(v)
+        d: dict[str, Any] = to_json(asdict(self))
         return d
 
     def cache_key(self, data_digest: str) -> str:
