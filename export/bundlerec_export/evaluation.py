@@ -1,6 +1,7 @@
 """Retrieval-quality metrics, the deterministic train/dev/test split of queries, and the judgments reader.
 
-Used by fine-tuning (dev metric per epoch), serving tuning (``tune``) and the quality benchmark. Conventions (graded judgments such as Home Depot's 1.0–3.0 scale):
+Used by fine-tuning (dev metric per epoch), serving tuning (``tune``) and the quality benchmark.
+Conventions (graded judgments such as Home Depot's 1.0–3.0 scale):
 
 * NDCG@k: gain = relevance − 1 (clamped at 0), unjudged items gain 0, discount 1/log2(rank + 1);
   the ideal DCG is computed from ALL judged products of the query (not only the retrieved ones).
