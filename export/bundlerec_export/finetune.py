@@ -46,6 +46,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 LOG_FILE = "train_log.json"
 PLOT_FILE = "training.png"
 TRAINING_FILES = (LOG_FILE, PLOT_FILE)  # copied into the artifact
+
+
 # ----------------------------------------------------------------------------------------------- config
 
 

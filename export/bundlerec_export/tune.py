@@ -2,8 +2,9 @@
 
 Runs the artifact's own serving engine in-process (the same encoder graph, HNSW index and BM25 index the
 server will use) over the dev queries, scores dense, lexical, reciprocal rank fusion and a grid of linear
-blends by NDCG@10, and records the winner in ``manifest["serving"]`` (``default_retrieval_mode`` and
-``fusion``), which the server applies. The test split is never looked at here.
+blends by NDCG@10; the winner is ``manifest["serving"]`` (``default_retrieval_mode`` and ``fusion``), which the
+server applies. The build calls ``serving_for_build`` before it writes the manifest; ``tune_serving`` (and this
+command) re-tunes an existing artifact and rewrites its manifest. The test split is never looked at here.
 
     python -m bundlerec_export.tune --artifact artifacts/homedepot --judgments ../shared/data/homedepot/judgments.csv
 """
