@@ -5,10 +5,10 @@
         [--target 127.0.0.1:50061 --label reference ...] --json runs/quality.json --plot runs/quality.png
 
 Judgments: any CSV with columns ``query,product_id,relevance`` (graded; Home Depot 1.0–3.0). Queries are
-grouped by their normalised form and assigned to train/dev/test by ``benchmarks.metrics.split_of``.
+grouped by their normalised form and assigned to train/dev/test by ``bundlerec_export.evaluation.split_of``.
 Every (target, mode) pair is one run: the split's queries go through ``Search(query, k, retrieval_mode)``
 with a small bounded concurrency; hit ids are scored with NDCG@k / Recall@k / MRR@k (see
-benchmarks/metrics.py). A query whose call fails counts as an empty ranking (and is counted under
+``bundlerec_export.evaluation``). A query whose call fails counts as an empty ranking (and is counted under
 ``errors``); a mode the server rejects for every query (FAILED_PRECONDITION / UNIMPLEMENTED /
 INVALID_ARGUMENT) is reported as unsupported. Several runs are shown side by side: table, JSON, bar chart.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import metrics
+from bundlerec_export import evaluation as metrics
 
 MODES = {"default": 0, "dense": 1, "lexical": 2, "hybrid": 3}
 UNSUPPORTED = {"FAILED_PRECONDITION", "UNIMPLEMENTED", "INVALID_ARGUMENT"}
@@ -33,21 +32,7 @@ UNSUPPORTED = {"FAILED_PRECONDITION", "UNIMPLEMENTED", "INVALID_ARGUMENT"}
 
 def read_judgments(path: str | Path) -> dict[str, tuple[str, dict[str, float]]]:
     """normalised query -> (query as first written, {product_id: relevance}); duplicates keep the max."""
-    out: dict[str, tuple[str, dict[str, float]]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"query", "product_id", "relevance"} - set(reader.fieldnames or [])
-        if missing:
-            raise SystemExit(f"{path}: missing columns {sorted(missing)}")
-        for row in reader:
-            raw = row["query"].strip()
-            if not raw:
-                continue
-            key = metrics.normalize_query(raw)
-            _, judged = out.setdefault(key, (raw, {}))
-            pid, rel = row["product_id"].strip(), float(row["relevance"])
-            judged[pid] = max(rel, judged.get(pid, rel))
-    return out
+    return metrics.by_normalized_query(metrics.read_judgments(path))
 
 
 def select_split(judgments: dict[str, tuple[str, dict[str, float]]], split: str) -> list[tuple[str, dict[str, float]]]:
@@ -159,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--k must be 1..100 (the API's limit)")
     modes = args.mode or ["default"]
     labels = args.label + [t for t in args.target[len(args.label):]]
-    judgments = read_judgments(args.judgments)
+    try:
+        judgments = read_judgments(args.judgments)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     queries = select_split(judgments, args.split)
     if args.limit:
         queries = queries[: args.limit]

@@ -79,7 +79,7 @@ def test_manifest_checksums_and_agreement(artifact):
     fp16 = m["models"]["fp16"]
     assert fp16["cosine_to_fp32"] is not None or fp16["reason"]
     enc = m["encoder"]
-    assert (enc["pooling"], enc["normalize"], enc["max_query_tokens"], enc["max_item_tokens"]) == ("mean", True, 64, 128)
+    assert (enc["pooling"], enc["normalize"], enc["query_truncate_tokens"], enc["max_item_tokens"]) == ("mean", True, 64, 128)
     assert enc["fine_tuned"] is False and enc["item_variant"] == "fp32"
     assert m["index"]["space"] == "cosine" and m["index"]["M"] == 16 and m["index"]["ef_search"] == 64
     assert m["complements"]["from_orders"] is True and m["complements"]["min_support"] == 2 and m["complements"]["min_users"] == 2
@@ -192,3 +192,80 @@ def test_real_minilm_on_slice(tmp_path):
     int8 = m["models"]["int8"]["cosine_to_fp32"]
     assert int8["mean"] >= 0.98 and int8["n"] == 200
     assert read_manifest(res.path)["item_count"] == 300
+
+
+def _slice_judgments(path: Path) -> Path:
+    """Queries = the first two words of each slice title (BM25 finds them), every title's product relevant."""
+    import csv
+
+    with open(SLICE / "products.csv", newline="") as src, open(path, "w", newline="") as dst:
+        w = csv.writer(dst)
+        w.writerow(["query", "product_id", "relevance"])
+        for row in csv.DictReader(src):
+            w.writerow([" ".join(row["product_name"].lower().split()[:2]), row["product_id"], 3.0])
+    return path
+
+
+def test_each_stage_returns_its_part_and_the_manifest_is_written_once_with_tuning(tmp_path, tiny_model, monkeypatch):
+    from bundlerec_export import build as B
+    from bundlerec_server import artifact as A
+
+    parts: dict[str, dict] = {}
+    done = B._Stages.done
+
+    def record(self, name, part=None):
+        parts[name] = part or {}
+        done(self, name, part)
+
+    writes: list[dict] = []
+    write_manifest = A.write_manifest
+
+    def record_write(root, manifest):
+        writes.append(json.loads(json.dumps(manifest)))
+        return write_manifest(root, manifest)
+
+    monkeypatch.setattr(B._Stages, "done", record)
+    monkeypatch.setattr(B, "write_manifest", record_write)
+    monkeypatch.setattr(A, "write_manifest", record_write)  # what tune.tune_serving would rewrite with
+    judgments = _slice_judgments(tmp_path / "judgments.csv")
+    # base_model set: fine-tuning is skipped, tuning on the judgments' dev split still runs
+    res = B.build(B.BuildConfig(dataset="instacart", data_dir=SLICE, out=tmp_path / "a", base_model=tiny_model,
+                                min_int8_cosine=0.9, agreement_sample=20, limit=80, progress=False,
+                                finetune_judgments=judgments))
+    m = read_manifest(res.path, verify=True)
+    assert len(writes) == 1 and writes[0]["serving"] == m["serving"] == res.manifest["serving"]
+    assert m["serving"]["tuned_on"]["split"] == "dev" and m["serving"]["tuned_on"]["queries"] > 0
+
+    assert list(parts) == ["load", "export_fp32", "quantize_int8", "quantize_int8_pertoken", "convert_fp16",
+                           "agreement", "embed", "index", "ef_recall", "complements", "lexical", "write", "tune"]
+    assert set(m["timings_s"]) == set(parts) | {"total"}
+    for name in ("load", "embed", "complements", "lexical", "tune"):
+        assert parts[name] and all(m[key] == value for key, value in parts[name].items()), name
+    assert parts["write"] == {}
+    assert {**parts["index"]["index"], **parts["ef_recall"]["index"]} == m["index"]
+    for variant, stage in (("fp32", "export_fp32"), ("int8", "quantize_int8"), ("int8_pertoken", "quantize_int8_pertoken"),
+                           ("fp16", "convert_fp16")):
+        assert set(parts[stage]) == {"models"} and list(parts[stage]["models"]) == [variant]
+        assert {**parts[stage]["models"][variant], **parts["agreement"]["models"][variant]} == m["models"][variant]
+    assert parts["agreement"]["agreement"] == m["agreement"]
+    staged = {key for part in parts.values() for key in part}
+    untimed = {"encoder", "artifact_version", "created_at", "build_config"}
+    assert set(m) == staged | untimed | {"timings_s", "files", "format_version"}
+    assert m["encoder"]["query_truncate_tokens"] == 64 and "max_query_tokens" not in m["encoder"]
+
+
+def test_cli_defaults_are_build_config_defaults():
+    from dataclasses import fields
+
+    from bundlerec_export.build import BuildConfig
+    from bundlerec_export.cli import _parser, config_from_args
+
+    args = _parser().parse_args(["--dataset", "instacart", "--data-dir", "d", "--out", "o"])
+    cfg = config_from_args(args, None)
+    assert cfg == BuildConfig(dataset="instacart", data_dir=Path("d"), out=Path("o"))
+    args = _parser().parse_args(["--dataset", "csv", "--catalog", "c.csv", "--out", "o", "--batch-size", "8",
+                                 "--no-lexical", "--hnsw-m", "32", "--related-band", "0.1", "0.9", "-q"])
+    cfg = config_from_args(args, Path("j.csv"))
+    assert (cfg.embed_batch_size, cfg.lexical, cfg.hnsw_m, cfg.related_band, cfg.progress) == (8, False, 32, (0.1, 0.9), False)
+    assert cfg.finetune_judgments == Path("j.csv") and cfg.catalog == Path("c.csv")
+    assert {f.name for f in fields(BuildConfig)} >= {"min_int8_cosine", "ef_search", "finetune_epochs"}

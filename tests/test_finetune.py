@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.metrics import split_of as bench_split_of
+from bundlerec_export.evaluation import split_of as bench_split_of
 
 WORDS = ["drill", "hammer", "paint", "brush", "ladder", "faucet", "valve", "pipe", "lamp", "bulb", "screw", "nail",
          "saw", "glue", "tape", "hose", "mower", "rake", "shovel", "tile", "grout", "caulk", "fan", "vent"]
@@ -246,3 +246,30 @@ def test_cli_finetune_flags(tmp_path):
         ["--dataset", "icecat", "--data-dir", str(hd), "--out", "x", "--finetune"])) == hd / "judgments.csv"
     assert _finetune_judgments(_parser().parse_args(
         ["--dataset", "csv", "--catalog", "c.csv", "--out", "x", "--finetune", "j.csv"])) == Path("j.csv")
+
+
+def test_train_query_tokens_rename_keeps_old_caches_and_logs(tmp_path):
+    """``max_query_tokens`` became ``train_query_tokens``: the cache key is the one computed before the rename
+    (so a cached model is reused), and an old ``train_log.json`` still yields the manifest's settings."""
+    from bundlerec_export.finetune import FinetuneConfig, summary, upgrade_settings
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    cfg = FinetuneConfig(judgments=Path("j.csv"), out=Path("."), base_model=model)
+    assert cfg.train_query_tokens == 32
+    assert cfg.cache_key("data") == "7bf2686488e5677a"  # computed by the code before the rename
+    assert FinetuneConfig(judgments=Path("j.csv"), out=Path("."), base_model=model, train_query_tokens=24) \
+        .cache_key("data") != cfg.cache_key("data")
+    assert upgrade_settings({"max_query_tokens": 24, "epochs": 1}) == {"train_query_tokens": 24, "epochs": 1}
+    old_log = {"config": {"epochs": 1, "max_query_tokens": 32}, "split_sizes": {}, "train_queries_used": 1,
+               "steps": 1, "seconds": {"total": 1.0}, "loss": [1.0], "epochs": []}
+    assert summary(old_log)["settings"] == {"epochs": 1, "train_query_tokens": 32}
+
+
+def test_split_and_metrics_come_from_the_export_package():
+    import bundlerec_export.finetune as ft
+    from bundlerec_export import evaluation
+
+    assert ft.split_of is evaluation.split_of and ft.read_judgments is evaluation.read_judgments
+    assert not hasattr(ft, "REPO_ROOT") and not hasattr(ft, "_metrics_module")

@@ -1,17 +1,13 @@
-"""benchmarks.metrics against hand-computed examples, and the query split's determinism/disjointness."""
+"""bundlerec_export.evaluation against hand-computed examples, and the query split's determinism/disjointness."""
 
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.metrics import (  # noqa: E402
+from bundlerec_export.evaluation import (
     SPLITS,
     aggregate,
     dcg,
@@ -182,3 +178,62 @@ if given is not None:
         m = query_metrics(ranked, judged, k=5)
         for v in m.values():
             assert v is None or 0.0 <= v <= 1.0 + 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- judgments reader
+
+
+def _judgments_csv(path, rows, header=("query", "product_id", "relevance")):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_read_judgments_keeps_queries_as_written_and_the_higher_duplicate(tmp_path):
+    from bundlerec_export.evaluation import read_judgments
+
+    path = _judgments_csv(tmp_path / "j.csv", [
+        (" Angle Bracket ", " p1 ", "3.0"), ("angle  bracket", "p1", "1.0"), ("angle  bracket", "p2", "2.5"),
+        ("  ", "p3", "3"), ("drill", "p4", "1.67"), ("drill", "p4", "2.33"), ("drill", "p4", "2.0"),
+    ])
+    j = read_judgments(path)
+    assert list(j) == ["Angle Bracket", "angle  bracket", "drill"]  # file order, stripped, empty query skipped
+    assert j["Angle Bracket"] == {"p1": 3.0}
+    assert j["angle  bracket"] == {"p1": 1.0, "p2": 2.5}
+    assert j["drill"] == {"p4": 2.33}  # a pair listed three times keeps the highest relevance
+
+
+def test_read_judgments_missing_column(tmp_path):
+    from bundlerec_export.evaluation import read_judgments
+
+    path = _judgments_csv(tmp_path / "j.csv", [("q", "p")], header=("query", "product_id"))
+    with pytest.raises(ValueError, match=r"missing columns \['relevance'\]"):
+        read_judgments(path)
+
+
+def test_by_normalized_query_merges_spellings(tmp_path):
+    from bundlerec_export.evaluation import by_normalized_query, read_judgments
+
+    path = _judgments_csv(tmp_path / "j.csv", [
+        (" Angle Bracket ", "p1", "3.0"), ("angle  bracket", "p1", "1.0"), ("angle  bracket", "p2", "2.5"),
+        ("drill", "p4", "2"),
+    ])
+    merged = by_normalized_query(read_judgments(path))
+    assert merged == {"angle bracket": ("Angle Bracket", {"p1": 3.0, "p2": 2.5}), "drill": ("drill", {"p4": 2.0})}
+    assert {split_of(k) for k in merged} <= set(SPLITS)
+
+
+def test_benchmarks_quality_reads_through_the_export_reader(tmp_path):
+    from benchmarks import metrics as bench_metrics
+    from benchmarks import quality
+    from bundlerec_export import evaluation
+
+    path = _judgments_csv(tmp_path / "j.csv", [("Drill ", "p1", "3"), ("drill", "p2", "1.5"), ("saw", "p3", "2")])
+    assert quality.read_judgments(path) == evaluation.by_normalized_query(evaluation.read_judgments(path))
+    assert quality.select_split(quality.read_judgments(path), "all") == [("Drill", {"p1": 3.0, "p2": 1.5}),
+                                                                         ("saw", {"p3": 2.0})]
+    assert bench_metrics.ndcg_at_k is evaluation.ndcg_at_k and bench_metrics.split_of is evaluation.split_of

@@ -9,7 +9,7 @@ from conftest import ServerThread, build_tiny_artifact, server_settings
 
 from bundlerec import Client
 from bundlerec.v1 import bundlerec_pb2 as pb
-from bundlerec_export.finetune import split_of
+from bundlerec_export.evaluation import split_of
 from bundlerec_export.tune import tune_serving
 
 

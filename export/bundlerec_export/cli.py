@@ -20,11 +20,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from bundlerec_export.config import BuildConfig, defaults
 from bundlerec_export.datasets import DATASETS, DatasetError
+from bundlerec_export.offline import ensure_offline
 
 
 def _parser() -> argparse.ArgumentParser:
+    d = defaults()  # every default comes from BuildConfig
     p = argparse.ArgumentParser(prog="bundlerec-export", description="Build a bundlerec serving artifact.")
     p.add_argument("--dataset", required=True, choices=DATASETS)
     src = p.add_mutually_exclusive_group(required=True)
@@ -33,33 +37,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", type=Path, help="orders CSV basket_id,item_id[,user_id] (csv/jsonl only)")
     p.add_argument("--out", required=True, type=Path, help="artifact folder (replaced atomically on success)")
     p.add_argument("--base-model", type=Path, help="Hugging Face model folder (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--limit", type=int, help="keep only the first N items")
-    p.add_argument("--min-int8-cosine", type=float, default=0.98, help="fail below this int8 mean cosine to fp32")
-    p.add_argument("--agreement-sample", type=int, default=200, help="titles used to measure agreement")
-    p.add_argument("--min-support", type=int, default=2, help="baskets a complement pair needs")
-    p.add_argument("--top-k", type=int, default=20, help="complements kept per item")
-    p.add_argument("--shrinkage", type=float, default=50.0, help="NPMI shrinkage: score *= c/(c+shrinkage)")
-    p.add_argument("--min-users", type=int, default=2, help="distinct shoppers a complement pair needs (basket evidence)")
-    p.add_argument("--user-level-evidence", action="store_true",
+    p.add_argument("--limit", type=int, default=d["limit"], help="keep only the first N items")
+    p.add_argument("--min-int8-cosine", type=float, default=d["min_int8_cosine"],
+                   help="fail below this int8 mean cosine to fp32")
+    p.add_argument("--agreement-sample", type=int, default=d["agreement_sample"], help="titles used to measure agreement")
+    p.add_argument("--min-support", type=int, default=d["min_support"], help="baskets a complement pair needs")
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="complements kept per item")
+    p.add_argument("--shrinkage", type=float, default=d["shrinkage"], help="NPMI shrinkage: score *= c/(c+shrinkage)")
+    p.add_argument("--min-users", type=int, default=d["min_users"],
+                   help="distinct shoppers a complement pair needs (basket evidence)")
+    p.add_argument("--user-level-evidence", action="store_true", default=d["user_level_evidence"],
                    help="count co-occurrence once per user instead of per basket")
-    p.add_argument("--related-band", type=float, nargs=2, default=(0.45, 0.85), metavar=("LO", "HI"),
+    p.add_argument("--related-band", type=float, nargs=2, default=d["related_band"], metavar=("LO", "HI"),
                    help="cosine band of content-based related items (datasets without baskets)")
-    p.add_argument("--ef-search", type=int, default=64)
-    p.add_argument("--hnsw-m", type=int, default=16, help="HNSW links per node (higher: better recall, bigger index)")
-    p.add_argument("--batch-size", type=int, default=64, help="catalog embedding batch size")
-    p.add_argument("--threads", type=int, default=0, help="ORT/hnswlib threads (0: library default)")
-    p.add_argument("--no-lexical", action="store_true", help="skip the bm25s lexical index")
+    p.add_argument("--ef-search", type=int, default=d["ef_search"])
+    p.add_argument("--hnsw-m", type=int, default=d["hnsw_m"],
+                   help="HNSW links per node (higher: better recall, bigger index)")
+    p.add_argument("--batch-size", type=int, default=d["embed_batch_size"], dest="embed_batch_size",
+                   help="catalog embedding batch size")
+    p.add_argument("--threads", type=int, default=d["threads"], help="ORT/hnswlib threads (0: library default)")
+    p.add_argument("--no-lexical", action="store_false", dest="lexical", default=d["lexical"],
+                   help="skip the bm25s lexical index")
     ft = p.add_mutually_exclusive_group()
     ft.add_argument("--finetune", nargs="?", const="", default=None, metavar="JUDGMENTS",
                     help="fine-tune the encoder on a judgments CSV query,product_id,relevance first "
                          "(default file: <data-dir>/judgments.csv; on by default for homedepot)")
     ft.add_argument("--no-finetune", action="store_true", help="do not fine-tune (homedepot's default is to)")
-    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs")
+    p.add_argument("--finetune-epochs", type=int, default=d["finetune_epochs"], help="fine-tuning epochs")
     p.add_argument("--finetune-cache", type=Path, help="folder of cached fine-tuned models (default <out>.work)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+# BuildConfig fields set from the option of the same name (dest)
+_CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
+                   "agreement_sample", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
+                   "ef_search", "hnsw_m", "embed_batch_size", "threads", "lexical", "finetune_epochs", "finetune_cache")
+
+
+def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:
+    return BuildConfig(**{name: getattr(args, name) for name in _CONFIG_OPTIONS},
+                       related_band=(args.related_band[0], args.related_band[1]),
+                       progress=not args.no_progress and not args.quiet, finetune_judgments=judgments)
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -71,7 +92,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets DEBUG on itself
 
 
-def _fmt_agree(entry: dict) -> str:
+def _fmt_agree(entry: dict[str, Any]) -> str:
     c = entry.get("cosine_to_fp32")
     if c is None:
         return f"n/a ({(entry.get('reason') or '')[:80]})"
@@ -87,11 +108,12 @@ def _finetune_judgments(args: argparse.Namespace) -> Path | None:
     if args.finetune == "" or (args.dataset == "homedepot" and args.base_model is None):
         if args.data_dir is None:
             _parser().error("--finetune without a file needs --data-dir (its judgments.csv)")
-        return args.data_dir / "judgments.csv"
+        return Path(args.data_dir) / "judgments.csv"
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    ensure_offline()
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     if args.dataset in ("csv", "jsonl") and args.catalog is None and args.data_dir is None:
@@ -105,18 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if judgments is not None and args.base_model is not None:
         _parser().error("--base-model and fine-tuning exclude each other (add --no-finetune)")
 
-    from bundlerec_export.build import BuildConfig, BuildError, build
+    from bundlerec_export.build import BuildError, build
     from bundlerec_export.onnx_export import ExportError
 
-    cfg = BuildConfig(
-        dataset=args.dataset, out=args.out, data_dir=args.data_dir, catalog=args.catalog, orders=args.orders,
-        base_model=args.base_model, limit=args.limit, min_int8_cosine=args.min_int8_cosine,
-        agreement_sample=args.agreement_sample, min_support=args.min_support, top_k=args.top_k,
-        shrinkage=args.shrinkage, user_level_evidence=args.user_level_evidence, min_users=args.min_users, related_band=tuple(args.related_band), ef_search=args.ef_search, hnsw_m=args.hnsw_m,
-        embed_batch_size=args.batch_size, threads=args.threads, lexical=not args.no_lexical,
-        progress=not args.no_progress and not args.quiet, finetune_judgments=judgments,
-        finetune_epochs=args.finetune_epochs, finetune_cache=args.finetune_cache,
-    )
+    cfg = config_from_args(args, judgments)
     try:
         result = build(cfg)
     except (DatasetError, BuildError, ExportError) as exc:

@@ -29,6 +29,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Source:
     sha256: str
     rows: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "rows": self.rows}
 
 
@@ -116,7 +117,8 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
             yield reader.line_num, row
 
 
-def _parse_price(raw, path: Path, line: int) -> float | None:
+def _parse_price(raw: Any, path: Path, line: int) -> float | None:
+    """``raw``: a CSV cell or a JSON value."""
     if raw is None or (isinstance(raw, str) and raw.strip() == ""):
         return None
     try:
@@ -141,9 +143,9 @@ class _ItemCollector:
     def full(self) -> bool:
         return self.limit is not None and len(self.items) >= self.limit
 
-    def add(self, line: int, item_id, title, category="", price=None) -> None:
+    def add(self, line: int, raw_id: object, raw_title: object, category: object = "", price: float | None = None) -> None:
         self.rows += 1
-        item_id = "" if item_id is None else str(item_id).strip()
+        item_id = "" if raw_id is None else str(raw_id).strip()
         if not item_id:
             raise DatasetError(f"{self.path}:{line}: empty item id")
         if item_id in self.first_line:
@@ -151,7 +153,7 @@ class _ItemCollector:
                 f"{self.path}:{line}: duplicate item id {item_id!r} (first seen on line {self.first_line[item_id]})"
             )
         self.first_line[item_id] = line
-        title = " ".join(str(title or "").split())
+        title = " ".join(str(raw_title or "").split())
         if not title:
             self.skipped += 1
             return
@@ -243,7 +245,8 @@ def _dedup(ids: list[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _finish(name: str, items, skipped, baskets, dropped, sources) -> Dataset:
+def _finish(name: str, items: list[Item], skipped: int, baskets: list[Basket], dropped: int,
+            sources: list[Source]) -> Dataset:
     if dropped:
         logger.warning("%s: dropped %d basket line(s) naming items outside the catalog", name, dropped)
     ds = Dataset(name, items, [b for b in baskets if b.items], sources, skipped, dropped)

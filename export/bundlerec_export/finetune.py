@@ -1,41 +1,11 @@
 """Fine-tune the query/title bi-encoder (all-MiniLM-L6-v2) on graded query-product judgments, on CPU.
 
-Plain torch + transformers (no sentence-transformers): mean pooling + L2 normalisation exactly like the serving
-:class:`bundlerec_server.encoder.Encoder`, so the ONNX export of the result serves without skew.
-
-Data and split
-    judgments CSV ``query,product_id,relevance`` (Home Depot: 1.0-3.0, the mean of raters) and a catalog
-    ``product_id,title``. Queries are split with ``benchmarks.metrics.split_of`` (stable hash of the normalised
-    query, 80/10/10); only ``train`` queries are ever trained on; ``dev`` is evaluated per epoch; ``test`` is
-    never touched here.
-
-Examples (one per train query per epoch)
-    * positive: a judged product with relevance >= ``pos_min_rel`` (2.33), sampled with weight
-      (relevance - 1) ** ``pos_weight_power`` (graded relevance: a 3.0 product is drawn 1.5x as often as a 2.33);
-    * ``hard_negatives`` hard negatives: judged low-relevance products (relevance <= ``neg_max_rel``) with
-      probability ``p_judged_negative`` when the query has any, else BM25 (bm25s, stemmed) top-``bm25_k``
-      titles of the query. Never a product of the query judged above ``neg_max_rel`` and never a product whose
-      (normalised) title equals the title of such a product (catalog duplicates);
-    * query-side typo noise: with probability ``typo_prob`` one edit (swap/delete/insert/replace) in one word
-      of >= 4 letters.
-
-Loss
-    MultipleNegativesRanking (InfoNCE) with temperature ``temperature`` (0.05): each query against every
-    document of the batch (all positives + all hard negatives). In-batch candidates that are judged above
-    ``neg_max_rel`` for that query, or share the title of its positive, are masked out (false negatives).
-
-Evaluation
-    dense NDCG@10 (and Recall@10, MRR@10; ``benchmarks.metrics``) of the dev queries after each epoch, in
-    process with the current torch model, over a SUBSAMPLE catalog: every product judged for a dev query plus
-    ``eval_random_products`` (10,000) fixed random others (seeded), because embedding all 54,667 titles in
-    torch takes ~5 min on 2 cores. BM25 on the same subsample is logged once as the reference. Figures on the
-    subsample are higher than on the full catalog (fewer distractors): compare them with each other only.
-
-Outputs (``out``)
-    an HF model folder (``save_pretrained`` + tokenizer files), ``train_log.json`` (per-step loss, per-epoch dev
-    metrics, config, seconds, split sizes) and ``training.png`` (loss per step + dev NDCG@10 per epoch).
-
-Reproducible: seeds fixed (python, numpy, torch), fixed thread count, data order from a seeded RNG.
+Plain torch + transformers, mean pooling + L2 normalisation exactly like the serving
+:class:`bundlerec_server.encoder.Encoder`, so the ONNX export of the result serves without skew. Only ``train``
+queries of :func:`bundlerec_export.evaluation.split_of` are trained on (InfoNCE over in-batch + hard negatives,
+false negatives masked); ``dev`` is scored per epoch on a subsample catalog; ``test`` is never read. Writes an
+HF model folder, ``train_log.json`` and ``training.png`` into ``out``. Seeds, threads and data order are fixed.
+The sampling, loss and evaluation choices are described in ``docs/export-notes.md``.
 
     python -m bundlerec_export.finetune --judgments ../shared/data/homedepot/judgments.csv \\
         --products ../shared/data/homedepot/products.csv --out /tmp/ft [--epochs 2 ...]
@@ -46,11 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -59,47 +27,25 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from .config import to_json
+from .evaluation import Judgments, aggregate, query_metrics, read_judgments, split_of
+from .offline import ensure_offline
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FinetuneConfig", "finetune", "read_judgments", "split_of", "summary"]
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 LOG_FILE = "train_log.json"
 PLOT_FILE = "training.png"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-def _metrics_module():
-    """``benchmarks.metrics`` (split + metrics): imported, or loaded from the repo checkout by file path."""
-    try:
-        import benchmarks.metrics as m  # noqa: PLC0415
-
-        return m
-    except ImportError:
-        pass
-    path = REPO_ROOT / "benchmarks" / "metrics.py"
-    name = "bundlerec_benchmarks_metrics"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None or not path.is_file():
-        raise ImportError(f"benchmarks/metrics.py not found at {path}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def split_of(query: str) -> str:
-    return _metrics_module().split_of(query)
+TRAINING_FILES = (LOG_FILE, PLOT_FILE)  # copied into the artifact
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -117,7 +63,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     temperature: float = 0.05
-    max_query_tokens: int = 32
+    train_query_tokens: int = 32  # query truncation in training and dev evaluation (serving truncates at 64)
     max_title_tokens: int = 48
     pos_min_rel: float = 2.33  # positives: relevance >= this
     pos_weight_power: float = 1.0  # positive sampling weight (relevance - 1) ** power
@@ -133,7 +79,7 @@ class FinetuneConfig:
     eval_before: bool = False  # also evaluate the base model (epoch 0) on dev
     eval_random_products: int = 10_000
     eval_batch_size: int = 128
-    dev_fraction: float = 0.1  # passed to split_of: must match benchmarks' defaults to keep the split
+    dev_fraction: float = 0.1  # passed to split_of: must match the evaluation defaults to keep the split
     test_fraction: float = 0.1
     progress: bool = True
     plot: bool = True
@@ -151,10 +97,7 @@ class FinetuneConfig:
             raise ValueError("neg_max_rel must be below pos_min_rel")
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k, v in list(d.items()):
-            if isinstance(v, Path):
-                d[k] = str(v)
+        d: dict[str, Any] = to_json(asdict(self))
         return d
 
     def cache_key(self, data_digest: str) -> str:
@@ -162,9 +105,24 @@ class FinetuneConfig:
         d = self.as_dict()
         for k in ("judgments", "out", "products", "progress", "plot"):
             d.pop(k, None)
+        for old, new in LEGACY_SETTINGS.items():  # hashed under the old name: caches from before the rename stay valid
+            d[old] = d.pop(new)
         d["base_model"] = _model_digest(self.base_model or _default_base_model())
         d["data"] = data_digest
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+LEGACY_SETTINGS = {"max_query_tokens": "train_query_tokens"}  # old name -> FinetuneConfig field
+
+
+def upgrade_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Fine-tune settings (``FinetuneConfig`` keyword arguments or a logged config) with old names renamed."""
+    out = dict(settings)
+    for old, new in LEGACY_SETTINGS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 def _default_base_model() -> Path:
@@ -194,22 +152,6 @@ def file_digest(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-def read_judgments(path: Path) -> dict[str, dict[str, float]]:
-    """query -> {product_id: relevance}; the query text as written (split uses its normalised form)."""
-    out: dict[str, dict[str, float]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"query", "product_id", "relevance"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}")
-        for row in reader:
-            q = row["query"].strip()
-            if not q:
-                continue
-            out.setdefault(q, {})[row["product_id"].strip()] = float(row["relevance"])
-    return out
 
 
 def read_titles(path: Path) -> dict[str, str]:
@@ -253,10 +195,9 @@ class Splits:
 
 
 def split_judgments(judgments: Mapping[str, Mapping[str, float]], dev: float = 0.1, test: float = 0.1) -> Splits:
-    m = _metrics_module()
-    parts: dict[str, dict[str, dict[str, float]]] = {"train": {}, "dev": {}, "test": {}}
+    parts: dict[str, Judgments] = {"train": {}, "dev": {}, "test": {}}
     for q, j in judgments.items():
-        parts[m.split_of(q, dev=dev, test=test)][q] = dict(j)
+        parts[split_of(q, dev=dev, test=test)][q] = dict(j)
     return Splits(**parts)
 
 
@@ -278,7 +219,7 @@ def build_training_queries(
     return out
 
 
-def _bm25_tokenize(texts: Sequence[str]):
+def _bm25_tokenize(texts: Sequence[str]) -> Any:
     import bm25s
     import Stemmer
 
@@ -386,16 +327,19 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model(path: Path):
+def load_model(path: Path) -> tuple[Any, Any]:
+    """(tokenizer, model) of a local Hugging Face folder."""
+    ensure_offline()
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    # transformers does not annotate AutoTokenizer.from_pretrained
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)  # type: ignore[no-untyped-call]
     # the pooler (if any) is unused by mean pooling: it gets no gradient and is saved unchanged
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
     return tok, model
 
 
-def embed(model, tok, texts: Sequence[str], max_length: int):
+def embed(model: Any, tok: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
     """Mean pooling under the attention mask + L2 normalisation (as the serving Encoder)."""
     import torch
 
@@ -408,13 +352,13 @@ def embed(model, tok, texts: Sequence[str], max_length: int):
     return torch.nn.functional.normalize(pooled, p=2, dim=-1)
 
 
-def _model_inputs(model) -> set[str]:
+def _model_inputs(model: Any) -> set[str]:
     import inspect
 
     return set(inspect.signature(model.forward).parameters)
 
 
-def embed_many(model, tok, texts: Sequence[str], max_length: int, batch_size: int, progress: bool = False,
+def embed_many(model: Any, tok: Any, texts: Sequence[str], max_length: int, batch_size: int, progress: bool = False,
                desc: str = "embed") -> np.ndarray:
     """Eval-mode embeddings in length-sorted batches; rows in input order."""
     import torch
@@ -439,7 +383,8 @@ def embed_many(model, tok, texts: Sequence[str], max_length: int, batch_size: in
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
-def contrastive_loss(q, d, labels, mask, temperature: float):
+def contrastive_loss(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
     """InfoNCE: q (B, dim), d (N, dim) normalised; labels (B,) index of each query's positive in d;
     mask (B, N) bool True where a candidate must not count (false negative)."""
     import torch
@@ -449,7 +394,8 @@ def contrastive_loss(q, d, labels, mask, temperature: float):
     return torch.nn.functional.cross_entropy(scores, labels)
 
 
-def batch_tensors(batch: list[Example], qdata: list[QueryData], titles: Mapping[str, str]):
+def batch_tensors(batch: list[Example], qdata: list[QueryData],
+                  titles: Mapping[str, str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Documents (positives first, then negatives), labels and the false-negative mask of one batch."""
     import torch
 
@@ -496,14 +442,13 @@ def make_dev_set(dev: Mapping[str, Mapping[str, float]], titles: Mapping[str, st
 
 
 def score_rankings(rankings: Sequence[Sequence[str]], judgments: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    m = _metrics_module()
-    return m.aggregate(m.query_metrics(r, j, 10) for r, j in zip(rankings, judgments))
+    return dict(aggregate(query_metrics(r, j, 10) for r, j in zip(rankings, judgments)))
 
 
-def evaluate_dense(model, tok, ds: DevSet, cfg: FinetuneConfig) -> dict[str, Any]:
+def evaluate_dense(model: Any, tok: Any, ds: DevSet, cfg: FinetuneConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     d = embed_many(model, tok, ds.doc_titles, cfg.max_title_tokens, cfg.eval_batch_size, cfg.progress, "dev catalog")
-    q = embed_many(model, tok, ds.queries, cfg.max_query_tokens, cfg.eval_batch_size)
+    q = embed_many(model, tok, ds.queries, cfg.train_query_tokens, cfg.eval_batch_size)
     rankings = []
     for s in range(0, len(q), 256):
         sc = q[s:s + 256] @ d.T
@@ -530,6 +475,7 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
 
 def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Path:
     """Trains, writes the model folder + ``train_log.json`` + ``training.png`` into ``cfg.out``; returns it."""
+    ensure_offline()
     import torch
 
     t_start = time.perf_counter()
@@ -607,11 +553,11 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
                 if len(batch) < 2:
                     continue
                 docs, labels, mask = batch_tensors(batch, qdata, titles)
-                qv = embed(model, tok, [ex.query for ex in batch], cfg.max_query_tokens)
+                qv = embed(model, tok, [ex.query for ex in batch], cfg.train_query_tokens)
                 dv = embed(model, tok, [titles[p] for p in docs], cfg.max_title_tokens)
                 loss = contrastive_loss(qv, dv, labels, mask, cfg.temperature)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch.Tensor.backward is not annotated
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
@@ -676,9 +622,9 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
 
 def summary(log: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest's ``encoder.training``: dev metric per epoch, seconds, split sizes and key settings."""
-    c = log["config"]
+    c = upgrade_settings(log["config"])
     return {
-        "split": "benchmarks.metrics.split_of (80/10/10 by stable hash of the normalised query)",
+        "split": "bundlerec_export.evaluation.split_of (80/10/10 by stable hash of the normalised query)",
         "split_sizes": log["split_sizes"],
         "train_queries_used": log["train_queries_used"],
         "steps": log["steps"],
@@ -688,7 +634,7 @@ def summary(log: Mapping[str, Any]) -> dict[str, Any]:
         "dev_per_epoch": [{"epoch": e["epoch"], **({"ndcg@10": e["dev"]["ndcg"], "recall@10": e["dev"]["recall"],
                                                      "mrr@10": e["dev"]["mrr"]} if "dev" in e else {})}
                           for e in log["epochs"]],
-        "settings": {k: c[k] for k in ("epochs", "batch_size", "lr", "temperature", "max_query_tokens",
+        "settings": {k: c[k] for k in ("epochs", "batch_size", "lr", "temperature", "train_query_tokens",
                                        "max_title_tokens", "pos_min_rel", "neg_max_rel", "hard_negatives",
                                        "typo_prob", "seed") if k in c},
         "loss": "in-batch + hard negatives InfoNCE (MultipleNegativesRanking), false negatives masked",
@@ -740,7 +686,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--products", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--base-model", type=Path)
-    for name in ("epochs", "batch_size", "lr", "temperature", "max_query_tokens", "max_title_tokens", "pos_min_rel",
+    for name in ("epochs", "batch_size", "lr", "temperature", "train_query_tokens", "max_title_tokens", "pos_min_rel",
                  "neg_max_rel", "hard_negatives", "p_judged_negative", "bm25_k", "typo_prob", "seed", "threads",
                  "max_steps", "eval_random_products", "warmup_ratio", "weight_decay"):
         default = getattr(d, name)
@@ -753,6 +699,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    ensure_offline()
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bundlerec_export").setLevel(logging.INFO)

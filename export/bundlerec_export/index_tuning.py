@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import hnswlib
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +29,11 @@ def pseudo_queries(titles: Sequence[str], n: int, seed: int = 0) -> list[str]:
     return [" ".join(titles[i].split()[:2]) or titles[i] for i in picks]
 
 
-def recall_table(index, emb: np.ndarray, queries: np.ndarray, k: int, candidates: Sequence[int] = EF_CANDIDATES) -> list[dict]:
+RecallRow = dict[str, Any]  # ef, k, recall, ms_per_query
+
+
+def recall_table(index: hnswlib.Index, emb: np.ndarray, queries: np.ndarray, k: int,
+                 candidates: Sequence[int] = EF_CANDIDATES) -> list[RecallRow]:
     k = min(k, len(emb))
     exact = np.argsort(-(queries @ emb.T), axis=1)[:, :k]
     rows = []
@@ -39,8 +47,8 @@ def recall_table(index, emb: np.ndarray, queries: np.ndarray, k: int, candidates
     return rows
 
 
-def choose_ef(table: list[dict], target: float = 0.98) -> int:
+def choose_ef(table: list[RecallRow], target: float = 0.98) -> int:
     for row in table:
         if row["recall"] >= target:
-            return row["ef"]
-    return table[-1]["ef"]
+            return int(row["ef"])
+    return int(table[-1]["ef"])

@@ -4,8 +4,8 @@
   states ``last_hidden_state``; mean pooling + L2 normalisation happen in :class:`bundlerec_server.encoder.Encoder`).
   It embeds the catalog.
 * ``model/int8.onnx``: dynamic int8 quantisation of the fp32 graph with **per-channel** weight scales
-  (``ORTQuantizer`` + ``AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)``). Per-tensor
-  scales cost ~3 points of cosine on MiniLM (see the project's field notes). Serves queries on CPU.
+  (``ORTQuantizer`` + ``AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)``). Why
+  per-channel: ``docs/export-notes.md``. Serves queries on CPU.
 * ``model/fp16.onnx``: float16 weights and compute with float32 inputs/outputs
   (``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``). Serves on CUDA.
 * ``model/tokenizer.json``: copied from the base model, used by export and server alike.
@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from bundlerec_server.artifact import MODEL_FILES, TOKENIZER
 
-from bundlerec_server.artifact import MODEL_FILES, TOKENIZER  # noqa: E402
+from .offline import ensure_offline
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ def default_base_model() -> Path:
 
 def export_fp32(base_model: Path, model_dir: Path) -> Path:
     """Optimum ``main_export`` of ``base_model`` into ``model_dir/fp32.onnx``; copies tokenizer.json."""
+    ensure_offline()
     from optimum.exporters.onnx import main_export
 
     base_model = Path(base_model)
@@ -81,6 +81,7 @@ def quantize_int8(fp32_path: Path, config_from: Path | None = None) -> Path:
     """Dynamic int8, per-channel weight scales (avx512_vnni config) -> ``model/int8.onnx``.
 
     ``config_from``: the base model folder, whose config.json the quantizer likes to see (else it warns)."""
+    ensure_offline()
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
@@ -138,7 +139,7 @@ class Agreement:
     batch_max_abs_diff: float | None = None
 
     def as_dict(self) -> dict[str, Any] | None:
-        if self.mean is None:
+        if self.mean is None or self.min is None:
             return None
         out = {"mean": round(self.mean, 6), "min": round(self.min, 6), "n": self.n}
         if self.batch_max_abs_diff is not None:

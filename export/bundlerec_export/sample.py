@@ -55,7 +55,7 @@ def derive(src: Path, out: Path, *, orders: int = 6000, min_count: int = 2, max_
         items_header = next(reader)
         ioid, ipid = items_header.index("order_id"), items_header.index("product_id")
         lines = [row for row in reader if row[ioid] in taken]
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for pid in {(r[ioid], r[ipid]) for r in lines}:
         counts[pid[1]] += 1
     keep = [p for p, c in counts.items() if c >= min_count]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from .offline import ensure_offline
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -15,6 +13,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 def make_tiny_bert(out_dir: str | Path, seed: int = 0, base_model: str | Path | None = None) -> Path:
     """Writes a seeded BertModel (hidden 32, 2 layers, 2 heads, intermediate 64, MiniLM vocabulary) plus the
     MiniLM tokenizer files into ``out_dir``; returns ``out_dir``."""
+    ensure_offline()
     import torch
     from tokenizers import Tokenizer
     from transformers import BertConfig, BertModel
@@ -25,17 +24,17 @@ def make_tiny_bert(out_dir: str | Path, seed: int = 0, base_model: str | Path | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = Tokenizer.from_file(str(base / "tokenizer.json")).get_vocab_size()
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[no-untyped-call]  # transformers does not annotate its constructors
         vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=512, type_vocab_size=2,
     )
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)
+        model = BertModel(config, add_pooling_layer=False)  # type: ignore[no-untyped-call]  # as above
     finally:
         torch.random.set_rng_state(state)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]  # torch.nn.Module.eval is not annotated in this torch
     model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (base / name).is_file():

@@ -2,8 +2,9 @@
 
 Runs the artifact's own serving engine in-process (the same encoder graph, HNSW index and BM25 index the
 server will use) over the dev queries, scores dense, lexical, reciprocal rank fusion and a grid of linear
-blends by NDCG@10, and records the winner in ``manifest["serving"]`` (``default_retrieval_mode`` and
-``fusion``), which the server applies. The test split is never looked at here.
+blends by NDCG@10; the winner is ``manifest["serving"]`` (``default_retrieval_mode`` and ``fusion``), which the
+server applies. The build calls ``serving_for_build`` before it writes the manifest; ``tune_serving`` (and this
+command) re-tunes an existing artifact and rewrites its manifest. The test split is never looked at here.
 
     python -m bundlerec_export.tune --artifact artifacts/homedepot --judgments ../shared/data/homedepot/judgments.csv
 """
@@ -13,8 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .evaluation import aggregate, query_metrics, read_judgments, split_of
+from .offline import ensure_offline
+
+if TYPE_CHECKING:
+    from bundlerec_server.domain import Mode
+    from bundlerec_server.engine import Engine, Fusion
 
 logger = logging.getLogger(__name__)
 
@@ -26,31 +36,50 @@ POOL = 100
 
 
 def tune_serving(artifact: Path, judgments: Path, split: str = "dev", k: int = 10, progress: bool = True) -> dict[str, Any]:
+    """Tunes an existing artifact and rewrites its manifest with the ``serving`` choice; returns that choice."""
     from bundlerec_server import artifact as A
-    from bundlerec_server.domain import Filters, Mode
-    from bundlerec_server.engine import Engine, Fusion, fuse, fuse_scores
+
+    serving = choose_serving(_engine(artifact), judgments, split, k, progress)
+    manifest = A.read_manifest(artifact, verify=False)
+    manifest["serving"] = serving
+    manifest.pop("files", None)
+    manifest.pop("format_version", None)
+    A.write_manifest(artifact, manifest)
+    return serving
+
+
+def serving_for_build(root: Path, manifest: dict[str, Any], judgments: Path, split: str = "dev", k: int = 10,
+                      progress: bool = True) -> dict[str, Any]:
+    """The ``serving`` choice for an artifact being built in ``root`` whose manifest is not written yet.
+
+    The engine loads from a scratch view of ``root`` (a symbolic link per entry plus ``manifest``), so the
+    artifact's own manifest is written once, by the build, with this choice in it.
+    """
+    from bundlerec_server import artifact as A
+
+    with tempfile.TemporaryDirectory(prefix="bundlerec-tune-") as tmp:
+        view = Path(tmp)
+        for entry in Path(root).resolve().iterdir():
+            (view / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+        (view / A.MANIFEST).write_text(json.dumps({**manifest, "format_version": A.FORMAT_VERSION}))
+        return choose_serving(_engine(view), judgments, split, k, progress)
+
+
+def _engine(artifact: Path) -> Engine:
+    from bundlerec_server.engine import Engine
     from bundlerec_server.settings import Settings
 
-    from .finetune import _metrics_module, read_judgments
-
-    metrics = _metrics_module()
     settings = Settings(artifact=artifact, provider="cpu", verify_checksums=False, min_relevance=-1.0, anchor_pool=POOL)
     engine = Engine(artifact, settings)
     if engine.lexical is None:
         raise ValueError(f"{artifact}: no lexical index, nothing to tune")
-    judged = {q: j for q, j in read_judgments(judgments).items() if metrics.split_of(q) == split}
-    ids = engine.catalog.ids
-    queries = sorted(judged)
-    it = queries
-    if progress:
-        from tqdm import tqdm
+    return engine
 
-        it = tqdm(queries, desc=f"tune on {split}", unit="query")
-    lists = {}
-    for q in it:
-        vec = engine.encoder.encode([q])[0]
-        dense, lexical = engine.dense(vec, POOL, Filters()), engine.lexical_hits(q, POOL, Filters())
-        lists[q] = (dense, lexical, engine.candidates(vec, q, dense, lexical))
+
+def _configs() -> dict[str, tuple[Mode, Fusion | None]]:
+    from bundlerec_server.domain import Mode
+    from bundlerec_server.engine import Fusion
+
     configs: dict[str, tuple[Mode, Fusion | None]] = {"dense": (Mode.DENSE, None), "lexical": (Mode.LEXICAL, None)}
     for rk in RRF_KS:
         configs[f"rrf k={rk}"] = (Mode.HYBRID, Fusion("rrf", rrf_k=rk))
@@ -59,31 +88,49 @@ def tune_serving(artifact: Path, judgments: Path, split: str = "dev", k: int = 1
     for a in SCORE_ALPHAS:
         for g in COVERAGE_WEIGHTS:
             configs[f"scores alpha={a} coverage={g}"] = (Mode.HYBRID, Fusion("scores", alpha=a, coverage=g))
+    return configs
+
+
+def choose_serving(engine: Engine, judgments: Path, split: str = "dev", k: int = 10,
+                   progress: bool = True) -> dict[str, Any]:
+    """Scores every configuration of ``_configs`` by NDCG@k on the ``split`` queries; returns the manifest's
+    ``serving`` (the best mode, the best hybrid fusion, every score)."""
+    from bundlerec_server.domain import Filters, Mode
+    from bundlerec_server.engine import fuse, fuse_scores
+
+    judged = {q: j for q, j in read_judgments(judgments).items() if split_of(q) == split}
+    ids = engine.catalog.ids
+    queries = sorted(judged)
+    query_iter: Iterable[str] = queries
+    if progress:
+        from tqdm import tqdm
+
+        query_iter = tqdm(queries, desc=f"tune on {split}", unit="query")
+    lists = {}
+    for q in query_iter:
+        vec = engine.encoder.encode([q])[0]
+        dense, lexical = engine.dense(vec, POOL, Filters()), engine.lexical_hits(q, POOL, Filters())
+        lists[q] = (dense, lexical, engine.candidates(vec, q, dense, lexical))
+    configs = _configs()
     scores: dict[str, float] = {}
     for name, (mode, fusion) in configs.items():
         per_query = []
         for q in queries:
             dense, lexical, cands = lists[q]
-            if mode is not Mode.HYBRID:
+            if fusion is None:
                 hits = dense[:k] if mode is Mode.DENSE else lexical[:k]
             else:
                 hits = fuse_scores(cands, fusion, k) if fusion.method == "scores" else fuse(dense, lexical, fusion, k)
-            per_query.append(metrics.query_metrics([ids[h.row] for h in hits], judged[q], k))
-        scores[name] = metrics.aggregate(per_query)["ndcg"]
+            per_query.append(query_metrics([ids[h.row] for h in hits], judged[q], k))
+        scores[name] = aggregate(per_query)["ndcg"] or 0.0
     best = max(scores, key=lambda n: scores[n])
-    mode = configs[best][0]
     hybrid_best = max((n for n in scores if configs[n][0] is Mode.HYBRID), key=lambda n: scores[n])
     serving = {
-        "default_retrieval_mode": mode.value,
+        "default_retrieval_mode": configs[best][0].value,
         "fusion": vars(configs[hybrid_best][1]).copy(),
         "tuned_on": {"judgments": str(judgments), "split": split, "queries": len(queries), "metric": f"ndcg@{k}",
                      "pool": POOL, "ndcg": {n: round(v, 4) for n, v in scores.items()}, "best": best},
     }
-    manifest = json.loads((artifact / A.MANIFEST).read_text())
-    manifest["serving"] = serving
-    manifest.pop("files", None)
-    manifest.pop("format_version", None)
-    A.write_manifest(artifact, manifest)
     logger.info("tuned on %d %s queries: best %s (NDCG@%d %.4f); lexical %.4f, dense %.4f", len(queries), split, best, k,
                 scores[best], scores["lexical"], scores["dense"])
     return serving
@@ -95,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judgments", type=Path, required=True)
     p.add_argument("--split", default="dev", choices=("dev", "train"))
     args = p.parse_args(argv)
+    ensure_offline()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serving = tune_serving(args.artifact, args.judgments, args.split)
     print(json.dumps(serving, indent=2))

@@ -1,0 +1,83 @@
+"""``BuildConfig``: every setting of an artifact build, with its default (the CLI reads its defaults here)."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+_PATH_FIELDS = ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache")
+
+
+@dataclass
+class BuildConfig:
+    dataset: str
+    out: Path
+    data_dir: Path | None = None
+    catalog: Path | None = None
+    orders: Path | None = None
+    base_model: Path | None = None  # default: the packaged all-MiniLM-L6-v2
+    limit: int | None = None  # first N items (tests)
+    min_int8_cosine: float = 0.98  # fail when the int8 mean cosine to fp32 is lower
+    agreement_sample: int = 200
+    seed: int = 0
+    embed_batch_size: int = 64
+    # hnswlib
+    hnsw_m: int = 16
+    ef_construction: int = 200
+    ef_search: int = 64  # the floor; the build raises it until recall@64 >= 0.98 (tune_ef)
+    tune_ef: bool = True
+    # complements
+    min_support: int = 2
+    top_k: int = 20
+    shrinkage: float = 50.0
+    user_level_evidence: bool = False  # count co-occurrence once per user (default: per basket, >= 2 users a pair)
+    min_users: int = 2
+    related_band: tuple[float, float] = (0.45, 0.85)
+    # bm25s lexical index
+    lexical: bool = True
+    bm25_k1: float = 1.5
+    bm25_b: float = 0.75
+    threads: int = 0  # 0: let the libraries decide
+    progress: bool = True
+    # fine-tuning of the encoder on query-product judgments (bundlerec_export.finetune); off when base_model is set
+    finetune_judgments: Path | None = None
+    finetune_epochs: int = 2
+    finetune_cache: Path | None = None  # default: <out>.work next to the artifact
+    finetune_options: dict[str, Any] = field(default_factory=dict)  # other FinetuneConfig fields
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in _PATH_FIELDS:
+            val = getattr(self, name)
+            if val is not None:
+                setattr(self, name, Path(val))
+        if not 0 < self.agreement_sample:
+            raise ValueError("agreement_sample must be positive")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be positive")
+        if self.finetune_epochs < 1:
+            raise ValueError("finetune_epochs must be positive")
+
+    def as_manifest(self) -> dict[str, Any]:
+        """The manifest's ``build_config``: JSON types, ``progress`` left out."""
+        d: dict[str, Any] = to_json(asdict(self))
+        d.pop("progress", None)
+        return d
+
+
+def to_json(value: Any) -> Any:
+    """``value`` with paths as strings and tuples as lists, through dicts and lists (for manifests and logs)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+def defaults() -> dict[str, Any]:
+    """Field name -> default value of every ``BuildConfig`` field that has a plain default."""
+    return {f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING}
