@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bundlerec_server.settings import Settings
-from deploy import validate
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bundlerec_server.settings import Settings  # noqa: E402
+from deploy import validate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "k8s" / "base"
