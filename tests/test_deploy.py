@@ -149,7 +149,10 @@ def test_rendered_facts(kdir):
     # native gRPC probes on the serving port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == settings.port, probe
-    assert server["readinessProbe"]["grpc"]["service"] == "bundlerec.v1.BundleRecommender"
+    # readiness asks for the service the server registers in grpc.health.v1 (app.SERVICE_NAME)
+    from bundlerec.v1 import bundlerec_pb2 as pb
+
+    assert server["readinessProbe"]["grpc"]["service"] == pb.DESCRIPTOR.services_by_name["BundleRecommender"].full_name
 
     # drain: the kubelet waits longer than preStop + the server's grace
     pre_stop = server["lifecycle"]["preStop"]["sleep"]["seconds"]
