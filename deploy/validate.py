@@ -94,12 +94,13 @@ def schema_problems(rendered: str, versions: Sequence[str] = K8S_VERSIONS) -> li
 
 
 def settings_fields(root: Path = ROOT) -> tuple[type[Settings], set[str]]:
-    """The server's Settings class and its field names (imported from server/ if not installed)."""
-    try:
-        from bundlerec_server import settings
-    except ImportError:
-        sys.path.insert(0, str(root / "server"))
-        from bundlerec_server import settings
+    """The server's Settings class and its field names: from this checkout's server/ unless the package is
+    already imported (a venv's editable install may point at another checkout)."""
+    server = root / "server"
+    if "bundlerec_server" not in sys.modules and (server / "bundlerec_server" / "settings.py").is_file():
+        sys.path.insert(0, str(server))
+    from bundlerec_server import settings
+
     return settings.Settings, {f.name for f in fields(settings.Settings)}
 
 
