@@ -243,3 +243,17 @@ def test_dockerfile_builds_what_the_server_needs_and_nothing_more():
     # the build context: only what the image needs
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*")] == "*" and {"!requirements.txt", "!proto/", "!client/", "!server/"} <= set(ignore)
+
+
+def test_image_smoke_repeats_the_builder_steps():
+    """deploy/image_smoke.sh stands in for `docker build`: it must run the Dockerfile's builder commands."""
+    docker = " ".join(DOCKERFILE.read_text().replace("\\\n", " ").split())
+    smoke = " ".join((ROOT / "deploy" / "image_smoke.sh").read_text().replace("\\\n", " ").split())
+    for step in (
+        "sed -E 's/\\[[^]]*\\]//' requirements.txt > constraints.txt",
+        "-c constraints.txt grpcio-tools",
+        "-m grpc_tools.protoc -I proto --python_out=client --pyi_out=client --grpc_python_out=client proto/bundlerec/v1/bundlerec.proto",
+        "-c constraints.txt ./client ./server",
+        "HNSWLIB_NO_NATIVE=1",
+    ):
+        assert step in docker and step in smoke, step
