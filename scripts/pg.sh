@@ -45,6 +45,7 @@ pg_start() {
         echo "$port" >"$dir/port"
     fi
     port=$(cat "$dir/port")
+    if as_owner "$bindir/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then return 0; fi  # already running
     as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null \
         || { tail -n 20 "$dir/server.log" >&2; exit 1; }
