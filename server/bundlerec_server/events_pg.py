@@ -13,8 +13,9 @@ the next call on every replica.
 
 Outages: a database that is down, restarting or too slow makes the call fail with UNAVAILABLE and a
 RetryInfo hint (:class:`~.events.StoreUnavailable`), for RecordEvents and for the history read of
-Recommend alike. The pool checks a connection before lending it and replaces broken ones in the
-background, so the service recovers by itself once the database is back.
+Recommend alike. The pool checks a connection before lending it when it may be stale (idle a while, or
+older than the last failure) and replaces broken ones in the background, so the service recovers by
+itself once the database is back.
 """
 
 from __future__ import annotations
@@ -58,13 +59,17 @@ def redact(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", dsn)
 
 
+class _Connection(psycopg.AsyncConnection):
+    last_ok = 0.0  # when an operation on it last succeeded (monotonic)
+
+
 class PgEventStore:
     shared = True  # always: reads go to the database, never to a local copy
 
     def __init__(
         self, dsn: str, recent_per_user: int = 20, *, min_size: int = 2, max_size: int = 10,
         acquire_timeout_s: float = 2.0, op_timeout_s: float = 5.0, start_timeout_s: float = 30.0,
-        retry_after_s: float = 1.0, scan_factor: int = 4,
+        retry_after_s: float = 1.0, scan_factor: int = 4, check_idle_s: float = 5.0,
     ) -> None:
         self.dsn = dsn
         self.recent_per_user = recent_per_user
@@ -72,24 +77,36 @@ class PgEventStore:
         self.op_timeout_s = op_timeout_s
         self.start_timeout_s = start_timeout_s
         self.retry_after_s = retry_after_s
+        self.check_idle_s = check_idle_s
         self._down_since: float | None = None
+        self._failed_at = 0.0  # when an operation last failed for want of the database
         self._pool = AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size, open=False, timeout=acquire_timeout_s, name="bundlerec-events",
-            check=AsyncConnectionPool.check_connection,  # a connection broken by a restart is replaced, not lent
+            connection_class=_Connection, check=self._check,
             kwargs={
                 "autocommit": True, "connect_timeout": 3, "application_name": "bundlerec",
                 "options": f"-c synchronous_commit=on -c statement_timeout={int(op_timeout_s * 1000)}",
             },
         )
 
+    async def _check(self, conn: _Connection) -> None:
+        """Before lending a connection: a round trip to prove it alive, unless it served an operation in the
+        last ``check_idle_s`` and nothing failed since (a check on every call would double the reads' cost).
+        After a database restart the first failure makes every older connection checked, so broken ones
+        are replaced rather than lent."""
+        if conn.last_ok < max(self._failed_at, time.monotonic() - self.check_idle_s):
+            await AsyncConnectionPool.check_connection(conn)
+
     @contextlib.asynccontextmanager
-    async def _connection(self, what: str) -> AsyncIterator[psycopg.AsyncConnection]:
+    async def _connection(self, what: str) -> AsyncIterator[_Connection]:
         """A pooled connection for one operation, bounded by ``op_timeout_s``; an unreachable or failing
         database becomes StoreUnavailable (UNAVAILABLE for the caller). Other errors are bugs and pass."""
         try:
             async with asyncio.timeout(self.op_timeout_s), self._pool.connection() as conn:
                 yield conn
+                conn.last_ok = time.monotonic()
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:  # PoolTimeout included
+            self._failed_at = time.monotonic()
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 logger.warning("event store unreachable (%s: %s): calls get UNAVAILABLE until it is back", what, type(exc).__name__)
