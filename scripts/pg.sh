@@ -8,7 +8,7 @@
 #   scripts/pg.sh dsn DIR            the connection URL
 #
 # As root (CI), the cluster runs as the `postgres` user, which owns DIR. Exits 3 when no PostgreSQL
-# binary exists (looked up on PATH, then /usr/lib/postgresql/*/bin).
+# binary exists (looked up in $PG_BINDIR if set, else on PATH, then /usr/lib/postgresql/*/bin).
 set -euo pipefail
 
 cmd=${1:?usage: pg.sh start|stop|restart|dsn DIR [PORT]}
@@ -16,7 +16,9 @@ dir=${2:?usage: pg.sh start|stop|restart|dsn DIR [PORT]}
 port=${3:-55432}
 
 bindir=""
-if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+if [ -n "${PG_BINDIR:-}" ]; then  # this folder only (also: how to test the no-binary path)
+    if [ -x "$PG_BINDIR/initdb" ] && [ -x "$PG_BINDIR/pg_ctl" ]; then bindir=$PG_BINDIR; fi
+elif command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
     bindir=$(dirname "$(command -v initdb)")
 else
     for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
