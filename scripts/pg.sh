@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL for tests, CI and benchmarks, listening on 127.0.0.1 only.
 #
-#   scripts/pg.sh start DIR [PORT]   initdb DIR/data if needed (trust auth, user postgres), start; prints
+#   scripts/pg.sh start DIR [PORT]   initdb DIR/data if needed (trust auth, user postgres; PORT: a free one
+#                                    by default, kept in DIR/port), start; prints
 #                                    `export BUNDLEREC_TEST_PG_DSN=... BUNDLEREC_TEST_PG_DIR=...` (eval it)
 #   scripts/pg.sh stop DIR           fast shutdown
 #   scripts/pg.sh restart DIR        stop (fast) + start
@@ -13,7 +14,10 @@ set -euo pipefail
 
 cmd=${1:?usage: pg.sh start|stop|restart|dsn DIR [PORT]}
 dir=${2:?usage: pg.sh start|stop|restart|dsn DIR [PORT]}
-port=${3:-55432}
+port=${3:-}
+if [ -z "$port" ]; then  # a free loopback port
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 55432)
+fi
 
 bindir=""
 if [ -n "${PG_BINDIR:-}" ]; then  # this folder only (also: how to test the no-binary path)
