@@ -3,7 +3,8 @@ personalised Recommend awaits) and writers (RecordEvents-sized ``append`` batche
 the server, for a few seconds per store.
 
     python -m benchmarks.events_bench --out runs/events_bench            # starts a throwaway PostgreSQL
-    python -m benchmarks.events_bench --pg-dsn postgresql://u@host/db    # or uses yours (a table is created)
+    python -m benchmarks.events_bench --pg-dsn postgresql://u@host/db    # or yours (needs CREATEDB: it makes
+                                                                         # and drops events_bench_r<N> databases)
 
 Stores: PostgreSQL (shared by replicas, every read a query), SQLite read from the file (``--shared-events``,
 several workers on one machine) and SQLite's in-process memory (one process). Prints p50/p99 and writes
@@ -73,7 +74,7 @@ async def measure(name: str, spec: str, args: argparse.Namespace, shared: bool =
         "write_ms": percentiles(writes), "events_written_per_s": len(writes) * args.batch / took,
     }
     r = result["read_ms"]
-    print(f"{name:26s} history read p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  ({result['reads_per_s']:.0f} reads/s); "
+    print(f"{args.readers:3d} readers {name:26s} history read p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  ({result['reads_per_s']:.0f} reads/s); "
           f"append p50 {result['write_ms']['p50']:.2f} ms p99 {result['write_ms']['p99']:.2f} ms "
           f"({result['events_written_per_s']:.0f} events/s)")
     return result
@@ -91,34 +92,54 @@ def start_postgres(root: Path) -> str:
     return subprocess.run(["bash", str(SCRIPT), "dsn", str(root)], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def fresh_database(dsn: str, name: str) -> str:
+    """An empty database ``name`` (dropped first if it exists) on the server of ``dsn``; its URL."""
+    from urllib.parse import urlsplit
+
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return urlsplit(dsn)._replace(path="/" + name).geturl()
+
+
 def plot(results: list[dict], path: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    keys = ("p50", "p90", "p99")
-    width = 0.8 / len(results)
-    for i, r in enumerate(results):
-        vals = [r["read_ms"][k] for k in keys]
-        bars = ax.bar([x + i * width for x in range(len(keys))], vals, width, label=r["store"])
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))], keys)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for i, store in enumerate(dict.fromkeys(r["store"] for r in results)):
+        rows = [r for r in results if r["store"] == store]
+        x = [r["readers"] for r in rows]
+        for q, style in (("p50", "-"), ("p99", "--")):
+            y = [r["read_ms"][q] for r in rows]
+            ax.plot(x, y, style, marker="o", color=f"C{i}", label=f"{store} {q}")
+            for xi, yi in zip(x, y):
+                ax.annotate(f"{yi:.3g}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["readers"] for r in results}), [str(n) for n in sorted({r["readers"] for r in results})])
     ax.set_yscale("log")
+    ax.set_xlabel("concurrent history readers (one event loop)")
     ax.set_ylabel("history read latency (ms, log scale)")
-    ax.set_title(f"recent_items under load: {args.readers} readers + {args.writers} writers x {args.batch} events, "
-                 f"{args.users} users x {args.events_per_user} events", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"recent_items under load, {args.writers} writers x {args.batch} events beside the readers; "
+                 f"{args.users} users x {args.events_per_user} events preloaded", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 async def main_async(args: argparse.Namespace, tmp: Path) -> list[dict]:
     dsn = args.pg_dsn or start_postgres(tmp.with_name(tmp.name + "-pg"))  # not below tmp: 0700, root's
-    results = [await measure("postgresql", dsn, args)]
-    results.append(await measure("sqlite (read from file)", str(tmp / "shared.sqlite3"), args, shared=True))
-    results.append(await measure("sqlite (in-process memory)", str(tmp / "memory.sqlite3"), args))
+    results = []
+    for readers in args.readers:
+        run = argparse.Namespace(**{**vars(args), "readers": readers})
+        tag = f"r{readers}"
+        for name, spec, shared in (("postgresql", fresh_database(dsn, f"events_bench_{tag}"), False), ("sqlite (read from file)", str(tmp / f"shared-{tag}.sqlite3"), True),
+                                   ("sqlite (in-process memory)", str(tmp / f"memory-{tag}.sqlite3"), False)):
+            results.append({"readers": readers, **await measure(name, spec, run, shared=shared)})
     return results
 
 
@@ -126,7 +147,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pg-dsn", default="", help="PostgreSQL URL (default: start a throwaway server with scripts/pg.sh)")
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--readers", type=int, default=16)
+    p.add_argument("--readers", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16],
+                   help="concurrent readers, one run per value (comma list)")
     p.add_argument("--writers", type=int, default=4)
     p.add_argument("--batch", type=int, default=5, help="events per append (one RecordEvents call)")
     p.add_argument("--users", type=int, default=5000)
