@@ -13,6 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+pytest_plugins = ["pg"]  # the `postgres` / `pg_dsn` fixtures: a real PostgreSQL (tests/pg.py)
+
 TESTS = Path(__file__).parent
 SLICE = TESTS / "data" / "instacart_slice"
 

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -70,7 +71,18 @@ def test_events_disabled_is_failed_precondition(tiny_artifact):
 def test_acknowledged_events_survive_sigkill(tiny_artifact, tmp_path):
     """Streams of events from 4 threads; SIGKILL mid-way; every acknowledged event is in the database after restart."""
     db = tmp_path / "events.sqlite3"
-    proc = ServerProcess(tiny_artifact, "--events-db", str(db)).wait_serving()
+
+    def present() -> set[tuple[str, str]]:
+        with sqlite3.connect(db) as conn:
+            return set(conn.execute("SELECT user_id, item_id FROM events").fetchall())
+
+    sigkill_mid_stream(tiny_artifact, str(db), present)
+
+
+def sigkill_mid_stream(artifact, events_db: str, present: Callable[[], set[tuple[str, str]]], label: str = "SQLite") -> None:
+    """4 threads stream RecordEvents at a server process; SIGKILL once 400 events were acknowledged; every
+    acknowledged (user, item) must be ``present()`` in the store, and a restarted server personalises from it."""
+    proc = ServerProcess(artifact, "--events-db", events_db).wait_serving()
     with Client(proc.target) as c:
         item_ids = [h.item_id for h in c.search("organic", 20)]
     acked: list[tuple[str, str]] = []
@@ -93,9 +105,10 @@ def test_acknowledged_events_survive_sigkill(tiny_artifact, tmp_path):
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 120
     while True:  # kill once a good number of batches went through
         with lock:
-            if len(acked) >= 400:
+            if len(acked) >= 400 or time.monotonic() > deadline:
                 break
         time.sleep(0.01)
     proc.signal(signal.SIGKILL)
@@ -103,12 +116,11 @@ def test_acknowledged_events_survive_sigkill(tiny_artifact, tmp_path):
     stop.set()
     for t in threads:
         t.join()
-    restarted = ServerProcess(tiny_artifact, "--events-db", str(db)).wait_serving()
+    restarted = ServerProcess(artifact, "--events-db", events_db).wait_serving()
     try:
-        with sqlite3.connect(db) as conn:
-            present = set(conn.execute("SELECT user_id, item_id FROM events").fetchall())
-        missing = [a for a in acked if a not in present]
-        print(f"SIGKILL durability: {len(acked)} acknowledged, {len(acked) - len(missing)} recovered, {len(present)} rows")
+        rows = present()
+        missing = [a for a in acked if a not in rows]
+        print(f"SIGKILL durability ({label}): {len(acked)} acknowledged, {len(acked) - len(missing)} recovered, {len(rows)} rows")
         assert len(acked) >= 400 and not missing, f"{len(missing)} of {len(acked)} acknowledged events lost"
         with Client(restarted.target) as c:  # and the restarted server personalizes from them
             s = c.recommend("snacks", user_id="w0-b0")

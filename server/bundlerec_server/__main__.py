@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .artifact import ArtifactError
+from .events import EventStoreError
 from .settings import Settings
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(serve(settings))
-    except ArtifactError as exc:
+    except (ArtifactError, EventStoreError) as exc:
         logging.getLogger("bundlerec_server").error("cannot serve: %s", exc)
         return 1
     return 0

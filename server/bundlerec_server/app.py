@@ -17,7 +17,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from .artifact import MANIFEST
-from .events import EventStore
+from .events import open_event_store
 from .metrics import serve_metrics
 from .runtime import Runtime
 from .security import BearerTokenInterceptor, server_credentials
@@ -113,8 +113,8 @@ async def create_server(settings: Settings) -> App:
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     if settings.events_db:
-        runtime.events = EventStore(settings.events_db, recent_per_user=settings.recent_events_per_user,
-                                    shared=settings.shared_events)
+        runtime.events = open_event_store(settings.events_db, recent_per_user=settings.recent_events_per_user,
+                                          shared=settings.shared_events)
         await runtime.events.start()
     app = App(server, port, runtime, health_servicer)
     await app.set_serving(False)

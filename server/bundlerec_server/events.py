@@ -1,6 +1,11 @@
-"""Durable shopper events (SQLite, WAL) and the per-user recent-item memory that personalises Recommend.
+"""Durable shopper events and the per-user recent items that personalise Recommend.
 
-Durability policy: ``journal_mode=WAL`` with ``synchronous=FULL``: a transaction's WAL frames are fsynced
+``--events-db`` picks the store (:func:`open_event_store`): a path or ``sqlite:///path`` is the embedded
+SQLite store below (one machine); ``postgresql://`` / ``postgres://`` is the shared PostgreSQL store of
+:mod:`.events_pg` (replicas on several machines); any other scheme is refused at start
+(:func:`parse_events_db`). Both acknowledge a RecordEvents call only after its COMMIT returned.
+
+SQLite durability policy: ``journal_mode=WAL`` with ``synchronous=FULL``: a transaction's WAL frames are fsynced
 before COMMIT returns, and RecordEvents acknowledges only after its COMMIT returned. An acknowledged event
 therefore survives a crash of the process (SIGKILL) and of the machine. One RecordEvents call is one
 transaction: all of its events are stored, or none.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -22,6 +28,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from .errors import NotReady, Overloaded
+
+if TYPE_CHECKING:
+    import os
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +58,77 @@ class EventRecord:
     ts_ms: int
 
 
-class EventStore:
+class StoreUnavailable(NotReady):
+    """The event store cannot be reached (database down, restarting, or too slow): UNAVAILABLE with a
+    RetryInfo hint. Never INTERNAL: it is an outage to ride out, not a bug."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+    def details(self):
+        return Overloaded(str(self), self.retry_after_s).details()  # the same RetryInfo detail
+
+
+class EventStoreError(Exception):
+    """The event store could not be opened at start (the server then refuses to start)."""
+
+
+class EventStore(Protocol):
+    shared: bool
+
+    async def start(self) -> None: ...
+
+    async def append(self, events: Sequence[EventRecord]) -> None: ...
+
+    async def recent_items(self, user_id: str) -> list[str]: ...
+
+    async def close(self) -> None: ...
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+SQLITE_SCHEME = "sqlite://"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: not a drive letter
+
+
+@dataclass(frozen=True)
+class EventsDb:
+    kind: Literal["sqlite", "postgresql"]
+    target: str  # the SQLite path, or the PostgreSQL connection URL
+
+
+def parse_events_db(value: str | os.PathLike[str]) -> EventsDb:
+    """Which store ``--events-db`` names. ValueError (with the accepted forms) for any other scheme:
+    ``mysql://...`` must not become a SQLite file in a folder named ``mysql:``."""
+    text = str(value)
+    if text.startswith(POSTGRES_SCHEMES):
+        return EventsDb("postgresql", text)
+    if text.startswith(SQLITE_SCHEME):
+        path = text[len(SQLITE_SCHEME):]
+        if not path:
+            raise ValueError(f"events_db {text!r}: sqlite:// needs a path (sqlite:///var/lib/bundlerec/events.sqlite3)")
+        return EventsDb("sqlite", path)
+    match = _SCHEME.match(text)
+    if match and match.group(1).lower() in ("postgresql", "postgres", "sqlite"):
+        raise ValueError(f"events_db: malformed {match.group(1)} URL: write postgresql://user@host:port/db or sqlite:///path")
+    if match:
+        raise ValueError(
+            f"events_db scheme {match.group(1)!r} is not supported: use postgresql://user@host:port/db (or postgres://), "
+            "sqlite:///path or a plain file path (write ./name for a relative path containing ':')")
+    return EventsDb("sqlite", text)
+
+
+def open_event_store(value: str | os.PathLike[str], recent_per_user: int = 20, shared: bool = False) -> EventStore:
+    """The store ``value`` names (not started). PostgreSQL is always shared: every read goes to the database."""
+    db = parse_events_db(value)
+    if db.kind == "postgresql":
+        from .events_pg import PgEventStore  # psycopg is imported only when PostgreSQL is configured
+
+        return PgEventStore(db.target, recent_per_user=recent_per_user)
+    return SqliteEventStore(Path(db.target), recent_per_user=recent_per_user, shared=shared)
+
+
+class SqliteEventStore:
     def __init__(self, path: Path, recent_per_user: int = 20, max_users: int = 100_000, shared: bool = False) -> None:
         self.path = Path(path)
         self.shared = shared
@@ -73,11 +155,13 @@ class EventStore:
         ).fetchall()
         for user_id, item_id in rows:
             self._remember(user_id, item_id)
-        return conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def _insert(self, events: Sequence[EventRecord]) -> None:
         now = int(time.time() * 1000)
         conn = self._conn
+        if conn is None:
+            raise RuntimeError("the event store is not started")
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(

@@ -58,8 +58,8 @@ class Settings:
     queue_target_ms: float = field(default=5.0, metadata={"help": "CoDel target for the admission queue: once even the shortest wait over 100 ms exceeds it, queued calls waiting 2x this long are refused (0 = plain FIFO)"})
     target_latency_ms: float = field(default=0.0, metadata={"help": "adapt the in-flight limit (AIMD per 100 ms window, up to max_in_flight) so the 99th percentile of admitted calls' latency (queue wait + whole call) stays within this (0 = fixed limit)"})
     # --- events & reload
-    events_db: Path | None = field(default=None, metadata={"help": "SQLite file for RecordEvents (WAL); unset disables events"})
-    shared_events: bool = field(default=False, metadata={"help": "read users' recent events from SQLite (set for each of several workers)"})
+    events_db: str = field(default="", metadata={"help": "event store for RecordEvents: a SQLite file path or sqlite:///path (WAL, one machine), or postgresql://user@host:port/db (shared by replicas); other schemes are refused; '' disables events"})
+    shared_events: bool = field(default=False, metadata={"help": "read users' recent events from the SQLite file on every call (set for each of several workers); PostgreSQL always does"})
     max_events_per_call: int = field(default=10_000, metadata={"help": "most events in one RecordEvents call"})
     recent_events_per_user: int = field(default=20, metadata={"help": "recent items per user blended into Recommend"})
     watch_interval_s: float = field(default=0.0, metadata={"help": "poll the artifact's manifest this often and hot-reload a new version (0 = only on SIGHUP)"})
@@ -177,6 +177,13 @@ class Settings:
             problems.append("target_latency_ms must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
             problems.append("default_max_bundles exceeds max_bundles_cap")
+        if self.events_db:
+            from .events import parse_events_db
+
+            try:
+                parse_events_db(self.events_db)
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
