@@ -1,8 +1,8 @@
 """The client as other services install it: the built wheel alone (with only its declared dependencies) in
 a fresh venv streams bundles from a real server, through the library and through the ``bundlerec`` CLI.
 
-Reuses ``dist/bundlerec_client-*.whl`` when ``make dist`` built it after the last change to the client or
-the proto; otherwise builds the wheel here (``pip wheel`` with this venv's grpcio-tools, as ``make dist``)."""
+Reuses ``dist/`` when ``make dist`` built it after the last change to the client or the proto; otherwise
+builds the sdist and, from it, the wheel here, as ``make dist`` does."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -58,15 +59,26 @@ def _clean_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    built = ROOT / "dist" / f"bundlerec_client-{_version()}-py3-none-any.whl"
-    if built.exists() and built.stat().st_mtime >= max(p.stat().st_mtime for p in _sources()):
-        return built
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(CLIENT)],
-                   check=True, cwd=ROOT, timeout=300)
-    (whl,) = out.glob("bundlerec_client-*.whl")
-    return whl
+def dist(tmp_path_factory) -> tuple[Path, Path]:
+    """(sdist, wheel): from dist/ when `make dist` built them after the last change, else built here the same
+    way: the sdist, then the wheel from that sdist alone (with this venv's setuptools and grpcio-tools)."""
+    name = f"bundlerec_client-{_version()}"
+    sdist, wheel = ROOT / "dist" / f"{name}.tar.gz", ROOT / "dist" / f"{name}-py3-none-any.whl"
+    newest = max(p.stat().st_mtime for p in _sources())
+    if sdist.exists() and wheel.exists() and min(sdist.stat().st_mtime, wheel.stat().st_mtime) >= newest:
+        return sdist, wheel
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta as b; b.build_sdist({str(out)!r})"],
+                   check=True, cwd=CLIENT, capture_output=True, timeout=300)
+    sdist = out / f"{name}.tar.gz"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(sdist)],
+                   check=True, cwd=out, timeout=300)
+    return sdist, out / f"{name}-py3-none-any.whl"
+
+
+@pytest.fixture(scope="module")
+def wheel(dist) -> Path:
+    return dist[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +89,13 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
                    check=True, cwd=venv, env=_clean_env(), timeout=600)
     return venv
+
+
+def test_sdist_carries_the_proto_and_nothing_generated(dist):
+    with tarfile.open(dist[0]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert "proto/bundlerec/v1/bundlerec.proto" in names and "setup.py" in names
+    assert not [n for n in names if "_pb2" in n], names
 
 
 def test_wheel_carries_generated_stubs_and_types(wheel):
