@@ -64,9 +64,8 @@ class SdistWithProto(sdist):
     def make_release_tree(self, base_dir: str, files: list[str]) -> None:
         super().make_release_tree(base_dir, files)
         dest = Path(base_dir) / "proto" / PROTO
-        if not dest.exists():  # MANIFEST.in grafts it when this is an sdist built from an sdist
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(proto_root() / PROTO, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(proto_root() / PROTO, dest)
 
 
 setup(cmdclass={"build_py": BuildPyWithStubs, "sdist": SdistWithProto})
