@@ -9,8 +9,11 @@ DATASET ?= instacart
 DATA ?= ../shared/data
 PORT ?= 50051
 STUBS := client/bundlerec/v1/bundlerec_pb2.py
+CLIENT_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' client/pyproject.toml)
+NODE := clients/node
+NODE_DEPS := $(NODE)/node_modules/.package-lock.json
 
-.PHONY: install proto demo serve artifacts test test-all lint bench eval soak overload clean
+.PHONY: install proto dist node-stubs node-test demo serve artifacts test test-all lint bench eval soak overload clean
 
 install: $(STAMP)
 
@@ -23,10 +26,30 @@ $(STAMP): requirements.txt client/pyproject.toml server/pyproject.toml export/py
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e client -e server -e export
 	touch $@
 
+# Python stubs for the editable dev install (gitignored). Built packages generate their own: client/setup.py
 proto: $(STUBS)
 
 $(STUBS): proto/bundlerec/v1/bundlerec.proto
 	$(PYTHON) -m grpc_tools.protoc -I proto --python_out=client --pyi_out=client --grpc_python_out=client $<
+
+# client sdist + wheel in dist/. The sdist carries the proto; the wheel is built from that sdist (as pip
+# builds it for a caller), generating the stubs with this venv's grpcio-tools (the pinned build requirement).
+dist: $(STAMP)
+	rm -rf dist/bundlerec_client-* client/build
+	cd client && $(abspath $(PYTHON)) -c 'from setuptools import build_meta as b; b.build_sdist("../dist")' >/dev/null
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist dist/bundlerec_client-$(CLIENT_VERSION).tar.gz
+	@ls -l dist/bundlerec_client-$(CLIENT_VERSION)*
+
+# TypeScript stubs for Node (buf.gen.yaml: ts-proto into clients/node/src/gen) and the compiled smoke test
+$(NODE_DEPS): $(NODE)/package-lock.json
+	cd $(NODE) && npm ci --no-audit --no-fund
+
+node-stubs: $(STAMP) $(NODE_DEPS)
+	cd $(NODE) && PATH="$(CURDIR)/$(BIN):$$PATH" npm run build
+
+# the Node client against a real server (the same test runs in `make test`)
+node-test: $(STAMP) $(STUBS)
+	$(PYTHON) -m pytest -q tests/test_node_client.py
 
 artifacts/demo/manifest.json: | $(STAMP)
 	$(BIN)/bundlerec-export --dataset instacart --data-dir data/demo/instacart --out artifacts/demo
@@ -63,8 +86,13 @@ overload: $(STAMP) $(STUBS) artifacts/demo/manifest.json
 	$(PYTHON) -m benchmarks.overload --artifact artifacts/demo --rps $${RPS:-auto} --rates 60,80,100,120,140,160,180,200 \
 		--server-args "$(OVERLOAD_SERVER_ARGS)" --cycles 5 --out runs/overload
 
-lint: $(STAMP)
-	$(BIN)/ruff check client/bundlerec server export benchmarks tests
+# ruff; buf lint on the proto (buf.yaml); mypy: the client strict, server and export per mypy.ini
+lint: $(STAMP) $(STUBS)
+	$(BIN)/ruff check client server export benchmarks tests
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code proto
+	$(BIN)/mypy --config-file mypy.ini --no-warn-unused-configs client/bundlerec
+	$(BIN)/mypy --config-file mypy.ini server/bundlerec_server export/bundlerec_export
 
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache dist client/build $(NODE)/dist $(NODE)/src/gen

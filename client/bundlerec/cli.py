@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from google.protobuf import json_format
 
@@ -25,7 +26,7 @@ def _money(value: float) -> str:
     return f"${value:,.2f}"
 
 
-def print_bundle(bundle: pb.Bundle, elapsed_ms: float, out) -> None:
+def print_bundle(bundle: pb.Bundle, elapsed_ms: float, out: TextIO) -> None:
     price = f"  total {_money(bundle.total_price)}" if bundle.HasField("total_price") else ""
     out.write(f"#{bundle.rank}  score {bundle.score:.4f}{price}  [{elapsed_ms:.1f} ms]  {bundle.reason}\n")
     for item in bundle.items:
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, out=None) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     tls = None
     if args.ca or args.cert:
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace, out=None) -> int:
                 else:
                     print_bundle(bundle, (time.perf_counter() - t0) * 1000, out)
             s = stream.summary
-            if args.json:
+            if args.json and s is not None:
                 out.write(json.dumps({"summary": json_format.MessageToDict(s)}) + "\n")
             elif s is not None:
                 reason = pb.StopReason.Name(s.stop_reason).removeprefix("STOP_REASON_").lower()

@@ -15,11 +15,13 @@ Every failure raises :class:`bundlerec.BundleRecError` (never a raw grpc.RpcErro
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
+import grpc.aio
+from google.protobuf.message import Message
 
 from .errors import BundleRecError, from_rpc_error
 from .v1 import bundlerec_pb2 as pb
@@ -94,19 +96,50 @@ def search_request(query: str, k: int = 10, retrieval_mode: str | None = None, *
     return pb.SearchRequest(query=query, k=k, retrieval_mode=MODES[retrieval_mode], filters=filters(**filter_args))
 
 
+_Req = TypeVar("_Req", bound=Message)
+_Resp = TypeVar("_Resp", bound=Message)
+_Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+class _SyncStub(Protocol):
+    """The generated BundleRecommenderStub over a grpc.Channel, typed (grpcio-tools emits no annotations for it)."""
+
+    Recommend: grpc.UnaryStreamMultiCallable[pb.RecommendRequest, pb.RecommendResponse]
+    Search: grpc.UnaryUnaryMultiCallable[pb.SearchRequest, pb.SearchResponse]
+    GetInfo: grpc.UnaryUnaryMultiCallable[pb.GetInfoRequest, pb.GetInfoResponse]
+    RecordEvents: grpc.StreamUnaryMultiCallable[pb.Event, pb.RecordEventsResponse]
+
+
+class _AsyncStub(Protocol):
+    """The generated BundleRecommenderStub over a grpc.aio.Channel, typed."""
+
+    Recommend: grpc.aio.UnaryStreamMultiCallable[pb.RecommendRequest, pb.RecommendResponse]
+    Search: grpc.aio.UnaryUnaryMultiCallable[pb.SearchRequest, pb.SearchResponse]
+    GetInfo: grpc.aio.UnaryUnaryMultiCallable[pb.GetInfoRequest, pb.GetInfoResponse]
+    RecordEvents: grpc.aio.StreamUnaryMultiCallable[pb.Event, pb.RecordEventsResponse]
+
+
+def _stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    return pb_grpc.BundleRecommenderStub(channel)  # type: ignore[no-untyped-call]  # generated code, unannotated
+
+
 class _Base:
     def __init__(self, target: str, timeout: float | None, tls: TLS | None, token: str | None) -> None:
         self.target = target
         self.timeout = timeout
         self.tls = tls
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata: _Metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
 
+class _Cancellable(Protocol):
+    def cancel(self) -> bool: ...
+
+
 class _Stream:
-    def __init__(self, call) -> None:
+    def __init__(self, call: _Cancellable) -> None:
         self._call = call
         self.summary: pb.StreamSummary | None = None
 
@@ -124,9 +157,13 @@ class _Stream:
 class RecommendStream(_Stream):
     """Iterator over the bundles of one Recommend call; :attr:`summary` is set once the stream has ended."""
 
+    def __init__(self, call: grpc._CallIterator[pb.RecommendResponse]) -> None:
+        super().__init__(call)
+        self._messages = call
+
     def __iter__(self) -> Iterator[pb.Bundle]:
         try:
-            for msg in self._call:
+            for msg in self._messages:
                 if (bundle := self._bundle(msg)) is not None:
                     yield bundle
         except grpc.RpcError as err:
@@ -136,9 +173,13 @@ class RecommendStream(_Stream):
 class AsyncRecommendStream(_Stream):
     """Async iterator over the bundles of one Recommend call; :attr:`summary` is set once it has ended."""
 
+    def __init__(self, call: grpc.aio.UnaryStreamCall[pb.RecommendRequest, pb.RecommendResponse]) -> None:
+        super().__init__(call)
+        self._messages = call
+
     async def __aiter__(self) -> AsyncIterator[pb.Bundle]:
         try:
-            async for msg in self._call:
+            async for msg in self._messages:
                 if (bundle := self._bundle(msg)) is not None:
                     yield bundle
         except grpc.RpcError as err:
@@ -155,7 +196,7 @@ class Client(_Base):
             self.channel = grpc.insecure_channel(target, options=channel_options())
         else:
             self.channel = grpc.secure_channel(target, tls.credentials(), options=channel_options())
-        self.stub = pb_grpc.BundleRecommenderStub(self.channel)
+        self.stub: _SyncStub = _stub(self.channel)
 
     def __enter__(self) -> Client:
         return self
@@ -166,7 +207,7 @@ class Client(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def _unary(self, method, request, timeout):
+    def _unary(self, method: Callable[..., _Resp], request: _Req | Iterator[_Req], timeout: float | None) -> _Resp:
         try:
             return method(request, timeout=self._timeout(timeout), metadata=self.metadata)
         except grpc.RpcError as err:
@@ -192,7 +233,7 @@ class Client(_Base):
 
         stub = health_pb2_grpc.HealthStub(self.channel)
         resp = self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
 
 class AsyncClient(_Base):
@@ -204,7 +245,7 @@ class AsyncClient(_Base):
             self.channel = grpc.aio.insecure_channel(target, options=channel_options())
         else:
             self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=channel_options())
-        self.stub = pb_grpc.BundleRecommenderStub(self.channel)
+        self.stub: _AsyncStub = _stub(self.channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -215,7 +256,7 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _unary(self, method, request, timeout):
+    async def _unary(self, method: Callable[..., Awaitable[_Resp]], request: _Req | Iterator[_Req], timeout: float | None) -> _Resp:
         try:
             return await method(request, timeout=self._timeout(timeout), metadata=self.metadata)
         except grpc.RpcError as err:
@@ -239,7 +280,7 @@ class AsyncClient(_Base):
 
         stub = health_pb2_grpc.HealthStub(self.channel)
         resp = await self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
 
 __all__ = ["Client", "AsyncClient", "RecommendStream", "AsyncRecommendStream", "TLS", "BundleRecError", "recommend_request", "search_request"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 
@@ -32,9 +34,10 @@ def from_rpc_error(err: grpc.RpcError) -> BundleRecError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = err.details() if hasattr(err, "details") else str(err)
     exc = BundleRecError(code, message or "")
-    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    # sync calls give (key, value) namedtuples, grpc.aio calls a grpc.aio.Metadata: both iterate as pairs
+    trailers = cast("Iterable[tuple[str, str | bytes]] | None", err.trailing_metadata() if hasattr(err, "trailing_metadata") else None)
     for key, value in trailers or ():
-        if key == "grpc-status-details-bin":
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
             _decode_details(value, exc)
     return exc
 
