@@ -88,10 +88,12 @@ overload: $(STAMP) $(STUBS) artifacts/demo/manifest.json
 
 # ruff; buf lint on the proto (buf.yaml); mypy: the client strict, server and export per mypy.ini
 lint: $(STAMP) $(STUBS)
-	$(BIN)/ruff check client server export benchmarks tests
+	$(BIN)/ruff check client server export benchmarks tests deploy
+	$(PYTHON) -m deploy.validate
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code proto
 	$(BIN)/mypy --config-file mypy.ini --no-warn-unused-configs client/bundlerec
+	$(BIN)/mypy --config-file mypy.ini --no-warn-unused-configs deploy/validate.py
 	$(BIN)/mypy --config-file mypy.ini server/bundlerec_server export/bundlerec_export
 
 clean:
