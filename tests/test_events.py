@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from conftest import ServerProcess, ServerThread, server_settings
+from conftest import ServerThread, server_process, server_settings
 
 from bundlerec import BundleRecError, Client
 from bundlerec.v1 import bundlerec_pb2 as pb
@@ -70,7 +70,7 @@ def test_events_disabled_is_failed_precondition(tiny_artifact):
 def test_acknowledged_events_survive_sigkill(tiny_artifact, tmp_path):
     """Streams of events from 4 threads; SIGKILL mid-way; every acknowledged event is in the database after restart."""
     db = tmp_path / "events.sqlite3"
-    proc = ServerProcess(tiny_artifact, "--events-db", str(db)).wait_serving()
+    proc = server_process(tiny_artifact, "--events-db", str(db)).wait_serving()
     with Client(proc.target) as c:
         item_ids = [h.item_id for h in c.search("organic", 20)]
     acked: list[tuple[str, str]] = []
@@ -103,7 +103,7 @@ def test_acknowledged_events_survive_sigkill(tiny_artifact, tmp_path):
     stop.set()
     for t in threads:
         t.join()
-    restarted = ServerProcess(tiny_artifact, "--events-db", str(db)).wait_serving()
+    restarted = server_process(tiny_artifact, "--events-db", str(db)).wait_serving()
     try:
         with sqlite3.connect(db) as conn:
             present = set(conn.execute("SELECT user_id, item_id FROM events").fetchall())

@@ -29,6 +29,9 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# Fusion, fuse and fuse_scores are also importable from here (bundlerec_export.tune did so before the split)
+__all__ = ["Engine", "Fusion", "fuse", "fuse_scores", "query_truncate_tokens"]
+
 CPU_PREFERENCE = ("int8_pertoken", "int8", "fp32")
 # Probe for batch-exactness at load: each text alone vs all together (varied lengths, so padding differs).
 EXACTNESS_PROBE = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -90,7 +90,8 @@ class OutOfTime(BundleRecError):
 
 def to_status(exc: BundleRecError) -> grpc.Status:
     status = status_pb2.Status(code=getattr(code_pb2, exc.code.name), message=str(exc), details=exc.details())
-    return rpc_status.to_status(status)
+    out: grpc.Status = rpc_status.to_status(status)
+    return out
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode:
@@ -98,7 +99,7 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
     return exc.code if isinstance(exc, BundleRecError) else grpc.StatusCode.INTERNAL
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     """Ends the call with the status that ``exc`` maps to; always raises. Unexpected exceptions are bugs:
     INTERNAL, logged."""
     if isinstance(exc, BundleRecError):

@@ -73,11 +73,12 @@ class EventStore:
         ).fetchall()
         for user_id, item_id in rows:
             self._remember(user_id, item_id)
-        return conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def _insert(self, events: Sequence[EventRecord]) -> None:
         now = int(time.time() * 1000)
         conn = self._conn
+        assert conn is not None, "start() opens the database first"
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(

@@ -43,11 +43,14 @@ class RowFilter:
 
     def category_rows(self) -> np.ndarray | None:
         """Every row of the included categories (None when the request names none)."""
-        return None if self.included is None else np.flatnonzero(self.included[self.category_codes])
+        if self.included is None:
+            return None
+        rows: np.ndarray = np.flatnonzero(self.included[self.category_codes])
+        return rows
 
     def items(self, rows: np.ndarray) -> np.ndarray:
         """Mask of ``rows`` allowed anywhere in a bundle: not an excluded id, not in an excluded category."""
-        keep = self.not_excluded[self.category_codes[rows]]
+        keep: np.ndarray = self.not_excluded[self.category_codes[rows]]
         if len(self.excluded_rows):
             keep &= ~np.isin(rows, self.excluded_rows)
         return keep

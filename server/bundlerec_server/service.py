@@ -29,7 +29,7 @@ from .streaming import Paced
 
 logger = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext
+Context = grpc.aio.ServicerContext[Any, Any]
 H = TypeVar("H", bound=Callable[..., Any])
 
 
