@@ -1,7 +1,7 @@
-"""The loaded artifact and the request pipeline: encode -> retrieve -> bundle. No gRPC in here.
+"""The loaded artifact and the request pipeline: encode -> retrieve (dense, lexical, hybrid) -> bundle. No gRPC.
 
-An :class:`Engine` is immutable once loaded; a hot reload builds a new one and swaps the reference, so a
-request that started on one version finishes on it.
+An :class:`Engine` is immutable once loaded; a hot reload builds a new one and the runtime swaps it (with its
+micro-batcher), so a request that started on one version finishes on it.
 """
 
 from __future__ import annotations

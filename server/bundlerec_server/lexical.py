@@ -36,7 +36,7 @@ class Lexical:
 
     def __init__(self, folder: Path, params: dict[str, Any], titles: Sequence[str] | None = None) -> None:
         # bm25s probes JAX at import when it is installed; on a GPU host JAX would then take most of the GPU in
-        # every worker. Scoring below uses bm25s's score matrix with numpy, so keep any JAX on the CPU.
+        # every worker (docs/server-notes.md). Scoring uses the score matrix with numpy, so keep any JAX on the CPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import bm25s
 
