@@ -56,6 +56,19 @@ def make_bundle(
     price cap. None if the anchor is not allowed."""
     if not allowed.allows_anchor(anchor.row):
         return None
+    return _build(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength)
+
+
+def _build(
+    anchor: Hit,
+    catalog: CatalogView,
+    complements: ComplementView,
+    allowed: RowFilter,
+    items_per_bundle: int,
+    bonus: float,
+    min_strength: float,
+) -> BundleOut:
+    """The bundle of an allowed anchor (see :func:`make_bundle`)."""
     anchor_price = catalog.prices[anchor.row]
     total = 0.0 if math.isnan(anchor_price) else float(anchor_price)
     all_priced = not math.isnan(anchor_price)
@@ -113,18 +126,20 @@ def rank_bundles(
     """
     bundles: list[BundleOut] = []
     best: list[float] = []  # min-heap of the max_bundles best scores so far
-    for anchor in anchors:
+    anchor_ok = allowed.anchors(np.fromiter((a.row for a in anchors), dtype=np.int64, count=len(anchors))).tolist()
+    for anchor, ok in zip(anchors, anchor_ok, strict=True):
+        if not ok:
+            continue  # make_bundle would refuse it; checked for all anchors at once
         if len(best) == max_bundles:
             if anchor.score * (1.0 + bonus) < best[0]:
                 break  # no later anchor can beat the weakest kept bundle
             if anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
                 continue  # not even this anchor's strongest complement would lift it enough
-        bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength)
-        if bundle is not None:
-            bundles.append(bundle)
-            if len(best) < max_bundles:
-                heapq.heappush(best, bundle.score)
-            elif bundle.score > best[0]:
-                heapq.heapreplace(best, bundle.score)
+        bundle = _build(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength)
+        bundles.append(bundle)
+        if len(best) < max_bundles:
+            heapq.heappush(best, bundle.score)
+        elif bundle.score > best[0]:
+            heapq.heapreplace(best, bundle.score)
     bundles.sort(key=lambda b: -b.score)
     return bundles[:max_bundles]

@@ -22,7 +22,7 @@ class RowFilter:
     prices: np.ndarray  # the catalog's prices (NaN = unknown, never filtered out)
     included: np.ndarray | None  # bool per category code: named by include_categories (None: no such filter)
     not_excluded: np.ndarray  # bool per category code: not named by exclude_categories
-    excluded_rows: np.ndarray  # int64 rows of exclude_ids the catalog has
+    excluded: np.ndarray | None  # bool per row: an item of exclude_ids (None: no such item)
 
     @classmethod
     def resolve(cls, filters: Filters, catalog: Catalog) -> RowFilter:
@@ -34,7 +34,11 @@ class RowFilter:
         not_excluded = np.ones(n, dtype=bool)
         if filters.exclude_categories:
             not_excluded[catalog.codes_of(filters.exclude_categories)] = False
-        excluded = catalog.rows_of(filters.exclude_ids) if filters.exclude_ids else np.zeros(0, dtype=np.int64)
+        excluded = None
+        rows = catalog.rows_of(filters.exclude_ids)
+        if len(rows):
+            excluded = np.zeros(len(catalog), dtype=bool)
+            excluded[rows] = True
         return cls(filters, catalog.category_codes, catalog.prices, included, not_excluded, excluded)
 
     @property
@@ -51,8 +55,8 @@ class RowFilter:
     def items(self, rows: np.ndarray) -> np.ndarray:
         """Mask of ``rows`` allowed anywhere in a bundle: not an excluded id, not in an excluded category."""
         keep: np.ndarray = self.not_excluded[self.category_codes[rows]]
-        if len(self.excluded_rows):
-            keep &= ~np.isin(rows, self.excluded_rows)
+        if self.excluded is not None:
+            keep &= ~self.excluded[rows]
         return keep
 
     def anchors(self, rows: np.ndarray) -> np.ndarray:
