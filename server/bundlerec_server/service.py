@@ -4,6 +4,7 @@ turns exceptions into statuses and counts and times the call; the work happens i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -49,15 +50,17 @@ class _Observed:
         metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.t0)
 
     async def fail(self, context: Context, exc: Exception) -> NoReturn:
-        if isinstance(exc, grpc.aio.AbortError):
-            raise exc  # already aborted (code recorded by whoever aborted)
+        if isinstance(exc, grpc.aio.AbortError):  # handlers raise rather than abort; never counted as OK
+            self.code = "UNKNOWN"
+            raise exc
         self.code = status_code(exc).name
         await abort_with(context, exc)
 
 
 def observed(handler: H) -> H:
     """Runs an RPC handler (unary or server-streaming) the one way: an exception it raises ends the call with
-    its status (:func:`~bundlerec_server.errors.abort_with`), and the call is counted and timed."""
+    its status (:func:`~bundlerec_server.errors.abort_with`; handlers raise, they do not abort), and the call is
+    counted by method and final code and timed."""
     method = handler.__name__
 
     if inspect.isasyncgenfunction(handler):
@@ -65,8 +68,9 @@ def observed(handler: H) -> H:
         async def streaming(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
             with _Observed(method) as call:
                 try:
-                    async for message in handler(self, request, context):
-                        yield message
+                    async with contextlib.aclosing(handler(self, request, context)) as messages:
+                        async for message in messages:  # closed with the call: its admission slot goes at once
+                            yield message
                 except Exception as exc:
                     await call.fail(context, exc)
 
