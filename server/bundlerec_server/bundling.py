@@ -51,24 +51,12 @@ def make_bundle(
     items_per_bundle: int,
     bonus: float,
     min_strength: float = 0.0,
+    anchor_allowed: bool | None = None,
 ) -> BundleOut | None:
     """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``), within the
-    price cap. None if the anchor is not allowed."""
-    if not allowed.allows_anchor(anchor.row):
+    price cap. None if the anchor is not allowed (``anchor_allowed``: already known, e.g. checked in bulk)."""
+    if not (allowed.allows_anchor(anchor.row) if anchor_allowed is None else anchor_allowed):
         return None
-    return _build(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength)
-
-
-def _build(
-    anchor: Hit,
-    catalog: CatalogView,
-    complements: ComplementView,
-    allowed: RowFilter,
-    items_per_bundle: int,
-    bonus: float,
-    min_strength: float,
-) -> BundleOut:
-    """The bundle of an allowed anchor (see :func:`make_bundle`)."""
     anchor_price = catalog.prices[anchor.row]
     total = 0.0 if math.isnan(anchor_price) else float(anchor_price)
     all_priced = not math.isnan(anchor_price)
@@ -135,11 +123,12 @@ def rank_bundles(
                 break  # no later anchor can beat the weakest kept bundle
             if anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
                 continue  # not even this anchor's strongest complement would lift it enough
-        bundle = _build(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength)
-        bundles.append(bundle)
-        if len(best) < max_bundles:
-            heapq.heappush(best, bundle.score)
-        elif bundle.score > best[0]:
-            heapq.heapreplace(best, bundle.score)
+        bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength, anchor_allowed=True)
+        if bundle is not None:
+            bundles.append(bundle)
+            if len(best) < max_bundles:
+                heapq.heappush(best, bundle.score)
+            elif bundle.score > best[0]:
+                heapq.heapreplace(best, bundle.score)
     bundles.sort(key=lambda b: -b.score)
     return bundles[:max_bundles]
