@@ -74,7 +74,9 @@ class NaiveRecommender:
             listed = encoder.get("base_model_path")
             model_path = listed if listed and Path(listed, "config.json").is_file() else default_model_path()
         self.model_path = str(model_path)
-        max_length = max_length or int(encoder.get("max_query_tokens") or 128)
+        # the encoder's truncation length (older artifacts name it max_query_tokens), not the server's request limit
+        truncate_tokens = encoder.get("query_truncate_tokens") or encoder.get("max_query_tokens") or 128
+        max_length = max_length or int(truncate_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.model = AutoModel.from_pretrained(model_path, local_files_only=True, dtype=torch.float32)
         self.model.eval()

@@ -18,62 +18,15 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import load
+from benchmarks.procs import ServerProcess, free_port
 
-REPO = Path(__file__).resolve().parent.parent
 COMPARE_AT_RPS = 100.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server subprocess in its own session, always terminated on exit."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.argv, self.log_path = name, argv, log_path
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> ServerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=REPO, start_new_session=True)
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        self._log.close()
-
-    def log_tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 def start_real_server(artifact: Path, out: Path, extra_args: str = "", cpus: str = "") -> tuple[ServerProcess, str]:
@@ -84,7 +37,8 @@ def start_real_server(artifact: Path, out: Path, extra_args: str = "", cpus: str
             "--host", "127.0.0.1", *extra_args.split()]
     if cpus:
         argv = ["taskset", "-c", cpus, *argv]
-    return ServerProcess("real", argv, out / "server.log"), f"127.0.0.1:{port}"
+    target = f"127.0.0.1:{port}"
+    return ServerProcess(argv, out / "server.log", target=target, name="real"), target
 
 
 def get_info(target: str) -> dict[str, Any]:
@@ -114,7 +68,7 @@ def run_server_sweep(name: str, argv: list[str], port: int, out: Path, args: arg
     log = out / f"{name}.log"
     print(f"== {name}: {' '.join(argv)}", flush=True)
     t0 = time.monotonic()
-    with ServerProcess(name, argv, log) as srv:
+    with ServerProcess(argv, log, target=target, name=name) as srv:
         try:
             load.wait_for_health(target, args.startup_timeout, alive=srv.alive)
         except (TimeoutError, RuntimeError) as exc:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.procs import ServerProcess, free_port
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -119,65 +121,12 @@ def client(server):
         yield c
 
 
-def free_port() -> int:
-    import socket
+def server_process(artifact: Path, *args: str, port: int | None = None, env: dict | None = None) -> ServerProcess:
+    """A real ``bundlerec-server`` process, started (for signal tests: SIGTERM drain, SIGKILL durability)."""
+    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A real ``bundlerec-server`` process (for signal tests: SIGTERM drain, SIGKILL durability)."""
-
-    def __init__(self, artifact: Path, *args: str, port: int | None = None, env: dict | None = None) -> None:
-        import subprocess
-        import sys
-
-        self.port = port or free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "bundlerec_server", "--artifact", str(artifact), "--host", "127.0.0.1",
-               "--port", str(self.port), "--provider", "cpu", "--intra-op-threads", "1", "--min-relevance", "-1", *args]
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bundlerec-server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-    def wait_serving(self, timeout: float = 60.0) -> ServerProcess:
-        import time
-
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"server not SERVING after {timeout}s: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def signal(self, sig) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        import signal as _signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(_signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    port = port or free_port()
+    argv = [sys.executable, "-m", "bundlerec_server", "--artifact", str(artifact), "--host", "127.0.0.1",
+            "--port", str(port), "--provider", "cpu", "--intra-op-threads", "1", "--min-relevance", "-1", *args]
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bundlerec-server-{port}.log"
+    return ServerProcess(argv, log, target=f"127.0.0.1:{port}", env=env).start()

@@ -79,9 +79,9 @@ async def test_retired_batcher_stops_when_idle_and_restarts_for_late_callers():
 
 async def test_same_request_same_ranking_alone_and_under_concurrent_load(server):
     """Determinism: a query's results are identical alone and inside micro-batches with other queries."""
-    engine = server.app.runtime.engine()
-    assert engine.batch_exact
-    batcher = engine.batcher
+    serving = server.app.runtime.serving()
+    assert serving.engine.batch_exact
+    batcher = serving.batcher
     async with AsyncClient(server.target) as c:
         alone = await c.search("organic", 20, retrieval_mode="dense")
         before = (batcher.batches, batcher.encoded)

@@ -4,20 +4,21 @@
 import numpy as np
 import pytest
 
-from bundlerec_server.artifact import Complements
+from bundlerec_server.artifact import Complements, ItemTable
 from bundlerec_server.bundling import make_bundle, rank_bundles, reason_for
+from bundlerec_server.catalog import Catalog
 from bundlerec_server.domain import Filters, Hit
+from bundlerec_server.filters import RowFilter
 
 
-class Cat:
-    def __init__(self, rows):
-        self.ids = [r[0] for r in rows]
-        self.categories = [r[1] for r in rows]
-        self.category_lower = [c.lower() for c in self.categories]
-        self.prices = np.array([np.nan if r[2] is None else r[2] for r in rows])
+def catalog_of(rows) -> Catalog:
+    n = len(rows)
+    return Catalog.from_table(ItemTable(
+        [r[0] for r in rows], [r[0] for r in rows], [r[1] for r in rows],
+        np.array([np.nan if r[2] is None else r[2] for r in rows]), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int32)))
 
 
-CATALOG = Cat([
+CATALOG = catalog_of([
     ("pasta", "Pasta", 2.0),        # 0
     ("sauce", "Sauces", 3.0),       # 1
     ("cheese", "Cheese", 5.0),      # 2
@@ -38,11 +39,15 @@ def comps(adj: dict[int, list[tuple[int, float, int]]], n: int = 6) -> Complemen
     return Complements(np.array(indptr), np.array(idx, dtype=np.int32), np.array(strength, dtype=np.float32), np.array(support, dtype=np.int32))
 
 
+def allow(**filters) -> RowFilter:
+    return RowFilter.resolve(Filters(**filters), CATALOG)
+
+
 COMPS = comps({0: [(3, 0.9, 50), (1, 0.8, 40), (2, 0.5, 10), (4, 0.4, 5)], 5: [(2, 0.3, 7)]})
 
 
 def test_complements_skip_anchor_category_and_keep_order():
-    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(), items_per_bundle=3, bonus=0.25)
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(), items_per_bundle=3, bonus=0.25)
     assert [i.row for i in b.items] == [0, 1, 2]
     assert b.items[0].is_anchor and not b.items[1].is_anchor
     assert b.total_price == pytest.approx(10.0)
@@ -52,26 +57,26 @@ def test_complements_skip_anchor_category_and_keep_order():
 
 
 def test_price_cap_skips_complements_that_do_not_fit():
-    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(max_price=6.0), items_per_bundle=3, bonus=0.25)
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(max_price=6.0), items_per_bundle=3, bonus=0.25)
     # 2 (pasta) + 3 (sauce) = 5; cheese would make 10 > 6; wine has no price so it is allowed
     assert [i.row for i in b.items] == [0, 1, 4]
     assert b.total_price is None  # wine's price is unknown
 
 
 def test_anchor_over_price_cap_or_excluded_is_dropped():
-    assert make_bundle(Hit(2, 0.9), CATALOG, COMPS, Filters(max_price=4.0), 3, 0.25) is None
-    assert make_bundle(Hit(0, 0.9), CATALOG, COMPS, Filters(exclude_ids=frozenset({"pasta"})), 3, 0.25) is None
-    assert make_bundle(Hit(0, 0.9), CATALOG, COMPS, Filters(include_categories=frozenset({"cheese"})), 3, 0.25) is None
+    assert make_bundle(Hit(2, 0.9), CATALOG, COMPS, allow(max_price=4.0), 3, 0.25) is None
+    assert make_bundle(Hit(0, 0.9), CATALOG, COMPS, allow(exclude_ids=frozenset({"pasta"})), 3, 0.25) is None
+    assert make_bundle(Hit(0, 0.9), CATALOG, COMPS, allow(include_categories=frozenset({"cheese"})), 3, 0.25) is None
 
 
 def test_excluded_category_and_ids_never_appear_as_complements():
-    f = Filters(exclude_categories=frozenset({"sauces"}), exclude_ids=frozenset({"cheese"}))
+    f = allow(exclude_categories=frozenset({"sauces"}), exclude_ids=frozenset({"cheese"}))
     b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, f, 3, 0.25)
     assert [i.row for i in b.items] == [0, 4]
 
 
 def test_anchor_only_bundles_keep_anchor_score():
-    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(), items_per_bundle=1, bonus=0.25)
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(), items_per_bundle=1, bonus=0.25)
     assert [i.row for i in b.items] == [0]
     assert b.score == pytest.approx(0.5)
     assert b.reason == "top match for the query"
@@ -79,7 +84,7 @@ def test_anchor_only_bundles_keep_anchor_score():
 
 def test_rank_bundles_sorted_best_first_and_capped():
     anchors = [Hit(5, 0.6), Hit(0, 0.55), Hit(2, 0.1)]
-    out = rank_bundles(anchors, CATALOG, COMPS, Filters(), max_bundles=2, items_per_bundle=3, bonus=0.25)
+    out = rank_bundles(anchors, CATALOG, COMPS, allow(), max_bundles=2, items_per_bundle=3, bonus=0.25)
     assert len(out) == 2
     assert out[0].score >= out[1].score
     # pasta's strong complements lift it above bread despite its lower anchor score
@@ -91,7 +96,7 @@ def test_reason_for_content_based_fallback():
 
 
 def test_weak_complements_are_dropped():
-    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, Filters(), items_per_bundle=4, bonus=0.25, min_strength=0.6)
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(), items_per_bundle=4, bonus=0.25, min_strength=0.6)
     assert [i.row for i in b.items] == [0, 1]  # 0.5 (cheese) and 0.4 (wine) fall below 0.6
 
 
@@ -102,14 +107,14 @@ def test_early_stop_gives_the_same_bundles_as_exhaustive_ranking():
            for r in range(n)}
     comp = comps(adj, n)
     anchors = sorted((Hit(r, float(s)) for r, s in enumerate(rng.random(n))), key=lambda h: -h.score)
-    exhaustive = sorted(filter(None, (make_bundle(a, CATALOG, comp, Filters(), 3, 0.25) for a in anchors)), key=lambda b: -b.score)
+    exhaustive = sorted(filter(None, (make_bundle(a, CATALOG, comp, allow(), 3, 0.25) for a in anchors)), key=lambda b: -b.score)
     for k in range(1, n + 1):
-        got = rank_bundles(anchors, CATALOG, comp, Filters(), k, 3, 0.25)
+        got = rank_bundles(anchors, CATALOG, comp, allow(), k, 3, 0.25)
         assert [b.items for b in got] == [b.items for b in exhaustive[:k]]
 
 
 def test_fusion_rrf_and_blend():
-    from bundlerec_server.engine import Fusion, fuse
+    from bundlerec_server.fusion import Fusion, fuse
 
     dense = [Hit(1, 0.9), Hit(2, 0.8), Hit(3, 0.5)]
     lexical = [Hit(3, 12.0), Hit(4, 6.0), Hit(1, 2.0)]
@@ -126,7 +131,7 @@ def test_fusion_rrf_and_blend():
 
 
 def test_fusion_on_exact_scores_with_coverage():
-    from bundlerec_server.engine import Candidates, Fusion, fuse_scores
+    from bundlerec_server.fusion import Candidates, Fusion, fuse_scores
 
     c = Candidates(
         rows=np.array([2, 5, 7, 9]),

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from conftest import ServerProcess, ServerThread, server_settings
+from conftest import ServerThread, server_process, server_settings
 
 from bundlerec import BundleRecError, Client
 from bundlerec.v1 import bundlerec_pb2 as pb
@@ -82,7 +82,7 @@ def test_acknowledged_events_survive_sigkill(tiny_artifact, tmp_path):
 def sigkill_mid_stream(artifact, events_db: str, present: Callable[[], set[tuple[str, str]]], label: str = "SQLite") -> None:
     """4 threads stream RecordEvents at a server process; SIGKILL once 400 events were acknowledged; every
     acknowledged (user, item) must be ``present()`` in the store, and a restarted server personalises from it."""
-    proc = ServerProcess(artifact, "--events-db", events_db).wait_serving()
+    proc = server_process(artifact, "--events-db", events_db).wait_serving()
     with Client(proc.target) as c:
         item_ids = [h.item_id for h in c.search("organic", 20)]
     acked: list[tuple[str, str]] = []
@@ -116,7 +116,7 @@ def sigkill_mid_stream(artifact, events_db: str, present: Callable[[], set[tuple
     stop.set()
     for t in threads:
         t.join()
-    restarted = ServerProcess(artifact, "--events-db", events_db).wait_serving()
+    restarted = server_process(artifact, "--events-db", events_db).wait_serving()
     try:
         rows = present()
         missing = [a for a in acked if a not in rows]

@@ -13,7 +13,7 @@ from collections import Counter
 
 import grpc
 import pytest
-from conftest import ServerProcess
+from conftest import server_process
 from test_events import ev, sigkill_mid_stream
 
 from bundlerec import Client
@@ -89,7 +89,7 @@ def test_unreachable_database_at_start_is_a_clear_error(postgres):
 def test_event_on_replica_a_personalizes_replica_b(tiny_artifact, pg_dsn):
     """Two server processes share one PostgreSQL: 100 times, an event recorded through A personalises the
     very next Recommend served by B (which never saw the RecordEvents call and keeps no copy)."""
-    replicas = [ServerProcess(tiny_artifact, "--events-db", pg_dsn) for _ in range(2)]  # start together: schema race
+    replicas = [server_process(tiny_artifact, "--events-db", pg_dsn) for _ in range(2)]  # start together: schema race
     try:
         a, b = (r.wait_serving() for r in replicas)
         with Client(a.target) as ca, Client(b.target) as cb:
@@ -179,7 +179,7 @@ def test_database_restart_gives_unavailable_then_recovers(tiny_artifact, restart
     meanwhile fail with UNAVAILABLE and a retry hint (never INTERNAL/UNKNOWN), and later calls succeed
     without any restart of the server (the pool reconnects by itself)."""
     dsn = restartable_postgres.database()
-    proc = ServerProcess(tiny_artifact, "--events-db", dsn).wait_serving()
+    proc = server_process(tiny_artifact, "--events-db", dsn).wait_serving()
     try:
         with Client(proc.target) as c:
             items = [h.item_id for h in c.search("organic", 10)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, ServerThread, build_tiny_artifact, server_settings
+from conftest import ServerThread, build_tiny_artifact, server_process, server_settings
 
 from bundlerec import BundleRecError, Client
 from bundlerec.v1 import bundlerec_pb2 as pb
@@ -143,7 +143,7 @@ def test_watcher_follows_a_symlink_swap(tiny_artifact, second_artifact, tmp_path
 
 
 def test_sigterm_drains_in_flight_streams(tiny_artifact):
-    proc = ServerProcess(tiny_artifact, "--grace-s", "10").wait_serving()
+    proc = server_process(tiny_artifact, "--grace-s", "10").wait_serving()
     results: list[tuple[str, int, bool]] = []  # (status, messages received, summary seen)
     lock = threading.Lock()
     stop = threading.Event()
@@ -191,10 +191,10 @@ def test_sigterm_drains_in_flight_streams(tiny_artifact):
 def test_workers_share_one_port_and_events(tiny_artifact, tmp_path):
     """--workers 2: two processes behind one port (SO_REUSEPORT); an event recorded through either
     personalises calls served by both; SIGTERM drains and stops them all."""
-    from conftest import free_port
+    from benchmarks.procs import free_port
 
     port = free_port()
-    proc = ServerProcess(tiny_artifact, "--workers", "2", "--events-db", str(tmp_path / "ev.sqlite3"), port=port).wait_serving()
+    proc = server_process(tiny_artifact, "--workers", "2", "--events-db", str(tmp_path / "ev.sqlite3"), port=port).wait_serving()
     try:
         # health answered by one worker; the other may still be loading (UNAVAILABLE, retryable): wait until
         # fresh connections, which land on either worker, answer in a row

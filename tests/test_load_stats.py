@@ -4,15 +4,12 @@ No timing assertions; no server."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.load import (  # noqa: E402
+from benchmarks.load import (
     highest_sustainable,
     latency_summary,
     load_queries,

@@ -125,9 +125,9 @@ def test_deadline_shorter_than_stream_ends_cleanly(tiny_artifact):
     The server runs in its own process (as in production), so the client does not share its GIL. A machine
     busy enough to stall the server longer than its margin (3 ms + one message's cost) can still turn a call
     into DEADLINE_EXCEEDED, so that is tolerated on a minority of the calls, never any other outcome."""
-    from conftest import ServerProcess
+    from conftest import server_process
 
-    proc = ServerProcess(tiny_artifact).wait_serving()
+    proc = server_process(tiny_artifact).wait_serving()
     try:
         with Client(proc.target) as client:
             full = [b.items[0].item_id for b in client.recommend("organic", max_bundles=50)]

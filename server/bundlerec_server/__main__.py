@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from types import FrameType
 
 from .artifact import ArtifactError
 from .events import EventStoreError
@@ -50,7 +51,7 @@ def supervise(settings: Settings, argv: list[str]) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "bundlerec_server", *args], env=env))
     log.info("started %d workers on port %d: pids %s", len(procs), settings.port, [p.pid for p in procs])
 
-    def forward(sig, _frame) -> None:
+    def forward(sig: int, _frame: FrameType | None) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(sig)

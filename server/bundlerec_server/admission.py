@@ -1,27 +1,8 @@
-"""Bounded admission: at most ``limit`` calls worked on, at most ``max_queue`` waiting (FIFO).
+"""Bounded admission: at most ``limit`` calls worked on, at most ``max_queue`` waiting (FIFO); beyond both a
+call is refused at once with RESOURCE_EXHAUSTED + RetryInfo.
 
-A call beyond both bounds is refused at once with RESOURCE_EXHAUSTED (+ RetryInfo) instead of queueing
-without bound, so shed calls fail fast (TEI/Triton style).
-
-A fixed limit cannot be right both at the sustainable rate and under overload: loose enough not to shed at
-R, it admits so much at 2R (when the CPU is also busy refusing) that admitted latency grows. With a latency
-target (``target_latency_s`` > 0) the limit adapts, AIMD as in TCP congestion control and Netflix's
-concurrency-limits, once per window (an interval with at least WINDOW_MIN_CALLS calls): when the window's
-99th percentile of estimated latency exceeds the target the limit is cut by 10 %, otherwise it grows by one;
-it stays between 1 and ``max_in_flight`` and bounds the queue too. The estimate is what a caller waits for:
-the time from asking for a slot to giving it back (queue wait and the whole call, streaming included: the
-servicer holds the slot until its last message is handed to gRPC) plus LOOP_HOPS x the event loop's measured
-lag, which stands for the wait before a handler runs at all (gRPC and the loop, which no handler can time).
-The 99th percentile, because p99 is what the service promises; per window, because one slow call (a noisy
-neighbour) in twenty should not shed a server that keeps up. Under overload the limit shrinks until admitted
-calls meet the target again and the rest are shed; when load drops it grows back.
-
-The queue itself is governed by CoDel (``queue_target_s`` > 0; Nichols & Jacobson's controlled delay, in the
-form folly and Facebook's RPC servers use): a queue that empties now and then is a burst and may wait; one
-whose *shortest* wait over an interval (100 ms) exceeded the target is standing, the server is overloaded,
-and until an interval shows otherwise a queued call that has waited 2 x target is refused (a timer, so it
-fails fast) instead of adding its wait to the latency of every call behind it. Bursts at the sustainable
-rate are absorbed; under overload admitted calls wait at most 2 x target and the rest fail within it.
+With ``target_latency_s`` the limit adapts (AIMD per window on the 99th percentile of estimated latency); with
+``queue_target_s`` the queue is governed by CoDel. Design and reasons: docs/server-notes.md.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ class App:
     runtime: Runtime
     health: health.aio.HealthServicer
     _refused_version: str | None = None
-    _watcher: asyncio.Task | None = None
-    _lag_watch: asyncio.Task | None = None
+    _watcher: asyncio.Task[None] | None = None
+    _lag_watch: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -103,7 +103,8 @@ async def create_server(settings: Settings) -> App:
         options=server_options(settings), interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_in_flight + settings.max_queue + 32,
     )
-    pb_grpc.add_BundleRecommenderServicer_to_server(BundleRecommenderServicer(runtime), server)
+    # the generated gRPC module carries no annotations
+    pb_grpc.add_BundleRecommenderServicer_to_server(BundleRecommenderServicer(runtime), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -136,7 +137,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task] = set()
+    reloads: set[asyncio.Task[bool]] = set()
 
     def on_hup() -> None:
         task = asyncio.create_task(app.runtime.reload())
@@ -147,9 +148,10 @@ async def serve(settings: Settings) -> None:
     loader = asyncio.create_task(app.load())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if loader.done() and loader.exception() is not None:
+    failure = loader.exception() if loader.done() else None
+    if failure is not None:
         await app.stop(0)
-        raise loader.exception()
+        raise failure
     await stopper
     logger.info("shutdown signal: NOT_SERVING, draining in-flight calls (grace %.1fs)", settings.grace_s)
     loader.cancel()

@@ -81,7 +81,7 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{root}: no {MANIFEST}: not an artifact folder")
     try:
-        manifest = json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable manifest: {exc}") from exc
     if manifest.get("format_version") != FORMAT_VERSION:

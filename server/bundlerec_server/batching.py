@@ -14,6 +14,7 @@ for the per-tensor dynamic int8 graph.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,6 +25,9 @@ import numpy as np
 from . import metrics
 
 logger = logging.getLogger(__name__)
+
+
+Pending = tuple[str, "asyncio.Future[np.ndarray]"]  # a text and the future its caller awaits
 
 
 class MicroBatcher:
@@ -40,11 +44,11 @@ class MicroBatcher:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: deque[tuple[str, asyncio.Future]] = deque()
+        self._queue: deque[Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._workers = workers
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._retired = False
         self.encoded = 0  # texts that went through encode_fn
         self.dropped = 0  # texts whose caller was gone before their batch started
@@ -74,6 +78,10 @@ class MicroBatcher:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    def _sync(self) -> tuple[asyncio.Event, asyncio.Semaphore]:
+        assert self._wakeup is not None and self._slots is not None, "start() creates them"
+        return self._wakeup, self._slots
+
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -81,13 +89,13 @@ class MicroBatcher:
     async def submit(self, text: str) -> np.ndarray:
         if not self.running:
             self.start()
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.append((text, fut))
-        self._wakeup.set()
+        self._sync()[0].set()
         return await fut  # cancellation of the caller cancels fut; the dispatcher then skips it
 
-    def _take(self) -> list[tuple[str, asyncio.Future]]:
-        batch = []
+    def _take(self) -> list[Pending]:
+        batch: list[Pending] = []
         while self._queue and len(batch) < self.max_batch:
             text, fut = self._queue.popleft()
             if fut.done():  # cancelled (client gone, deadline) before it was batched
@@ -102,24 +110,25 @@ class MicroBatcher:
         while True:
             if self._retired and not self._queue:
                 return  # idle and replaced: let the old engine be garbage-collected
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            wakeup, slots = self._sync()
+            await wakeup.wait()
+            wakeup.clear()
             while self._queue:
-                await self._slots.acquire()
+                await slots.acquire()
                 if self.max_wait_s > 0 and len(self._queue) < self.max_batch:
                     await asyncio.sleep(self.max_wait_s)
                 batch = self._take()
                 if not batch:
-                    self._slots.release()
+                    slots.release()
                     break
                 self.batches += 1
                 self.encoded += len(batch)
                 metrics.BATCH_SIZE.observe(len(batch))
                 work = loop.run_in_executor(self.executor, self.encode_fn, [t for t, _ in batch])
-                work.add_done_callback(lambda w, b=batch: self._finish(w, b))
+                work.add_done_callback(functools.partial(self._finish, batch))
 
-    def _finish(self, work: asyncio.Future, batch: list[tuple[str, asyncio.Future]]) -> None:
-        self._slots.release()
+    def _finish(self, batch: list[Pending], work: asyncio.Future[np.ndarray]) -> None:
+        self._sync()[1].release()
         exc = work.exception() if not work.cancelled() else asyncio.CancelledError()
         for i, (_, fut) in enumerate(batch):
             if fut.done():

@@ -19,12 +19,11 @@ from typing import Protocol
 
 import numpy as np
 
-from .domain import BundleItemOut, BundleOut, Filters, Hit
+from .domain import BundleItemOut, BundleOut, Hit
+from .filters import RowFilter
 
 
 class CatalogView(Protocol):
-    ids: list[str]
-    categories: list[str]
     prices: np.ndarray
     category_lower: list[str]
 
@@ -33,24 +32,6 @@ class ComplementView(Protocol):
     def of(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def top_strength(self, row: int) -> float: ...
-
-
-def item_allowed(row: int, catalog: CatalogView, filters: Filters) -> bool:
-    """Whether an item may appear in any bundle (excluded ids and categories)."""
-    if filters.exclude_ids and catalog.ids[row] in filters.exclude_ids:
-        return False
-    if filters.exclude_categories and catalog.category_lower[row] in filters.exclude_categories:
-        return False
-    return True
-
-
-def anchor_allowed(row: int, catalog: CatalogView, filters: Filters) -> bool:
-    if not item_allowed(row, catalog, filters):
-        return False
-    if filters.include_categories and catalog.category_lower[row] not in filters.include_categories:
-        return False
-    price = catalog.prices[row]
-    return filters.max_price is None or math.isnan(price) or price <= filters.max_price
 
 
 def reason_for(complements: Sequence[tuple[int, float, int]]) -> str:
@@ -66,14 +47,15 @@ def make_bundle(
     anchor: Hit,
     catalog: CatalogView,
     complements: ComplementView,
-    filters: Filters,
+    allowed: RowFilter,
     items_per_bundle: int,
     bonus: float,
     min_strength: float = 0.0,
+    anchor_allowed: bool | None = None,
 ) -> BundleOut | None:
     """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``), within the
-    price cap. None if the anchor is not allowed."""
-    if not anchor_allowed(anchor.row, catalog, filters):
+    price cap. None if the anchor is not allowed (``anchor_allowed``: already known, e.g. checked in bulk)."""
+    if not (allowed.allows_anchor(anchor.row) if anchor_allowed is None else anchor_allowed):
         return None
     anchor_price = catalog.prices[anchor.row]
     total = 0.0 if math.isnan(anchor_price) else float(anchor_price)
@@ -83,16 +65,17 @@ def make_bundle(
     seen = {anchor.row}
     if items_per_bundle > 1:
         rows, strengths, supports = complements.of(anchor.row)
-        for row, strength, support in zip(rows.tolist(), strengths.tolist(), supports.tolist(), strict=True):
+        ok = allowed.items(rows).tolist()
+        for row, strength, support, row_ok in zip(rows.tolist(), strengths.tolist(), supports.tolist(), ok, strict=True):
             if strength < min_strength:
                 break  # complements are stored strongest first
-            if row in seen or not item_allowed(row, catalog, filters):
+            if row in seen or not row_ok:
                 continue
             if anchor_cat and catalog.category_lower[row] == anchor_cat:
                 continue
             price = catalog.prices[row]
             if not math.isnan(price):
-                if filters.max_price is not None and total + price > filters.max_price:
+                if allowed.max_price is not None and total + price > allowed.max_price:
                     continue
                 total += float(price)
             else:
@@ -117,7 +100,7 @@ def rank_bundles(
     anchors: Sequence[Hit],
     catalog: CatalogView,
     complements: ComplementView,
-    filters: Filters,
+    allowed: RowFilter,
     max_bundles: int,
     items_per_bundle: int,
     bonus: float,
@@ -131,13 +114,16 @@ def rank_bundles(
     """
     bundles: list[BundleOut] = []
     best: list[float] = []  # min-heap of the max_bundles best scores so far
-    for anchor in anchors:
+    anchor_ok = allowed.anchors(np.fromiter((a.row for a in anchors), dtype=np.int64, count=len(anchors))).tolist()
+    for anchor, ok in zip(anchors, anchor_ok, strict=True):
+        if not ok:
+            continue  # make_bundle would refuse it; checked for all anchors at once
         if len(best) == max_bundles:
             if anchor.score * (1.0 + bonus) < best[0]:
                 break  # no later anchor can beat the weakest kept bundle
             if anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
                 continue  # not even this anchor's strongest complement would lift it enough
-        bundle = make_bundle(anchor, catalog, complements, filters, items_per_bundle, bonus, min_strength)
+        bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength, anchor_allowed=True)
         if bundle is not None:
             bundles.append(bundle)
             if len(best) < max_bundles:

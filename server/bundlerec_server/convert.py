@@ -10,9 +10,11 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable
+from typing import cast
 
 from bundlerec.v1 import bundlerec_pb2 as pb
 
+from .catalog import Catalog
 from .domain import BundleOut, Filters, Hit, Mode, RecommendQuery, SearchQuery, Stop
 from .errors import InvalidRequest, Violation
 from .events import EventRecord
@@ -68,7 +70,7 @@ def check_mode(value: int, name: str, out: list[Violation]) -> Mode | None:
     if value not in _MODES:
         out.append(Violation(name, f"unknown retrieval mode {value}"))
         return None
-    return _MODES[value]
+    return _MODES[cast("pb.RetrievalMode", value)]
 
 
 def check_filters(f: pb.Filters, settings: Settings, out: list[Violation], prefix: str = "filters") -> Filters:
@@ -152,7 +154,7 @@ def _price(value: float) -> float | None:
     return None if math.isnan(value) else round(float(value), 2)
 
 
-def bundle_message(bundle: BundleOut, rank: int, catalog) -> pb.RecommendResponse:
+def bundle_message(bundle: BundleOut, rank: int, catalog: Catalog) -> pb.RecommendResponse:
     items = []
     for it in bundle.items:
         msg = pb.BundleItem(
@@ -169,7 +171,7 @@ def bundle_message(bundle: BundleOut, rank: int, catalog) -> pb.RecommendRespons
     return pb.RecommendResponse(bundle=out)
 
 
-def search_hit(hit: Hit, catalog) -> pb.SearchHit:
+def search_hit(hit: Hit, catalog: Catalog) -> pb.SearchHit:
     msg = pb.SearchHit(
         item_id=catalog.ids[hit.row], title=catalog.titles[hit.row], score=hit.score,
         category=catalog.categories[hit.row],

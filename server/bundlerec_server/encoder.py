@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ def cuda_usable() -> bool:
     return CUDA in ort.get_available_providers() and os.path.exists("/dev/nvidiactl")
 
 
-def _preload_cuda_libraries(ort) -> None:
+def _preload_cuda_libraries(ort: Any) -> None:
     """Loads CUDA/cuDNN from pip's ``nvidia`` packages beside onnxruntime (ORT >= 1.21; no-op otherwise), so the
     CUDA provider finds them without LD_LIBRARY_PATH. Missing libraries surface as the CPU fallback below."""
     preload = getattr(ort, "preload_dlls", None)
@@ -134,7 +135,8 @@ class Encoder:
             binding.bind_cpu_input(name, value)
         binding.bind_output(self._output_name, "cpu")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        out: np.ndarray = binding.copy_outputs_to_cpu()[0]
+        return out
 
     def encode_many(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Embeds many texts in length-sorted batches (less padding); rows returned in input order."""
@@ -162,4 +164,5 @@ def mean_pool_normalize(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     counts = np.clip(m.sum(axis=1), 1e-9, None)
     pooled = summed / counts
     norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+    out: np.ndarray = (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -78,14 +79,32 @@ class NotReady(BundleRecError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class OutOfTime(BundleRecError):
+    """The call's deadline (minus the margin) arrived before the work finished."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, message: str = "deadline reached before retrieval finished") -> None:
+        super().__init__(message)
+
+
 def to_status(exc: BundleRecError) -> grpc.Status:
     status = status_pb2.Status(code=getattr(code_pb2, exc.code.name), message=str(exc), details=exc.details())
-    return rpc_status.to_status(status)
+    out: grpc.Status = rpc_status.to_status(status)
+    return out
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Ends the call with the status that ``exc`` maps to. Unexpected exceptions are bugs: INTERNAL, logged."""
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The status a call ending with ``exc`` gets: the error's own for a BundleRecError, otherwise INTERNAL."""
+    return exc.code if isinstance(exc, BundleRecError) else grpc.StatusCode.INTERNAL
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """Ends the call with the status that ``exc`` maps to; always raises. Unexpected exceptions are bugs:
+    INTERNAL, logged."""
     if isinstance(exc, BundleRecError):
         await context.abort_with_status(to_status(exc))
-    logger.exception("unexpected error while serving a call", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    else:
+        logger.exception("unexpected error while serving a call", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    raise RuntimeError("ServicerContext.abort returned instead of raising")  # grpc's abort always raises

@@ -1,7 +1,7 @@
-"""Everything a call needs besides its request: the current engine, the worker threads, admission, events.
+"""Everything a call needs besides its request: what is serving, the worker threads, admission, events.
 
-Holds the engine by reference: a hot reload swaps :attr:`engine` atomically and calls that already took
-the old one finish on it.
+The current engine and its micro-batcher form one :class:`Serving` pair; a hot reload swaps the pair
+atomically, and calls that already took the old pair finish on it (old engine, old batcher).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,46 +20,53 @@ from . import metrics
 from .admission import Admission
 from .batching import MicroBatcher
 from .engine import Engine
-from .errors import NotReady
+from .errors import NotReady, OutOfTime
+from .events import EventStore
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class OutOfTime(Exception):
-    """The call's deadline (minus the margin) arrived before the work finished."""
-
-
 def settle_heap() -> None:
-    """Takes everything alive now (a loaded artifact is tens of thousands of long-lived objects) out of the
-    cyclic garbage collector's full passes (``gc.freeze``, CPython's remedy for a large long-lived heap). A full
-    pass over the demo artifact stalls the event loop ≈ 25–30 ms, several times a minute under load: a p99
-    spike for every call in flight. Frozen objects are still freed by reference counting, so an engine
-    replaced by a reload goes away as soon as its last call finishes (an Engine holds no reference cycles)."""
+    """Takes everything alive now out of the cyclic GC's full passes (``gc.freeze``), which would otherwise
+    stall the event loop while walking the artifact (see docs/server-notes.md). Frozen objects are still
+    freed by reference counting, so an engine holds no reference cycles."""
     gc.collect()  # the load's own garbage, so that it is not frozen
     gc.freeze()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """An engine and the micro-batcher in front of its encoder: taken together by a call, swapped together."""
+
+    engine: Engine
+    batcher: MicroBatcher
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._engine: Engine | None = None
+        self._serving: Serving | None = None
         self.pool = ThreadPoolExecutor(max_workers=settings.encode_workers, thread_name_prefix="encode")
         self.admission = Admission(settings.max_in_flight, settings.max_queue,
                                    target_latency_s=settings.target_latency_ms / 1000,
                                    queue_target_s=settings.queue_target_ms / 1000)
-        self.events = None  # an EventStore when configured
+        self.events: EventStore | None = None
         self._reload_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None
+        return self._serving is not None
+
+    def serving(self) -> Serving:
+        """What serves a call now (take it once per call); NotReady until the first artifact is loaded."""
+        serving = self._serving
+        if serving is None:
+            raise NotReady("the model is still loading; retry shortly")
+        return serving
 
     def engine(self) -> Engine:
-        engine = self._engine
-        if engine is None:
-            raise NotReady("the model is still loading; retry shortly")
-        return engine
+        return self.serving().engine
 
     def load(self, root: Path) -> Engine:
         """Loads and warms an artifact (blocking: call from a worker thread); does not swap it in."""
@@ -74,18 +82,17 @@ class Runtime:
             engine.encoder.encode, self.pool, max_batch=batch, max_wait_s=self.settings.max_batch_wait_ms / 1000,
             workers=self.settings.encode_workers,
         )
-        engine.batcher = batcher  # calls still holding an old engine keep using its batcher
-        old, self._engine = self._engine, engine
-        if old is not None and getattr(old, "batcher", None) is not None:
-            old.batcher.retire()  # its task ends once idle, so the old engine can be freed
+        old, self._serving = self._serving, Serving(engine, batcher)
+        if old is not None:
+            old.batcher.retire()  # calls still holding the old pair keep using it; its task ends once idle
         if not engine.batch_exact and self.settings.max_batch > 1:
             logger.warning("encoder graph %s is not batch-exact: micro-batching disabled (one query per run)", engine.variant)
-        return old
+        return old.engine if old is not None else None
 
-    async def encode(self, engine: Engine, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
-        """Embeds one query through the engine's micro-batcher; OutOfTime if the deadline comes first
+    async def encode(self, serving: Serving, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
+        """Embeds one query through the serving engine's micro-batcher; OutOfTime if the deadline comes first
         (the query is then dropped from the queue if its batch has not started: no encoder work)."""
-        batcher = engine.batcher
+        batcher = serving.batcher
         left = time_left() if time_left else None
         if left is None:
             return await batcher.submit(text)
@@ -107,7 +114,7 @@ class Runtime:
             try:
                 engine = await loop.run_in_executor(None, self.load, root)
             except Exception as exc:  # ArtifactError and anything a broken file provokes
-                current = self._engine.version if self._engine else "none"
+                current = self._serving.engine.version if self._serving else "none"
                 logger.error("reload of %s refused, still serving %s: %s", root, current, exc)
                 metrics.RELOADS.labels("refused").inc()
                 return False
@@ -117,6 +124,6 @@ class Runtime:
             return True
 
     async def close(self) -> None:
-        if self._engine is not None and getattr(self._engine, "batcher", None) is not None:
-            await self._engine.batcher.stop()
+        if self._serving is not None:
+            await self._serving.batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -33,6 +35,8 @@ def fingerprint(text: str) -> str:
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert:
         return None
+    if not settings.tls_key:
+        raise ValueError("tls_cert needs tls_key")
     pairs = [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
     if settings.tls_client_ca:
         return grpc.ssl_server_credentials(
@@ -41,11 +45,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(pairs)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def refuse_unary(request, context):
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+def _refusal(handler: Handler, message: str) -> Handler:
+    async def refuse_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request, context):
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
@@ -65,7 +72,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             raise ValueError("empty bearer token")
         self._expected = f"Bearer {token}".encode()
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]], details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(details)
         if handler is None or details.method.startswith(EXEMPT_PREFIXES):
             return handler

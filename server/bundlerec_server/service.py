@@ -1,37 +1,37 @@
-"""The gRPC servicer: translates protobuf <-> domain and maps errors; the work happens in Engine/Runtime."""
+"""The gRPC servicer: protobuf <-> domain and nothing else. Every RPC runs under :func:`observed`, which
+turns exceptions into statuses and counts and times the call; the work happens in Engine/Runtime."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf import timestamp_pb2
 
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from . import __version__, convert, metrics
-from .domain import Personalization, Stop
-from .errors import BundleRecError, InvalidRequest, Unsupported, Violation, abort_with
-from .runtime import OutOfTime, Runtime
+from .domain import BundleOut, Personalization, RecommendQuery, Stop
+from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
+from .events import EventRecord
+from .runtime import Runtime, Serving
 from .security import fingerprint
 from .streaming import Paced
 
 logger = logging.getLogger(__name__)
 
-
-async def _enumerate(aiter):
-    i = 0
-    async for x in aiter:
-        yield i, x
-        i += 1
-
-
-def _time_left(context: grpc.aio.ServicerContext):
-    return context.time_remaining
+Context = grpc.aio.ServicerContext[Any, Any]
+H = TypeVar("H", bound=Callable[..., Any])
 
 
 class _Observed:
@@ -43,15 +43,60 @@ class _Observed:
     def __enter__(self) -> _Observed:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
             self.code = "CANCELLED"
         metrics.REQUESTS.labels(self.method, self.code).inc()
         metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.t0)
 
-    async def abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        self.code = exc.code.name if isinstance(exc, BundleRecError) else "INTERNAL"
+    async def fail(self, context: Context, exc: Exception) -> NoReturn:
+        if isinstance(exc, grpc.aio.AbortError):  # handlers raise rather than abort; never counted as OK
+            self.code = "UNKNOWN"
+            raise exc
+        self.code = status_code(exc).name
         await abort_with(context, exc)
+
+
+def observed(handler: H) -> H:
+    """Runs an RPC handler (unary or server-streaming) the one way: an exception it raises ends the call with
+    its status (:func:`~bundlerec_server.errors.abort_with`; handlers raise, they do not abort), and the call is
+    counted by method and final code and timed."""
+    method = handler.__name__
+
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def streaming(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+            with _Observed(method) as call:
+                try:
+                    async with contextlib.aclosing(handler(self, request, context)) as messages:
+                        async for message in messages:  # closed with the call: its admission slot goes at once
+                            yield message
+                except Exception as exc:
+                    await call.fail(context, exc)
+
+        return streaming  # type: ignore[return-value]  # same signature as the handler, wrapped
+
+    @functools.wraps(handler)
+    async def unary(self: Any, request: Any, context: Context) -> Any:
+        with _Observed(method) as call:
+            try:
+                response = await handler(self, request, context)
+            except Exception as exc:
+                await call.fail(context, exc)
+            else:
+                return response
+
+    return unary  # type: ignore[return-value]  # same signature as the handler, wrapped
+
+
+async def _enumerate(items: AsyncIterable[Any]) -> AsyncIterator[tuple[int, Any]]:
+    i = 0
+    async for x in items:
+        yield i, x
+        i += 1
+
+
+TimeLeft = Callable[[], float | None]
 
 
 class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
@@ -59,40 +104,44 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         self.rt = runtime
         self.settings = runtime.settings
 
-    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext):
-        with _Observed("Recommend") as call:
-            async for msg in self._recommend(request, context, call):
-                yield msg
+    async def _query_vector(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft,
+                            history: list[str]) -> tuple[np.ndarray | None, Personalization]:
+        """The (personalised) query vector; None for lexical retrieval, which needs none."""
+        engine = serving.engine
+        if not engine.needs_vector(engine.mode_for(q.mode)):
+            return None, Personalization()
+        vec = await self.rt.encode(serving, q.query, time_left)
+        return engine.personalize(vec, q.recent_item_ids, history)
 
-    async def _recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext, call: _Observed):
-        t0 = call.t0
-        time_left = _time_left(context)
-        bundles, info, stop = [], Personalization(), None
-        async with contextlib.AsyncExitStack() as held:  # the slot is held until the summary is handed to gRPC
-            try:
-                q = convert.recommend_query(request, self.settings)
-                engine = self.rt.engine()
-                await held.enter_async_context(self.rt.admission.slot())  # before tokenising: shedding is cheap
-                engine.check_tokens(q.query)
-                from_events = []
-                if q.user_id and self.rt.events is not None:
-                    from_events = await self.rt.events.recent_items(q.user_id)
-                try:
-                    vec = None
-                    if engine.needs_vector(engine.mode_for(q.mode)):
-                        vec = await self.rt.encode(engine, q.query, time_left)
-                        vec, info = engine.personalize(vec, q.recent_item_ids, from_events)
-                    bundles = engine.recommend(q, vec)
-                except OutOfTime:
-                    stop = Stop.DEADLINE
-            except Exception as exc:  # BundleRecError -> its status; anything else is a bug: INTERNAL, logged
-                await call.abort(context, exc)
+    async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
+                       ) -> tuple[list[BundleOut], Personalization, Stop | None]:
+        history: list[str] = []
+        if q.user_id and self.rt.events is not None:
+            history = await self.rt.events.recent_items(q.user_id)
+        try:
+            vec, info = await self._query_vector(serving, q, time_left, history)
+        except OutOfTime:
+            return [], Personalization(), Stop.DEADLINE
+        else:
+            return serving.engine.recommend(q, vec), info, None
+
+    @observed
+    async def Recommend(self, request: pb.RecommendRequest, context: Context) -> AsyncIterator[pb.RecommendResponse]:
+        t0 = time.perf_counter()
+        time_left: TimeLeft = context.time_remaining
+        q = convert.recommend_query(request, self.settings)
+        serving = self.rt.serving()
+        engine = serving.engine
+        async with self.rt.admission.slot():  # before tokenising (shedding is cheap); held until the summary is sent
+            engine.check_tokens(q.query)
+            bundles, info, stop = await self._bundles(serving, q, time_left)
             paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
             for rank, bundle in enumerate(paced, start=1):
                 if rank == 1:
                     metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)
                 yield convert.bundle_message(bundle, rank, engine.catalog)
             stop = stop or paced.stop
+            assert stop is not None  # Paced says why it ended once its iteration is over
             metrics.STOPS.labels(stop.value).inc()
             if logger.isEnabledFor(logging.DEBUG):  # fingerprints only: raw queries and user ids never reach logs
                 logger.debug("recommend q=%s user=%s bundles=%d stop=%s %.1f ms", fingerprint(q.query),
@@ -108,61 +157,45 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                 )
             )
 
-    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
-        with _Observed("Search") as call:
-            return await self._search(request, context, call)
-
-    async def _search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext, call: _Observed) -> pb.SearchResponse:
-        try:
-            q = convert.search_query(request, self.settings)
-            engine = self.rt.engine()
-            async with self.rt.admission.slot():
-                engine.check_tokens(q.query)
-                vec = None
-                if engine.needs_vector(engine.mode_for(q.mode)):
-                    vec = await self.rt.encode(engine, q.query, _time_left(context))
-                hits = engine.search(q, vec)
-        except OutOfTime:
-            call.code = "DEADLINE_EXCEEDED"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline reached before retrieval finished")
-        except Exception as exc:
-            await call.abort(context, exc)
+    @observed
+    async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
+        q = convert.search_query(request, self.settings)
+        serving = self.rt.serving()
+        engine = serving.engine
+        async with self.rt.admission.slot():
+            engine.check_tokens(q.query)
+            vec = None
+            if engine.needs_vector(engine.mode_for(q.mode)):
+                vec = await self.rt.encode(serving, q.query, context.time_remaining)
+            hits = engine.search(q, vec)
         return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version)
 
-    async def RecordEvents(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.RecordEventsResponse:
-        with _Observed("RecordEvents") as call:
-            return await self._record_events(request_iterator, context, call)
-
-    async def _record_events(self, request_iterator, context: grpc.aio.ServicerContext, call: _Observed) -> pb.RecordEventsResponse:
+    @observed
+    async def RecordEvents(self, request_iterator: AsyncIterable[pb.Event], context: Context) -> pb.RecordEventsResponse:
         """Validates the whole stream, stores it in one durable transaction, then acknowledges."""
-        try:
-            store = self.rt.events
-            if store is None:
-                raise Unsupported("events are not enabled on this server (start it with --events-db)")
-            engine = self.rt.engine()
-            now_ms = int(time.time() * 1000)
-            records, unknown = [], 0
-            index = -1
-            async for index, ev in _enumerate(request_iterator):
-                if index >= self.settings.max_events_per_call:
-                    raise InvalidRequest([Violation("events", f"more than {self.settings.max_events_per_call} events in one call")])
-                record = convert.event_record(ev, index, now_ms)
-                if record.item_id in engine.catalog.row_of:
-                    records.append(record)
-                else:
-                    unknown += 1
-            await self.rt.events.append(records)
-            metrics.EVENTS.inc(len(records))
-        except Exception as exc:
-            await call.abort(context, exc)
+        store = self.rt.events
+        if store is None:
+            raise Unsupported("events are not enabled on this server (start it with --events-db)")
+        engine = self.rt.engine()
+        now_ms = int(time.time() * 1000)
+        records: list[EventRecord] = []
+        unknown = 0
+        async for index, ev in _enumerate(request_iterator):
+            if index >= self.settings.max_events_per_call:
+                raise InvalidRequest([Violation("events", f"more than {self.settings.max_events_per_call} events in one call")])
+            record = convert.event_record(ev, index, now_ms)
+            if record.item_id in engine.catalog.row_of:
+                records.append(record)
+            else:
+                unknown += 1
+        await store.append(records)
+        metrics.EVENTS.inc(len(records))
         logger.debug("stored %d events (%d unknown items)", len(records), unknown)
         return pb.RecordEventsResponse(accepted=len(records), unknown_items=unknown)
 
-    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
-        try:
-            info = self.rt.engine().info()
-        except Exception as exc:
-            await _Observed("GetInfo").abort(context, exc)
+    @observed
+    async def GetInfo(self, request: pb.GetInfoRequest, context: Context) -> pb.GetInfoResponse:
+        info = self.rt.engine().info()
         created = timestamp_pb2.Timestamp()
         if info["created_at"]:
             created.FromJsonString(info["created_at"])
@@ -173,3 +206,4 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
             retrieval_modes=[convert.MODE_TO_PB[m] for m in info["modes"]],
             default_retrieval_mode=convert.MODE_TO_PB[info["default_mode"]], server_version=__version__,
         )
+

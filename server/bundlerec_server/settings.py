@@ -45,7 +45,7 @@ class Settings:
     default_items_per_bundle: int = field(default=3, metadata={"help": "items per bundle when a request says 0"})
     max_items_per_bundle_cap: int = field(default=10, metadata={"help": "largest max_items_per_bundle accepted"})
     max_query_chars: int = field(default=512, metadata={"help": "longest query accepted, in characters"})
-    max_query_tokens: int = field(default=128, metadata={"help": "longest query accepted, in encoder tokens (the encoder reads the first 64)"})
+    max_query_tokens: int = field(default=128, metadata={"help": "longest query accepted, in encoder tokens (the encoder reads only the first encoder.query_truncate_tokens of the manifest)"})
     max_search_k: int = field(default=100, metadata={"help": "largest Search k accepted"})
     max_recent_items: int = field(default=50, metadata={"help": "most recent_item_ids accepted"})
     max_excluded_items: int = field(default=200, metadata={"help": "most filters.exclude_item_ids accepted"})

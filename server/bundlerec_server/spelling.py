@@ -1,12 +1,9 @@
 """Query spelling correction against the catalog's own vocabulary (for the lexical channel).
 
-Shoppers' queries are full of typos ("gas mowe", "steele stake"); BM25 cannot match a misspelt word at all.
-At load, the vocabulary of the catalog titles (lower-cased words, the BM25 token pattern) and each word's
-document frequency are collected. A query word that is not in it, is alphabetic and long enough, is replaced
-by the most frequent catalog word within a small edit distance (1 for 4-7 letters, 2 from 8), or split in two
-catalog words when it is a run-together compound ("deckover" -> "deck over"). Words already in the catalog,
-numbers and sizes ("3/4", "4x8") are left alone; at most ``max_lookups`` (8) unknown words of one query are
-looked up, so a query of junk words costs little. Candidates come from rapidfuzz (optimal string alignment distance: a swap of two letters counts 1).
+A query word unknown to the catalog titles (alphabetic, long enough) is replaced by the most frequent catalog
+word within a small edit distance (1 for 4-7 letters, 2 from 8; rapidfuzz OSA), or split in two catalog words
+when it is a run-together compound ("deckover" -> "deck over"). Known words, numbers and sizes are kept; at
+most ``max_lookups`` unknown words of one query are looked up.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ class SpellCorrector:
             df.update(set(WORD.findall(title.lower())))
         self.df = df
         self.min_len = min_len
-        # a query of many unknown words must not cost many vocabulary scans (≈ 1 ms each on 10k words)
+        # a query of many unknown words must not cost many vocabulary scans (docs/server-notes.md)
         self.max_lookups = max_lookups
         self.max_len = max_len
         # candidates: frequent enough alphabetic words (rare title words are often typos themselves)

@@ -25,6 +25,8 @@ class Paced(Generic[T]):
         self.margin_s = margin_s
         self.sent = 0
         self.stop: Stop | None = None
+        self._last_left: float | None = None
+        self._cost = 0.0
 
     def expired(self) -> bool:
         left = self.time_left()
@@ -36,7 +38,7 @@ class Paced(Generic[T]):
         return left - self._cost <= self.margin_s
 
     def __iter__(self) -> Iterator[T]:
-        self._last_left: float | None = None
+        self._last_left = None
         self._cost = 0.0
         for item in self.items:
             if self.expired():

@@ -1,0 +1,92 @@
+"""BM25 over item titles (bm25s): query parsing, top-k search and exact scores for given rows."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .spelling import SpellCorrector
+
+
+def sort_postings(index: dict[str, Any]) -> None:
+    """bm25s keeps one posting list per word (CSC: indptr, indices = doc rows, data = scores); score_rows
+    binary-searches them, so make sure each list is in ascending row order."""
+    indptr, indices, data = index["indptr"], index["indices"], index["data"]
+    word = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    if len(indices) and not np.all((np.diff(indices) > 0) | (np.diff(word) > 0)):
+        order = np.lexsort((indices, word))
+        index["indices"], index["data"] = indices[order], data[order]
+
+
+def parse_query(tokenize: Callable[..., Any], speller: SpellCorrector | None, vocab: dict[str, int],
+                options: dict[str, Any], text: str) -> tuple[list[int], int]:
+    """The (spelling-corrected) query's distinct vocabulary ids and its number of distinct words."""
+    words = tokenize([speller.correct(text) if speller is not None else text], show_progress=False,
+                     return_ids=False, **options)[0]
+    return sorted({vocab[w] for w in words if w in vocab}), len(set(words))
+
+
+class Lexical:
+    """BM25 over titles (bm25s), tokenised exactly as at export time (settings from the manifest)."""
+
+    def __init__(self, folder: Path, params: dict[str, Any], titles: Sequence[str] | None = None) -> None:
+        # bm25s probes JAX at import when it is installed; on a GPU host JAX would then take most of the GPU in
+        # every worker (docs/server-notes.md). Scoring uses the score matrix with numpy, so keep any JAX on the CPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import bm25s
+
+        self.retriever = bm25s.BM25.load(str(folder))
+        sort_postings(self.retriever.scores)
+        tok = params.get("tokenize", {})
+        self.stopwords = tok.get("stopwords", "en")
+        self.lower = bool(tok.get("lower", True))
+        self.token_pattern = str(tok.get("token_pattern", r"(?u)\b\w\w+\b"))  # bm25s's default
+        self.stemmer = None
+        algorithm = (tok.get("stemmer") or {}).get("algorithm")
+        if algorithm:
+            import Stemmer
+
+            self.stemmer = Stemmer.Stemmer(algorithm)
+        # typos: query words unknown to the catalog are corrected against the titles' own words (None = off)
+        self.speller = SpellCorrector(titles) if titles is not None else None
+        # search and score_rows of one request (and repeated queries) tokenise once; per instance, so a reload
+        # frees it. The cached function must not hold ``self`` (a cycle): the heap is frozen out of the cyclic
+        # GC after a load, so an engine must be freed by reference counting alone.
+        self._query = functools.lru_cache(maxsize=4096)(functools.partial(
+            parse_query, bm25s.tokenize, self.speller, self.retriever.vocab_dict,
+            {"lower": self.lower, "stopwords": self.stopwords, "stemmer": self.stemmer, "token_pattern": self.token_pattern}))
+
+    def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` rows by BM25 (score > 0), best first, ties by row."""
+        ids, _ = self._query(text)
+        if not ids or k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        scores = self.retriever.get_scores_from_ids(ids)
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.lexsort((top, -scores[top]))]
+        top = top[scores[top] > 0]
+        return top.astype(np.int64), scores[top].astype(np.float32)
+
+    def score_rows(self, text: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact BM25 score of each of ``rows`` (ascending) and the fraction of the query's distinct words its
+        title has: per query word, a binary search of ``rows`` in the word's posting list."""
+        ids, n_words = self._query(text)
+        bm25 = np.zeros(len(rows), dtype=np.float32)
+        matched = np.zeros(len(rows), dtype=np.float32)
+        index = self.retriever.scores
+        for t in ids:
+            lo, hi = int(index["indptr"][t]), int(index["indptr"][t + 1])
+            if hi == lo:
+                continue
+            postings = index["indices"][lo:hi]
+            at = np.minimum(np.searchsorted(postings, rows), hi - lo - 1)
+            hit = postings[at] == rows
+            bm25[hit] += index["data"][lo:hi][at[hit]]
+            matched += hit
+        return bm25, matched / max(n_words, 1)
