@@ -160,12 +160,8 @@ class SqliteEventStore:
     def _insert(self, events: Sequence[EventRecord]) -> None:
         now = int(time.time() * 1000)
         conn = self._conn
-<<<<<<< HEAD
         if conn is None:
             raise RuntimeError("the event store is not started")
-=======
-        assert conn is not None, "start() opens the database first"
->>>>>>> h-server
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
