@@ -333,7 +333,7 @@ def load_model(path: Path) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     # transformers does not annotate AutoTokenizer.from_pretrained
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)  # type: ignore[no-untyped-call]
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     # the pooler (if any) is unused by mean pooling: it gets no gradient and is saved unchanged
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
     return tok, model
@@ -557,7 +557,7 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
                 dv = embed(model, tok, [titles[p] for p in docs], cfg.max_title_tokens)
                 loss = contrastive_loss(qv, dv, labels, mask, cfg.temperature)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]  # torch.Tensor.backward is not annotated
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()

@@ -24,17 +24,17 @@ def make_tiny_bert(out_dir: str | Path, seed: int = 0, base_model: str | Path | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = Tokenizer.from_file(str(base / "tokenizer.json")).get_vocab_size()
-    config = BertConfig(  # type: ignore[no-untyped-call]  # transformers does not annotate its constructors
+    config = BertConfig(
         vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=512, type_vocab_size=2,
     )
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)  # type: ignore[no-untyped-call]  # as above
+        model = BertModel(config, add_pooling_layer=False)
     finally:
         torch.random.set_rng_state(state)
-    model.eval()  # type: ignore[no-untyped-call]  # torch.nn.Module.eval is not annotated in this torch
+    model.eval()
     model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (base / name).is_file():

@@ -35,6 +35,8 @@ from .errors import NotReady, Overloaded
 if TYPE_CHECKING:
     import os
 
+    from google.protobuf import any_pb2
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -66,7 +68,7 @@ class StoreUnavailable(NotReady):
         self.retry_after_s = retry_after_s
         super().__init__(message)
 
-    def details(self):
+    def details(self) -> list[any_pb2.Any]:
         return Overloaded(str(self), self.retry_after_s).details()  # the same RetryInfo detail
 
 
