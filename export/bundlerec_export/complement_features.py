@@ -97,6 +97,9 @@ class PairStats:
     aisle_pair: np.ndarray
     dept_pair: np.ndarray
     aisle_share: np.ndarray
+    X: sp.csr_matrix  # baskets x items (1 = holds the item)
+    Xw: sp.csr_matrix  # the same, weighted 1 / log2(1 + basket size)
+    basket_users: list[str]  # one id per basket ("#basket<k>" where unknown)
 
     def lookup(self, m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Values of ``m`` at (rows, cols) (0 where absent), float64."""
@@ -118,27 +121,25 @@ def pair_stats(baskets: Sequence[Sequence[int]], n_items: int, users: Sequence[s
     cw = _no_diag(xw.T @ x)
     counts = np.asarray(x.sum(axis=0)).ravel()
     wcounts = np.asarray(xw.sum(axis=0)).ravel()
-    ids = [u if u else f"#basket{k}" for k, u in enumerate(users)] if users is not None else None
+    ids = [u if u else f"#basket{k}" for k, u in enumerate(users)] if users is not None else [
+        f"#basket{k}" for k in range(len(baskets))]
     a, b, s = pair_counts(baskets, n_items, ids)
     s_m = sp.csr_matrix((np.concatenate([s, s]).astype(np.float64), (np.concatenate([a, b]), np.concatenate([b, a]))),
                         shape=(n_items, n_items))
     s_m.sort_indices()
-    if ids is not None:
-        per_user: dict[str, set[int]] = {}
-        for k, bk in enumerate(baskets):
-            per_user.setdefault(ids[k], set()).update(int(i) for i in bk)
-        flat = [i for items in per_user.values() for i in items]
-        user_counts = np.bincount(np.asarray(flat, dtype=np.int64), minlength=n_items).astype(np.float64)
-        n_users = len(per_user)
-    else:
-        user_counts, n_users = counts.copy(), len(baskets)
+    per_user: dict[str, set[int]] = {}
+    for k, bk in enumerate(baskets):
+        per_user.setdefault(ids[k], set()).update(int(i) for i in bk)
+    flat = [i for items in per_user.values() for i in items]
+    user_counts = np.bincount(np.asarray(flat, dtype=np.int64), minlength=n_items).astype(np.float64)
+    n_users = len(per_user)
     aisle_code = group_codes(aisles, n_items)
     aisle_pair, aisle = _group_pair_probability(c, aisle_code)
     dept_pair, dept = _group_pair_probability(c, group_codes(departments, n_items))
     aisle_tot = np.bincount(aisle, weights=counts, minlength=aisle_pair.shape[0])
     share = np.divide(counts, aisle_tot[aisle], out=np.zeros(n_items), where=aisle_tot[aisle] > 0)
     return PairStats(n_items, len(baskets), c, cw, s_m, counts, wcounts, user_counts, n_users, aisle, aisle_code,
-                     dept, aisle_pair, dept_pair, share)
+                     dept, aisle_pair, dept_pair, share, x, xw, ids)
 
 
 # ------------------------------------------------------------------------------------------------ scorers
@@ -319,16 +320,36 @@ def title_jaccard(tokens: Sequence[frozenset[str]], rows: np.ndarray, cols: np.n
     return out
 
 
+def shopper_share(st: PairStats, baskets: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[str, np.ndarray]:
+    """What the baskets ``baskets`` (positions in ``st``; one shopper's) add to the pair and item counts at
+    (rows, cols): subtracting it gives the statistics as if that shopper had never ordered."""
+    x, xw = st.X[baskets], st.Xw[baskets]
+    xa, xb = x[:, rows], x[:, cols]
+    both = xa.multiply(xb)
+    col_sum = lambda m: np.asarray(m.sum(axis=0), dtype=np.float64).ravel()  # noqa: E731
+    bought = col_sum(x) > 0
+    return {"c_ab": col_sum(both), "cw_ab": col_sum(xw[:, rows].multiply(xb)), "c_a": col_sum(xa),
+            "c_b": col_sum(xb), "cw_a": col_sum(xw[:, rows]), "s_ab": (col_sum(both) > 0).astype(np.float64),
+            "u_a": bought[rows].astype(np.float64), "u_b": bought[cols].astype(np.float64), "n": float(len(baskets))}
+
+
 def pair_features(st: PairStats, rows: np.ndarray, cols: np.ndarray, *, tokens: Sequence[frozenset[str]] | None = None,
-                  ease: EaseModel | None = None, cond: sp.csr_matrix | None = None) -> np.ndarray:
+                  ease: EaseModel | None = None, cond_params: tuple[float, float, bool] | None = None,
+                  minus: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """float32 matrix (len(rows) x len(FEATURES)) for (anchor, candidate) pairs, columns in FEATURES order.
 
     Probabilities are over baskets of ``st``; NPMI of a pair never seen together is -1; EASE is NaN
-    outside the EASE item set; ``cond`` (a :func:`conditional_scores` matrix) gives ``cond_score``."""
+    outside the EASE item set; ``cond_params`` = (alpha, beta, weighted) of :func:`conditional_scores`
+    gives ``cond_score``. ``minus`` (:func:`shopper_share`) removes one shopper's own baskets from the
+    counts (pair, item, shopper and basket totals; the aisle aggregates and EASE keep them)."""
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-    n = max(st.n_baskets, 1)
-    c_ab = st.lookup(st.C, rows, cols)
-    c_a, c_b = st.counts[rows], st.counts[cols]
+    d = minus or {}
+    zero = np.zeros(len(rows))
+    n = max(st.n_baskets - d.get("n", 0.0), 1)
+    c_ab = st.lookup(st.C, rows, cols) - d.get("c_ab", zero)
+    c_a, c_b = st.counts[rows] - d.get("c_a", zero), st.counts[cols] - d.get("c_b", zero)
+    u_a, u_b = st.user_counts[rows] - d.get("u_a", zero), st.user_counts[cols] - d.get("u_b", zero)
+    cw_ab = st.lookup(st.Cw, rows, cols) - d.get("cw_ab", zero)
     with np.errstate(divide="ignore", invalid="ignore"):
         p_ba = np.where(c_a > 0, c_ab / c_a, 0.0)
         p_ab = np.where(c_b > 0, c_ab / c_b, 0.0)
@@ -338,19 +359,26 @@ def pair_features(st: PairStats, rows: np.ndarray, cols: np.ndarray, *, tokens: 
         npmi = np.where((c_ab > 0) & (pj >= 1), 1.0, npmi)
         union = c_a + c_b - c_ab
         jac = np.where(union > 0, c_ab / union, 0.0)
-        b_rep = np.where(st.user_counts[cols] > 0, c_b / st.user_counts[cols], 0.0)
-        a_rep = np.where(st.user_counts[rows] > 0, c_a / st.user_counts[rows], 0.0)
-    shoppers = st.lookup(st.S, rows, cols)
+        b_rep = np.where(u_b > 0, c_b / u_b, 0.0)
+        a_rep = np.where(u_a > 0, c_a / u_a, 0.0)
+    shoppers = st.lookup(st.S, rows, cols) - d.get("s_ab", zero)
+    backoff = st.backoff(rows, cols)
+    if cond_params is not None:
+        alpha, beta, weighted = cond_params
+        num = (cw_ab if weighted else c_ab) + alpha * backoff
+        den = (st.wcounts[rows] - d.get("cw_a", zero) if weighted else c_a) + alpha
+        cond = np.divide(num, den, out=np.zeros_like(num), where=den > 0) / np.power(np.maximum(c_b, 1.0), beta)
+    else:
+        cond = np.full(len(rows), np.nan)
     degree = np.diff(st.C.indptr)[rows].astype(np.float64)
     cols_out = {
-        "c_ab": c_ab, "cw_ab": st.lookup(st.Cw, rows, cols), "c_a": c_a, "c_b": c_b,
+        "c_ab": c_ab, "cw_ab": cw_ab, "c_a": c_a, "c_b": c_b,
         "p_b_given_a": p_ba, "p_a_given_b": p_ab, "lift": lift, "npmi": npmi, "jaccard": jac,
         "shoppers_ab": shoppers, "two_shoppers": (shoppers >= 2).astype(np.float64),
         "aisle_pair": st.aisle_pair[st.aisle[rows], st.aisle[cols]],
         "dept_pair": st.dept_pair[st.dept[rows], st.dept[cols]],
-        "backoff": st.backoff(rows, cols),
-        "cond_score": st.lookup(cond, rows, cols) if cond is not None else np.full(len(rows), np.nan),
-        "b_popularity": c_b / n, "b_users": st.user_counts[cols], "b_repeat": b_rep, "a_repeat": a_rep,
+        "backoff": backoff, "cond_score": cond,
+        "b_popularity": c_b / n, "b_users": u_b, "b_repeat": b_rep, "a_repeat": a_rep,
         "a_degree": degree,
         "ease": ease.scores(rows, cols) if ease is not None else np.full(len(rows), np.nan),
         "same_aisle": ((st.aisle_code[rows] >= 0) & (st.aisle[rows] == st.aisle[cols])).astype(np.float64),

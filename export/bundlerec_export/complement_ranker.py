@@ -65,6 +65,7 @@ class RankerConfig:
     threads: int = 2
     features: tuple[str, ...] = field(default_factory=lambda: cf.FEATURES)
     chunk: int = 2000  # anchors per scoring chunk
+    leave_shopper_out: bool = True  # a label basket's features never count its own shopper's other baskets
 
 
 def _hash_pct(key: str, salt: str = "complement-ranker") -> float:
@@ -83,6 +84,7 @@ class CandidateModel:
                                           cfg.cross_aisle)
         self.ease = cf.ease_model(baskets, n_items, cfg.ease_lambda, cfg.ease_items)
         self.fill = cf.aisle_fill(self.stats, cfg.fill, cfg.cross_aisle)
+        self._by_shopper: dict[str, list[int]] | None = None
 
     def candidates(self, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(anchor, candidate) pairs for ``anchors``, sorted by anchor then candidate."""
@@ -93,22 +95,43 @@ class CandidateModel:
         lists.append(cf.top_lists(self.fill, self.cfg.fill, aisle, st.counts, anchors))
         return cf.union_candidates(lists, self.n_items)
 
-    def features(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        x = cf.pair_features(self.stats, rows, cols, tokens=self.tokens, ease=self.ease, cond=self.cond)
+    def features(self, rows: np.ndarray, cols: np.ndarray, shopper: str | None = None) -> np.ndarray:
+        """Features of (rows, cols); with ``shopper``, as if that shopper's baskets had not been mined."""
+        minus = None
+        if shopper is not None:
+            if self._by_shopper is None:
+                self._by_shopper = {}
+                for k, u in enumerate(self.stats.basket_users):
+                    self._by_shopper.setdefault(u, []).append(k)
+            own = self._by_shopper.get(shopper)
+            minus = cf.shopper_share(self.stats, np.asarray(own), rows, cols) if own else None
+        c = self.cfg
+        x = cf.pair_features(self.stats, rows, cols, tokens=self.tokens, ease=self.ease,
+                             cond_params=(c.cond_alpha, c.cond_beta, c.cond_weighted), minus=minus)
         keep = [cf.FEATURES.index(f) for f in self.cfg.features]
         return x[:, keep]
 
 
-def _label_queries(model: CandidateModel, baskets: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """Candidates + features for every distinct anchor of ``baskets``; one query per (basket, anchor)."""
+def _label_queries(model: CandidateModel, baskets: Sequence[Sequence[int]],
+                   users: Sequence[str] | None = None) -> dict[str, Any]:
+    """Candidates + features for every distinct anchor of ``baskets``; one query per (basket, anchor).
+    With ``users`` (and ``cfg.leave_shopper_out``) each basket's features leave out its shopper's baskets."""
     anchors = np.unique(np.concatenate([np.asarray(list(b), dtype=np.int64) for b in baskets]))
     rows, cols = model.candidates(anchors)
-    feats = model.features(rows, cols)
     start = np.searchsorted(rows, np.arange(model.n_items + 1))
+    per_basket = users is not None and model.cfg.leave_shopper_out
+    blocks = [] if per_basket else [model.features(rows, cols)]
+    offset = 0
     aisle = model.stats.aisle_code
-    idx, labels, group, qbasket, n_targets = [], [], [], [], []
+    idx, labels, group, qbasket, n_targets, q_cols = [], [], [], [], [], []
     for k, b in enumerate(baskets):
         items = list(dict.fromkeys(int(i) for i in b))
+        if per_basket:  # this basket's anchors' candidate blocks, one after the other
+            sizes = [start[a + 1] - start[a] for a in items]
+            local = dict(zip(items, (offset + np.concatenate([[0], np.cumsum(sizes)[:-1]])).tolist()))
+            sel = np.concatenate([np.arange(start[a], start[a + 1]) for a in items])
+            blocks.append(model.features(rows[sel], cols[sel], users[k] or None))
+            offset += len(sel)
         for a in items:
             targets = {t for t in items if t != a and not (model.cfg.cross_aisle and aisle[a] >= 0 and aisle[t] == aisle[a])}
             if not targets:
@@ -116,12 +139,16 @@ def _label_queries(model: CandidateModel, baskets: Sequence[Sequence[int]]) -> d
             lo, hi = start[a], start[a + 1]
             if hi == lo:
                 continue
+            q_cols.append(cols[lo:hi])
+            if per_basket:
+                lo, hi = local[a], local[a] + (hi - lo)
             idx.append(np.arange(lo, hi))
-            labels.append(np.isin(cols[lo:hi], list(targets)).astype(np.int32))
+            labels.append(np.isin(q_cols[-1], list(targets)).astype(np.int32))
             group.append(hi - lo)
             qbasket.append(k)
             n_targets.append(len(targets))
-    return {"rows": rows, "cols": cols, "X": feats, "idx": idx, "labels": labels, "group": np.asarray(group),
+    feats = np.concatenate(blocks) if blocks else np.zeros((0, len(model.cfg.features)), dtype=np.float32)
+    return {"X": feats, "q_cols": q_cols, "idx": idx, "labels": labels, "group": np.asarray(group),
             "basket": np.asarray(qbasket, dtype=np.int64), "n_targets": n_targets}
 
 
@@ -139,7 +166,7 @@ def train_ranker(model: CandidateModel, label_baskets: Sequence[Sequence[int]], 
     import lightgbm as lgb
 
     t0 = time.perf_counter()
-    q = _label_queries(model, label_baskets)
+    q = _label_queries(model, label_baskets, label_users)
     users = np.asarray([label_users[b] or f"#{b}" for b in q["basket"].tolist()], dtype=object)
     holdout = np.asarray([_hash_pct(u) < cfg.holdout_pct for u in users], dtype=bool)
     has_pos = np.asarray([lab.any() for lab in q["labels"]], dtype=bool)
@@ -173,7 +200,7 @@ def train_ranker(model: CandidateModel, label_baskets: Sequence[Sequence[int]], 
                             ("c_ab", q["X"][ix, cfg.features.index("c_ab")] if "c_ab" in cfg.features else None)):
                 if s is None:
                     continue
-                order = np.lexsort((q["cols"][ix], -s))
+                order = np.lexsort((q["q_cols"][i], -s))
                 for k in (5, 10):
                     rec[name][k].append(lab[order[:k]].sum() / total)
         report["holdout_recall"] = {n: {str(k): float(np.mean(v)) for k, v in r.items()} for n, r in rec.items() if r[5]}
