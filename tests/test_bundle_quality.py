@@ -225,3 +225,12 @@ def test_main_end_to_end_offline(tiny_instacart: Path, tmp_path: Path):
     assert res["views"]["user"]["split"]["test"] == 8  # one test basket per shopper
     assert "personal_learned" in res["personalization"]["methods"]
     assert out_png.stat().st_size > 0 and "| learned |" in out_md.read_text()
+
+
+def test_merge_results_and_from_json(tmp_path: Path):
+    a = {"config": {"views": "user"}, "data": {"orders": 3}, "views": {"user": {"x": 1}}, "personalization": {"p": 1}}
+    b = {"config": {"views": "order"}, "data": {"orders": 3}, "views": {"order": {"y": 2}}}
+    m = bq.merge_results([a, b])
+    assert set(m["views"]) == {"user", "order"} and m["personalization"] == {"p": 1} and m["data"] == {"orders": 3}
+    with pytest.raises(SystemExit):
+        bq.main([])  # neither --data-dir nor --from-json

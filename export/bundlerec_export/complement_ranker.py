@@ -268,7 +268,7 @@ def rank_complements(
     """Learned complements for a catalog of ``n_items`` rows from baskets of item rows (see module docstring).
 
     ``users``: one shopper id per basket ("" unknown); ``order_numbers``: their order within a shopper (None:
-    the list order). Returns the top-``cfg.top_k`` Complements for every item seen in a basket, and a report
+    the list order). Returns the top-``cfg.top_k`` Complements for every catalog item (a never-ordered one ranked on its aisle backoff and popularity), and a report
     (``method``, ``config``, ``features``, ``validation`` figures, ``model_text`` = the LightGBM model,
     ``timings_s``) for the manifest."""
     cfg = cfg or RankerConfig()
@@ -284,7 +284,7 @@ def rank_complements(
     booster, val = train_ranker(fit_model, [baskets[i] for i in lab_idx], [users[i] for i in lab_idx], cfg)
     t_train = time.perf_counter()
     full = CandidateModel(baskets, n_items, cfg, users=users, **kw)
-    anchors = np.flatnonzero(full.stats.counts > 0)
+    anchors = np.arange(n_items)  # never-ordered items too: ranked on aisle backoff and popularity
     comp = to_complements(*score_anchors(booster, full, anchors, cfg.top_k, progress))
     t_end = time.perf_counter()
     report = {
