@@ -588,7 +588,7 @@ def tune(name: str, fit: Mined, val: Sequence[Sequence[int]], aisles: Sequence[s
 
 
 def run_view(pr: Prepared, split, label: str, kmax: int = 20, draws: int = 1000, learned: bool = True,
-             progress: bool = False, log=print, leave_shopper_out: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+             progress: bool = False, log=print, leave_shopper_out: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tunes every method on (fit -> val), refits on train, scores the test baskets once. Returns (the
     view's JSON, the objects the personalization check reuses)."""
     t0 = time.perf_counter()
@@ -997,8 +997,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--views", default="user,order", help="comma list of: user (latest order per shopper), order (hash)")
     p.add_argument("--no-learned", action="store_true", help="skip the LambdaRank re-ranker")
     p.add_argument("--no-personalization", action="store_true")
-    p.add_argument("--no-leave-shopper-out", action="store_true",
-                   help="ablation: the ranker's label baskets keep their own shopper's baskets in their features")
+    p.add_argument("--leave-shopper-out", action="store_true",
+                   help="ablation: the ranker's label baskets' features leave out their own shopper's other baskets")
     p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--kmax", type=int, default=20, help="list length (the served top_k)")
     p.add_argument("--progress", action="store_true")
@@ -1038,7 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label in [v.strip() for v in args.views.split(",") if v.strip()]:
         split = user_level_split(pr.users, pr.numbers) if label == "user" else order_level_split(data, args.test_pct, args.salt)
         res["views"][label], ctx = run_view(pr, split, label, args.kmax, args.draws, not args.no_learned, args.progress, log,
-                                            leave_shopper_out=not args.no_leave_shopper_out)
+                                            leave_shopper_out=args.leave_shopper_out)
         res["views"][label]["targets"] = targets_check(res["views"][label])
         if label == "user" and not args.no_personalization:
             res["personalization"] = run_personalization(pr, ctx, args.kmax, args.draws, log)

@@ -11,7 +11,8 @@ Pipeline (:func:`rank_complements`; every step is a function the benchmark reuse
 3. **Labels**: one query per (label basket, anchor in it); a candidate is relevant when it is in that
    basket (other aisle than the anchor when ``cross_aisle``). Features
    (:data:`bundlerec_export.complement_features.FEATURES`) come from the fit baskets ONLY, so no label
-   basket is counted in its own features.
+   basket is counted in its own features. (``leave_shopper_out`` would also drop the label shopper's other
+   baskets; measured worse, see ``RankerConfig``.)
 4. **Train** LambdaRank (``lightgbm``) on the queries of ~80 % of the label shoppers (hash of the user id),
    early-stopped on NDCG@5 of the other ~20 %, whose Recall@5/10 are reported against the scorers.
 5. **Serve**: the candidates and features are RE-MINED on ALL baskets (fit + label baskets: at serving
@@ -65,7 +66,10 @@ class RankerConfig:
     threads: int = 2
     features: tuple[str, ...] = field(default_factory=lambda: cf.FEATURES)
     chunk: int = 2000  # anchors per scoring chunk
-    leave_shopper_out: bool = True  # a label basket's features never count its own shopper's other baskets
+    # a label basket's features without its own shopper's other baskets. OFF: measured worse (train/serve skew,
+    # docs/bundles.md): the subtraction leaves the aisle backoff and EASE with the shopper's counts, so the
+    # model learns to spot the shopper's own earlier purchases, a signal the served (population) lists lack
+    leave_shopper_out: bool = False
 
 
 def _hash_pct(key: str, salt: str = "complement-ranker") -> float:
