@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -109,7 +110,8 @@ class PairStats:
 
     def backoff(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """P(aisle_b | aisle_a) * P(b | aisle_b) for arrays of (anchor, candidate)."""
-        return self.aisle_pair[self.aisle[rows], self.aisle[cols]] * self.aisle_share[cols]
+        out: np.ndarray = self.aisle_pair[self.aisle[rows], self.aisle[cols]] * self.aisle_share[cols]
+        return out
 
 
 def pair_stats(baskets: Sequence[Sequence[int]], n_items: int, users: Sequence[str] | None = None,
@@ -320,13 +322,17 @@ def title_jaccard(tokens: Sequence[frozenset[str]], rows: np.ndarray, cols: np.n
     return out
 
 
-def shopper_share(st: PairStats, baskets: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[str, np.ndarray]:
+def _col_sum(m: sp.spmatrix) -> np.ndarray:
+    return np.asarray(m.sum(axis=0), dtype=np.float64).ravel()
+
+
+def shopper_share(st: PairStats, baskets: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[str, Any]:
     """What the baskets ``baskets`` (positions in ``st``; one shopper's) add to the pair and item counts at
     (rows, cols): subtracting it gives the statistics as if that shopper had never ordered."""
     x, xw = st.X[baskets], st.Xw[baskets]
     xa, xb = x[:, rows], x[:, cols]
     both = xa.multiply(xb)
-    col_sum = lambda m: np.asarray(m.sum(axis=0), dtype=np.float64).ravel()  # noqa: E731
+    col_sum = _col_sum
     bought = col_sum(x) > 0
     return {"c_ab": col_sum(both), "cw_ab": col_sum(xw[:, rows].multiply(xb)), "c_a": col_sum(xa),
             "c_b": col_sum(xb), "cw_a": col_sum(xw[:, rows]), "s_ab": (col_sum(both) > 0).astype(np.float64),
@@ -335,7 +341,7 @@ def shopper_share(st: PairStats, baskets: np.ndarray, rows: np.ndarray, cols: np
 
 def pair_features(st: PairStats, rows: np.ndarray, cols: np.ndarray, *, tokens: Sequence[frozenset[str]] | None = None,
                   ease: EaseModel | None = None, cond_params: tuple[float, float, bool] | None = None,
-                  minus: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                  minus: dict[str, Any] | None = None) -> np.ndarray:
     """float32 matrix (len(rows) x len(FEATURES)) for (anchor, candidate) pairs, columns in FEATURES order.
 
     Probabilities are over baskets of ``st``; NPMI of a pair never seen together is -1; EASE is NaN

@@ -134,7 +134,7 @@ def _label_queries(model: CandidateModel, baskets: Sequence[Sequence[int]],
             sizes = [start[a + 1] - start[a] for a in items]
             local = dict(zip(items, (offset + np.concatenate([[0], np.cumsum(sizes)[:-1]])).tolist()))
             sel = np.concatenate([np.arange(start[a], start[a + 1]) for a in items])
-            blocks.append(model.features(rows[sel], cols[sel], users[k] or None))
+            blocks.append(model.features(rows[sel], cols[sel], (users or [])[k] or None))
             offset += len(sel)
         for a in items:
             targets = {t for t in items if t != a and not (model.cfg.cross_aisle and aisle[a] >= 0 and aisle[t] == aisle[a])}
@@ -182,7 +182,7 @@ def train_ranker(model: CandidateModel, label_baskets: Sequence[Sequence[int]], 
               "deterministic": True, "force_row_wise": True, "num_threads": cfg.threads, "verbose": -1}
     dtrain = lgb.Dataset(xt, yt, group=gt, feature_name=list(cfg.features), free_raw_data=False)
     valid = [lgb.Dataset(xv, yv, group=gv, reference=dtrain)] if len(gv) else []
-    callbacks = [lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False)] if valid else []
+    callbacks: list[Any] = [lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False)] if valid else []
     booster = lgb.train(params, dtrain, num_boost_round=cfg.max_rounds, valid_sets=valid, callbacks=callbacks)
     # held-out queries (all of them, also those whose candidates miss every target): recall of the top-K
     report: dict[str, Any] = {
@@ -195,7 +195,7 @@ def train_ranker(model: CandidateModel, label_baskets: Sequence[Sequence[int]], 
     if len(hold):
         scores = booster.predict(q["X"], num_iteration=report["best_iteration"], num_threads=cfg.threads)
         feat_cond = cfg.features.index("cond_score") if "cond_score" in cfg.features else None
-        rec = {"ranker": {5: [], 10: []}, "cond_score": {5: [], 10: []}, "c_ab": {5: [], 10: []}}
+        rec: dict[str, dict[int, list[float]]] = {n: {5: [], 10: []} for n in ("ranker", "cond_score", "c_ab")}
         for i in hold.tolist():
             ix, lab = q["idx"][i], q["labels"][i]
             total = q["n_targets"][i]
@@ -280,14 +280,14 @@ def rank_complements(
     numbers = list(order_numbers) if order_numbers is not None else list(range(len(baskets)))
     multi = {u for u, c in _user_order_counts(users).items() if c >= 2}
     label_mask = latest_per_user(users, numbers) & np.asarray([bool(u) and u in multi for u in users], dtype=bool)
-    fit_idx, lab_idx = np.flatnonzero(~label_mask), np.flatnonzero(label_mask)
+    fit_idx, lab_idx = np.flatnonzero(~label_mask).tolist(), np.flatnonzero(label_mask).tolist()
     tokens = cf.title_tokens(titles) if titles is not None else None
-    kw = {"aisles": aisles, "departments": departments, "tokens": tokens}
-    fit_model = CandidateModel([baskets[i] for i in fit_idx], n_items, cfg, users=[users[i] for i in fit_idx], **kw)
+    fit_model = CandidateModel([baskets[i] for i in fit_idx], n_items, cfg, users=[users[i] for i in fit_idx],
+                               aisles=aisles, departments=departments, tokens=tokens)
     t_fit = time.perf_counter()
     booster, val = train_ranker(fit_model, [baskets[i] for i in lab_idx], [users[i] for i in lab_idx], cfg)
     t_train = time.perf_counter()
-    full = CandidateModel(baskets, n_items, cfg, users=users, **kw)
+    full = CandidateModel(baskets, n_items, cfg, users=users, aisles=aisles, departments=departments, tokens=tokens)
     anchors = np.arange(n_items)  # never-ordered items too: ranked on aisle backoff and popularity
     comp = to_complements(*score_anchors(booster, full, anchors, cfg.top_k, progress))
     t_end = time.perf_counter()
