@@ -51,12 +51,13 @@ class RankerConfig:
     n_candidates: int = 50
     fill: int = 50
     cross_aisle: bool = True
-    cond_alpha: float = 1.0
-    cond_beta: float = 0.25
+    # scorer settings chosen on validation in benchmarks/bundle_quality.py (user split), see docs/bundles.md
+    cond_alpha: float = 20.0
+    cond_beta: float = 0.0
     cond_weighted: bool = True
-    ease_lambda: float = 200.0
+    ease_lambda: float = 8000.0
     ease_items: int = 3000
-    num_leaves: int = 31
+    num_leaves: int = 15
     learning_rate: float = 0.05
     min_data_in_leaf: int = 50
     max_rounds: int = 400
