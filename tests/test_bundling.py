@@ -107,7 +107,8 @@ def test_early_stop_gives_the_same_bundles_as_exhaustive_ranking():
            for r in range(n)}
     comp = comps(adj, n)
     anchors = sorted((Hit(r, float(s)) for r, s in enumerate(rng.random(n))), key=lambda h: -h.score)
-    exhaustive = sorted(filter(None, (make_bundle(a, CATALOG, comp, allow(), 3, 0.25) for a in anchors)), key=lambda b: -b.score)
+    made = [b for b in (make_bundle(a, CATALOG, comp, allow(), 3, 0.25) for a in anchors) if b is not None]
+    exhaustive = sorted([b for b in made if len(b.items) > 1] or made, key=lambda b: -b.score)
     for k in range(1, n + 1):
         got = rank_bundles(anchors, CATALOG, comp, allow(), k, 3, 0.25)
         assert [b.items for b in got] == [b.items for b in exhaustive[:k]]
@@ -154,3 +155,23 @@ def test_fusion_on_exact_scores_with_coverage():
 
     with pytest.raises(ArtifactError, match="invalid fusion"):
         Fusion.from_dict({"method": "scores", "coverage": -1})
+
+
+def test_min_strength_never_empties_a_bundle():
+    # every complement of anchor 0 is below 0.95: the best one that passes the filters is kept, and only it
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(), items_per_bundle=4, bonus=0.25, min_strength=0.95)
+    assert [i.row for i in b.items] == [0, 1]  # 3 (0.9) is in the anchor's category; 1 (0.8) is the best allowed
+    f = allow(exclude_categories=frozenset({"sauces"}))
+    assert [i.row for i in make_bundle(Hit(0, 0.5), CATALOG, COMPS, f, 4, 0.25, min_strength=0.95).items] == [0, 2]
+
+
+def test_no_one_item_bundles_unless_asked_or_nothing_else():
+    anchors = [Hit(1, 0.9), Hit(0, 0.5), Hit(5, 0.4)]  # sauce (1) has no complement at all
+    out = rank_bundles(anchors, CATALOG, COMPS, allow(), max_bundles=3, items_per_bundle=3, bonus=0.25, min_strength=0.95)
+    assert [b.items[0].row for b in out] == [0, 5] and all(len(b.items) >= 2 for b in out)
+    assert [len(b.items) for b in out] == [2, 2]  # weak complements: the single best allowed one each
+    one = rank_bundles(anchors, CATALOG, COMPS, allow(), max_bundles=3, items_per_bundle=1, bonus=0.25)
+    assert [len(b.items) for b in one] == [1, 1, 1]
+    # no anchor can get a complement: the one-item bundles are the answer rather than nothing
+    alone = rank_bundles([Hit(1, 0.9), Hit(2, 0.3)], CATALOG, COMPS, allow(), max_bundles=3, items_per_bundle=3, bonus=0.25)
+    assert [[i.row for i in b.items] for b in alone] == [[1], [2]]

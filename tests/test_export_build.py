@@ -82,7 +82,9 @@ def test_manifest_checksums_and_agreement(artifact):
     assert (enc["pooling"], enc["normalize"], enc["query_truncate_tokens"], enc["max_item_tokens"]) == ("mean", True, 64, 128)
     assert enc["fine_tuned"] is False and enc["item_variant"] == "fp32"
     assert m["index"]["space"] == "cosine" and m["index"]["M"] == 16 and m["index"]["ef_search"] == 64
-    assert m["complements"]["from_orders"] is True and m["complements"]["min_support"] == 2 and m["complements"]["min_users"] == 2
+    comp = m["complements"]
+    assert comp["from_orders"] is True and comp["method"] == "lambdarank" and comp["model_file"] == "complements_model.txt"
+    assert comp["model_file"] in m["files"] and comp["features"] and comp["validation"]["holdout_recall"]["ranker"]
     assert m["lexical"]["tokenize"]["stemmer"]["algorithm"] == "english"
     assert set(m["timings_s"]) >= {"load", "export_fp32", "quantize_int8", "embed", "index", "complements", "total"}
     assert artifact.stat().st_mode & 0o055 == 0o055  # readable by the server's user, not 0700 like mkdtemp

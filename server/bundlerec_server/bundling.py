@@ -8,6 +8,11 @@ score rewards strong complements without letting them outweigh relevance::
 
 so a bundle with no complement keeps its anchor's score, and a full bundle of perfect complements gains
 at most ``bonus`` (25 % by default).
+
+No one-item bundles when the caller asks for more than one item: ``min_strength`` never empties a bundle (when
+every stored complement that passes the filters is weaker, the best of them is kept), and an anchor left
+without any complement (none stored, or the filters drop them all) is skipped by :func:`rank_bundles` unless
+no anchor yields a bundle with a complement (then the one-item bundles are the answer rather than none).
 """
 
 from __future__ import annotations
@@ -53,8 +58,9 @@ def make_bundle(
     min_strength: float = 0.0,
     anchor_allowed: bool | None = None,
 ) -> BundleOut | None:
-    """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``), within the
-    price cap. None if the anchor is not allowed (``anchor_allowed``: already known, e.g. checked in bulk)."""
+    """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``, or the single best
+    allowed one when all are weaker), within the price cap. None if the anchor is not allowed
+    (``anchor_allowed``: already known, e.g. checked in bulk)."""
     if not (allowed.allows_anchor(anchor.row) if anchor_allowed is None else anchor_allowed):
         return None
     anchor_price = catalog.prices[anchor.row]
@@ -66,9 +72,12 @@ def make_bundle(
     if items_per_bundle > 1:
         rows, strengths, supports = complements.of(anchor.row)
         ok = allowed.items(rows).tolist()
+        weak = False  # below min_strength: only the best allowed one, and only while the bundle is empty
         for row, strength, support, row_ok in zip(rows.tolist(), strengths.tolist(), supports.tolist(), ok, strict=True):
             if strength < min_strength:
-                break  # complements are stored strongest first
+                if chosen:
+                    break  # complements are stored strongest first
+                weak = True
             if row in seen or not row_ok:
                 continue
             if anchor_cat and catalog.category_lower[row] == anchor_cat:
@@ -82,7 +91,7 @@ def make_bundle(
                 all_priced = False
             seen.add(row)
             chosen.append((row, strength, support))
-            if len(chosen) == items_per_bundle - 1:
+            if weak or len(chosen) == items_per_bundle - 1:
                 break
     gain = bonus * sum(s for _, s, _ in chosen) / (items_per_bundle - 1) if items_per_bundle > 1 else 0.0
     items = (BundleItemOut(anchor.row, True, anchor.score),) + tuple(
@@ -108,11 +117,13 @@ def rank_bundles(
 ) -> list[BundleOut]:
     """Bundles for the anchors, best first (ties keep retrieval order), at most ``max_bundles``.
 
-    ``anchors`` must come best-first. A bundle scores at most ``anchor.score x (1 + bonus)``, so once
+    ``anchors`` must come best-first. With ``items_per_bundle > 1`` one-item bundles (anchors left without a
+    complement) are returned only when no anchor yields a bundle with one. A bundle scores at most ``anchor.score x (1 + bonus)``, so once
     ``max_bundles`` bundles are built and the next anchor cannot beat the weakest of them even with
     perfect complements, the remaining anchors are skipped (same result, less work).
     """
     bundles: list[BundleOut] = []
+    singles: list[BundleOut] = []  # anchors left without a complement: the answer only when nothing else is
     best: list[float] = []  # min-heap of the max_bundles best scores so far
     anchor_ok = allowed.anchors(np.fromiter((a.row for a in anchors), dtype=np.int64, count=len(anchors))).tolist()
     for anchor, ok in zip(anchors, anchor_ok, strict=True):
@@ -124,11 +135,15 @@ def rank_bundles(
             if anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
                 continue  # not even this anchor's strongest complement would lift it enough
         bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength, anchor_allowed=True)
-        if bundle is not None:
+        if bundle is not None and items_per_bundle > 1 and len(bundle.items) == 1:
+            if len(singles) < max_bundles:
+                singles.append(bundle)
+        elif bundle is not None:
             bundles.append(bundle)
             if len(best) < max_bundles:
                 heapq.heappush(best, bundle.score)
             elif bundle.score > best[0]:
                 heapq.heapreplace(best, bundle.score)
+    bundles = bundles or singles
     bundles.sort(key=lambda b: -b.score)
     return bundles[:max_bundles]
