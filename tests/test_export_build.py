@@ -122,7 +122,7 @@ def test_items_and_complements_round_trip(artifact, tmp_path):
     comp = Complements.read(artifact / COMPLEMENTS)
     assert len(comp.indptr) == len(items) + 1 and comp.indptr[-1] == len(comp.indices) > 0
     assert np.all((comp.strength >= 0) & (comp.strength <= 1)) and comp.strength.max() == pytest.approx(1.0)
-    assert np.all(comp.support >= 2)
+    assert np.all(comp.support >= 0)  # learned lists: aisle-backoff candidates may have no shared basket
     for row in range(len(items)):
         idx, strength, _ = comp.of(row)
         assert row not in idx.tolist()
