@@ -48,3 +48,17 @@ def test_served_recommend_complements_follow_the_learned_list(client, server, ti
             assert got == _expected(lists, items.categories, anchor, 2, min_strength)
             checked += 1
     assert checked >= 5
+
+
+def test_served_history_puts_the_shoppers_item_first_and_says_so(client, server, tiny_artifact):
+    from bundlerec_server.bundling import PERSONAL_REASON
+
+    items = ItemTable.read(tiny_artifact / "items.jsonl")
+    row_of = {item_id: i for i, item_id in enumerate(items.ids)}
+    habit = max(range(len(items)), key=lambda r: (items.orders[r], -r))  # the most ordered item
+    bundles = list(client.recommend("soda", max_bundles=5, max_items_per_bundle=3,
+                                    recent_item_ids=[items.ids[habit]] * 3))
+    other = [b for b in bundles if items.categories[row_of[b.items[0].item_id]] != items.categories[habit]]
+    assert other
+    for b in other:
+        assert b.items[1].item_id == items.ids[habit] and b.reason.startswith(PERSONAL_REASON)
