@@ -62,3 +62,31 @@ def test_served_history_puts_the_shoppers_item_first_and_says_so(client, server,
     assert other
     for b in other:
         assert b.items[1].item_id == items.ids[habit] and b.reason.startswith(PERSONAL_REASON)
+
+
+def test_orders_without_shopper_ids_fall_back_to_npmi_with_a_log_line(tmp_path, caplog):
+    from bundlerec_export.build import BuildConfig, _learned_complements
+    from bundlerec_export.datasets import Basket, Dataset, Item
+
+    items = [Item(str(i), f"item {i}", f"aisle {i % 3}") for i in range(6)]
+    baskets = [Basket(str(b), "", [str(b % 6), str((b + 1) % 6)]) for b in range(30)]
+    ds = Dataset("csv", items, baskets)
+    cfg = BuildConfig(dataset="csv", out=tmp_path / "out", progress=False)
+    with caplog.at_level("WARNING", logger="bundlerec_export.build"):
+        assert _learned_complements(tmp_path, ds, [[int(i) for i in b.items] for b in baskets],
+                                    [it.category for it in items], cfg) is None
+    assert "falling back to NPMI" in caplog.text and not (tmp_path / "complements_model.txt").exists()
+
+
+def test_complements_method_is_a_build_option(tmp_path):
+    import pytest
+
+    from bundlerec_export.build import BuildConfig
+    from bundlerec_export.cli import _parser, config_from_args
+
+    assert BuildConfig(dataset="instacart", out=tmp_path).complements == "learned"
+    with pytest.raises(ValueError):
+        BuildConfig(dataset="instacart", out=tmp_path, complements="magic")
+    args = _parser().parse_args(["--dataset", "instacart", "--data-dir", str(tmp_path), "--out", str(tmp_path / "a"),
+                                 "--complements", "npmi"])
+    assert config_from_args(args, None).complements == "npmi"
