@@ -57,6 +57,15 @@ class _Observed:
         await abort_with(context, exc)
 
 
+REPLICA_KEY = "bundlerec-replica"
+
+
+def _tag_replica(servicer: BundleRecommenderServicer, context: Context) -> None:
+    """Names this replica in the call's trailers (``--replica-id``): which one served a call, behind a balancer."""
+    if servicer.settings.replica_id:
+        context.set_trailing_metadata(((REPLICA_KEY, servicer.settings.replica_id),))
+
+
 def observed(handler: H) -> H:
     """Runs an RPC handler (unary or server-streaming) the one way: an exception it raises ends the call with
     its status (:func:`~bundlerec_server.errors.abort_with`; handlers raise, they do not abort), and the call is
@@ -66,6 +75,7 @@ def observed(handler: H) -> H:
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
         async def streaming(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+            _tag_replica(self, context)
             with _Observed(method) as call:
                 try:
                     async with contextlib.aclosing(handler(self, request, context)) as messages:
@@ -78,6 +88,7 @@ def observed(handler: H) -> H:
 
     @functools.wraps(handler)
     async def unary(self: Any, request: Any, context: Context) -> Any:
+        _tag_replica(self, context)
         with _Observed(method) as call:
             try:
                 response = await handler(self, request, context)
