@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -67,6 +67,8 @@ class RetryPolicy:
     on the next replica (round-robin), after an exponential backoff with jitter, or after exactly the server's
     ``grpc-retry-pushback-ms`` when it sent one. At most ``max_attempts`` attempts in all (gRPC caps it at 5),
     always within the call's deadline. A server stream is retried only until its first response arrives.
+    CANCELLED is in ``codes`` because a grpc.aio server cancels the calls that reach it while it shuts down (a
+    draining replica); a call the caller cancels itself is never retried.
     ``methods`` are the idempotent ones: RecordEvents is left out (a connection lost after the server's COMMIT
     would store the events twice); gRPC still re-sends, transparently, a call that never reached a server."""
 
@@ -74,7 +76,7 @@ class RetryPolicy:
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 0.5
     backoff_multiplier: float = 2.0
-    codes: tuple[str, ...] = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+    codes: tuple[str, ...] = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED")
     methods: tuple[str, ...] = ("Recommend", "Search", "GetInfo")
 
     def config(self) -> dict[str, Any]:
@@ -224,13 +226,14 @@ class _Cancellable(Protocol):
 
 
 _Call = TypeVar("_Call", bound=_Cancellable)
-_REISSUE_CODES = (grpc.StatusCode.UNAVAILABLE,)
+_REISSUE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # the replica died or shut down
 _MIN_REISSUE_S = 0.01
 
 
 class _Stream(Generic[_Call]):
-    """One Recommend call as the caller sees it, possibly over several gRPC calls: a stream cut by UNAVAILABLE
-    (its replica died) after gRPC's own retries no longer apply is re-issued within the same deadline, at most
+    """One Recommend call as the caller sees it, possibly over several gRPC calls: a stream cut by UNAVAILABLE or
+    CANCELLED (its replica died or shut down; never after :meth:`cancel`) after gRPC's own retries no longer
+    apply is re-issued within the same deadline, at most
     ``reissue`` times. Bundles the caller already has are never yielded again: the new stream must repeat them
     exactly (same ranks and items) and they are skipped, or the original error is raised."""
 
@@ -239,9 +242,11 @@ class _Stream(Generic[_Call]):
         self._deadline = time.monotonic() + timeout
         self._reissues_left = reissue
         self.reissued = 0  # gRPC calls re-issued by the client (retries inside gRPC are not counted here)
+        self.skipped = 0  # bundles a re-issued call repeated, checked against what the caller has, not yielded
         self._call = start(timeout)
         self._given: list[tuple[int, tuple[str, ...]]] = []  # what the caller already has: (rank, item ids)
         self._replay = 0  # bundles of the current call still to be matched against _given and skipped
+        self._cancelled = False
         self.summary: pb.StreamSummary | None = None
 
     def _bundle(self, msg: pb.RecommendResponse) -> pb.Bundle | None:
@@ -255,6 +260,7 @@ class _Stream(Generic[_Call]):
             if key != self._given[len(self._given) - self._replay]:
                 raise _Diverged()
             self._replay -= 1
+            self.skipped += 1
             return None
         self._given.append(key)
         return msg.bundle
@@ -263,7 +269,7 @@ class _Stream(Generic[_Call]):
         """Starts the call again if ``err`` allows it (UNAVAILABLE, budget and deadline left)."""
         left = self._deadline - time.monotonic()
         code = err.code() if hasattr(err, "code") else None
-        if code not in _REISSUE_CODES or self._reissues_left <= 0 or left < _MIN_REISSUE_S:
+        if code not in _REISSUE_CODES or self._cancelled or self._reissues_left <= 0 or left < _MIN_REISSUE_S:
             return False
         self._reissues_left -= 1
         self.reissued += 1
@@ -272,6 +278,7 @@ class _Stream(Generic[_Call]):
         return True
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -279,7 +286,12 @@ class _Diverged(Exception):
     """A re-issued Recommend call answered differently from the cut one (new artifact, new history)."""
 
 
-class RecommendStream(_Stream[grpc._CallIterator[pb.RecommendResponse]]):
+if TYPE_CHECKING:  # grpc._CallIterator exists in the type stubs only
+    _SyncCall = grpc._CallIterator[pb.RecommendResponse]
+    _AsyncCall = grpc.aio.UnaryStreamCall[pb.RecommendRequest, pb.RecommendResponse]
+
+
+class RecommendStream(_Stream["_SyncCall"]):
     """Iterator over the bundles of one Recommend call; :attr:`summary` is set once the stream has ended."""
 
     def __iter__(self) -> Iterator[pb.Bundle]:
@@ -302,7 +314,7 @@ class RecommendStream(_Stream[grpc._CallIterator[pb.RecommendResponse]]):
         return tuple(self._call.trailing_metadata() or ())
 
 
-class AsyncRecommendStream(_Stream[grpc.aio.UnaryStreamCall[pb.RecommendRequest, pb.RecommendResponse]]):
+class AsyncRecommendStream(_Stream["_AsyncCall"]):
     """Async iterator over the bundles of one Recommend call; :attr:`summary` is set once it has ended."""
 
     async def __aiter__(self) -> AsyncIterator[pb.Bundle]:

@@ -58,12 +58,16 @@ class _Observed:
 
 
 REPLICA_KEY = "bundlerec-replica"
+ATTEMPTS_KEY = "grpc-previous-rpc-attempts"  # sent by gRPC clients on a retry attempt
 
 
 def _tag_replica(servicer: BundleRecommenderServicer, context: Context) -> None:
-    """Names this replica in the call's trailers (``--replica-id``): which one served a call, behind a balancer."""
+    """With ``--replica-id``: names the replica in the call's trailers (which one served a call behind a
+    balancer) and echoes how many earlier attempts gRPC made (``bundlerec-previous-attempts``: retries seen)."""
     if servicer.settings.replica_id:
-        context.set_trailing_metadata(((REPLICA_KEY, servicer.settings.replica_id),))
+        trailers = [(REPLICA_KEY, servicer.settings.replica_id)]
+        trailers += [("bundlerec-previous-attempts", str(v)) for k, v in context.invocation_metadata() or () if k == ATTEMPTS_KEY]
+        context.set_trailing_metadata(tuple(trailers))
 
 
 def observed(handler: H) -> H:
