@@ -82,6 +82,85 @@ def test_service_config_balances_retries_and_times_out():
     assert service_config(retry=RetryPolicy(max_attempts=3))["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 3
 
 
+class _Cut(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "Socket closed"
+
+    def trailing_metadata(self):
+        return ()
+
+
+def _bundle(rank: int, *items: str) -> pb.RecommendResponse:
+    return pb.RecommendResponse(bundle=pb.Bundle(rank=rank, items=[pb.BundleItem(item_id=i) for i in items]))
+
+
+_SUMMARY = pb.RecommendResponse(summary=pb.StreamSummary(bundles_sent=3))
+
+
+class _FakeCall:
+    """A Recommend call that sends ``messages`` and then fails with ``error`` (or ends)."""
+
+    def __init__(self, messages, error: grpc.RpcError | None = None) -> None:
+        self.messages, self.error, self.cancelled = messages, error, False
+
+    def __iter__(self):
+        yield from self.messages
+        if self.error is not None:
+            raise self.error
+
+    async def __aiter__(self):
+        for m in iter(self):
+            yield m
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+def _calls(*calls: _FakeCall):
+    queue = list(calls)
+    return lambda timeout: queue.pop(0)
+
+
+def test_a_cut_stream_is_reissued_without_repeating_bundles():
+    from bundlerec.client import AsyncRecommendStream, RecommendStream
+
+    first = [_bundle(1, "a", "b"), _bundle(2, "c")]
+    full = [*first, _bundle(3, "d"), _SUMMARY]
+    stream = RecommendStream(_calls(_FakeCall(first, _Cut()), _FakeCall(full)), 3.0, 1)
+    assert [b.rank for b in stream] == [1, 2, 3] and stream.summary.bundles_sent == 3
+    assert (stream.reissued, stream.skipped) == (1, 2)
+    # the re-issued call answers differently (a new artifact): the caller gets the original error, nothing more
+    other = [_bundle(1, "a", "x"), _bundle(2, "c"), _bundle(3, "d"), _SUMMARY]
+    stream = RecommendStream(_calls(_FakeCall(first, _Cut()), _FakeCall(other)), 3.0, 1)
+    got = []
+    with pytest.raises(BundleRecError) as info:
+        got.extend(b.rank for b in stream)
+    assert got == [1, 2] and info.value.code == grpc.StatusCode.UNAVAILABLE
+    # not retryable, no budget, or cancelled by the caller: the error as it came
+    for code, budget in ((grpc.StatusCode.INVALID_ARGUMENT, 1), (grpc.StatusCode.UNAVAILABLE, 0)):
+        stream = RecommendStream(_calls(_FakeCall(first, _Cut(code)), _FakeCall(full)), 3.0, budget)
+        with pytest.raises(BundleRecError) as info:
+            list(stream)
+        assert info.value.code == code and stream.reissued == 0
+    stream = RecommendStream(_calls(_FakeCall(first, _Cut(grpc.StatusCode.CANCELLED)), _FakeCall(full)), 3.0, 1)
+    stream.cancel()
+    with pytest.raises(BundleRecError):
+        list(stream)
+
+    async def consume() -> list[int]:
+        s = AsyncRecommendStream(_calls(_FakeCall(first, _Cut()), _FakeCall(full)), 3.0, 1)
+        return [b.rank async for b in s]
+
+    assert asyncio.run(consume()) == [1, 2, 3]
+
+
 # --- the server side: pushback, connection age, health
 
 def test_retryable_errors_carry_the_pushback_trailer():
