@@ -143,6 +143,9 @@ def test_a_cut_stream_is_reissued_without_repeating_bundles():
     with pytest.raises(BundleRecError) as info:
         got.extend(b.rank for b in stream)
     assert got == [1, 2] and info.value.code == grpc.StatusCode.UNAVAILABLE
+    shorter = RecommendStream(_calls(_FakeCall(first, _Cut()), _FakeCall([first[0], _SUMMARY])), 3.0, 1)
+    with pytest.raises(BundleRecError):
+        list(shorter)
     # not retryable, no budget, or cancelled by the caller: the error as it came
     for code, budget in ((grpc.StatusCode.INVALID_ARGUMENT, 1), (grpc.StatusCode.UNAVAILABLE, 0)):
         stream = RecommendStream(_calls(_FakeCall(first, _Cut(code)), _FakeCall(full)), 3.0, budget)

@@ -232,10 +232,10 @@ _MIN_REISSUE_S = 0.01
 
 class _Stream(Generic[_Call]):
     """One Recommend call as the caller sees it, possibly over several gRPC calls: a stream cut by UNAVAILABLE or
-    CANCELLED (its replica died or shut down; never after :meth:`cancel`) after gRPC's own retries no longer
-    apply is re-issued within the same deadline, at most
-    ``reissue`` times. Bundles the caller already has are never yielded again: the new stream must repeat them
-    exactly (same ranks and items) and they are skipped, or the original error is raised."""
+    CANCELLED (its replica died or shut down; never after :meth:`cancel`) where gRPC's own retries no longer
+    apply (bundles had arrived) is re-issued within the same deadline, at most ``reissue`` times. Bundles the
+    caller already has are never yielded again: the new stream must repeat them exactly (same ranks and items)
+    and they are skipped, or the original error is raised."""
 
     def __init__(self, start: Callable[[float], _Call], timeout: float, reissue: int) -> None:
         self._start = start
@@ -247,35 +247,42 @@ class _Stream(Generic[_Call]):
         self._given: list[tuple[int, tuple[str, ...]]] = []  # what the caller already has: (rank, item ids)
         self._replay = 0  # bundles of the current call still to be matched against _given and skipped
         self._cancelled = False
+        self._cut: grpc.RpcError  # the error that cut the call, once it was re-issued
         self.summary: pb.StreamSummary | None = None
 
     def _bundle(self, msg: pb.RecommendResponse) -> pb.Bundle | None:
         """The bundle of a message to yield; None for the final summary (which it records) and for the repeated
         bundles of a re-issued call. ``_Diverged`` if a re-issued call does not repeat what the caller has."""
         if not msg.HasField("bundle"):
+            if self._replay:  # the re-issued call ended before repeating all the caller has
+                raise _Diverged(self._cut)
             self.summary = msg.summary
             return None
         key = (msg.bundle.rank, tuple(item.item_id for item in msg.bundle.items))
         if self._replay:
             if key != self._given[len(self._given) - self._replay]:
-                raise _Diverged()
+                raise _Diverged(self._cut)
             self._replay -= 1
             self.skipped += 1
             return None
         self._given.append(key)
         return msg.bundle
 
-    def _reissue(self, err: grpc.RpcError) -> bool:
-        """Starts the call again if ``err`` allows it (UNAVAILABLE, budget and deadline left)."""
+    def _failed(self, exc: grpc.RpcError | _Diverged) -> None:
+        """The current call failed: starts it again if the error allows (see the class), or raises the
+        caller's BundleRecError (the first error, if the re-issued call diverged)."""
+        if isinstance(exc, _Diverged):
+            self._call.cancel()
+            raise from_rpc_error(exc.cut) from None
         left = self._deadline - time.monotonic()
-        code = err.code() if hasattr(err, "code") else None
+        code = exc.code() if hasattr(exc, "code") else None
         if code not in _REISSUE_CODES or self._cancelled or self._reissues_left <= 0 or left < _MIN_REISSUE_S:
-            return False
+            raise from_rpc_error(exc) from None
+        self._cut = exc
         self._reissues_left -= 1
         self.reissued += 1
         self._replay = len(self._given)
         self._call = self._start(left)
-        return True
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -284,6 +291,10 @@ class _Stream(Generic[_Call]):
 
 class _Diverged(Exception):
     """A re-issued Recommend call answered differently from the cut one (new artifact, new history)."""
+
+    def __init__(self, cut: grpc.RpcError) -> None:
+        super().__init__()
+        self.cut = cut
 
 
 if TYPE_CHECKING:  # grpc._CallIterator exists in the type stubs only
@@ -301,13 +312,8 @@ class RecommendStream(_Stream["_SyncCall"]):
                     if (bundle := self._bundle(msg)) is not None:
                         yield bundle
                 return
-            except grpc.RpcError as err:
-                if not self._reissue(err):
-                    raise from_rpc_error(err) from None
-                first = err
-            except _Diverged:
-                self._call.cancel()
-                raise from_rpc_error(first) from None
+            except (grpc.RpcError, _Diverged) as exc:
+                self._failed(exc)
 
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         """The server's trailers (e.g. ``bundlerec-replica``) once the stream has ended."""
@@ -324,13 +330,8 @@ class AsyncRecommendStream(_Stream["_AsyncCall"]):
                     if (bundle := self._bundle(msg)) is not None:
                         yield bundle
                 return
-            except grpc.RpcError as err:
-                if not self._reissue(err):
-                    raise from_rpc_error(err) from None
-                first = err
-            except _Diverged:
-                self._call.cancel()
-                raise from_rpc_error(first) from None
+            except (grpc.RpcError, _Diverged) as exc:
+                self._failed(exc)
 
     async def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return tuple(await self._call.trailing_metadata() or ())
