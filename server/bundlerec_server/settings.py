@@ -78,7 +78,7 @@ class Settings:
     # --- logging
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     # --- replicas (client-side load balancing: docs/replicas.md)
-    max_connection_age_s: float = field(default=300.0, metadata={"help": "close each client connection (GOAWAY) after about this long, so clients rebalance onto new replicas; gRPC adds +-10% jitter (0 = never)"})
+    max_connection_age_s: float = field(default=300.0, metadata={"help": "close each client connection (GOAWAY) after about this long, so clients rebalance onto new replicas; gRPC adds up to 10 percent jitter (0 = never)"})
     max_connection_age_grace_s: float = field(default=30.0, metadata={"help": "after max_connection_age_s, calls in flight get this long to finish before the connection is closed"})
     replica_id: str = field(default="", metadata={"help": "sent to callers in the bundlerec-replica trailer of every successful call, e.g. the pod name ('' = not sent)"})
 
