@@ -69,7 +69,7 @@ def test_service_config_balances_retries_and_times_out():
     assert {m["name"][0]["service"] for m in cfg["methodConfig"]} == {"bundlerec.v1.BundleRecommender"}
     assert {k: v["timeout"] for k, v in by_method.items()} == {"Recommend": "5s", "Search": "5s", "GetInfo": "5s", "RecordEvents": "30s"}
     policy = by_method["Recommend"]["retryPolicy"]
-    assert policy == {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2.0,
+    assert policy == {"maxAttempts": 5, "initialBackoff": "0.02s", "maxBackoff": "0.2s", "backoffMultiplier": 2.0,
                       "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"]}
     assert "retryPolicy" not in by_method["RecordEvents"]  # not idempotent: never retried after reaching a server
     json.dumps(cfg)  # what other gRPC clients take

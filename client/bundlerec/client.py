@@ -74,8 +74,8 @@ class RetryPolicy:
     would store the events twice); gRPC still re-sends, transparently, a call that never reached a server."""
 
     max_attempts: int = 5
-    initial_backoff_s: float = 0.05
-    max_backoff_s: float = 0.5
+    initial_backoff_s: float = 0.02
+    max_backoff_s: float = 0.2
     backoff_multiplier: float = 2.0
     codes: tuple[str, ...] = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED")
     methods: tuple[str, ...] = ("Recommend", "Search", "GetInfo")

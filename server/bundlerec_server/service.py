@@ -61,11 +61,12 @@ REPLICA_KEY = "bundlerec-replica"
 ATTEMPTS_KEY = "grpc-previous-rpc-attempts"  # sent by gRPC clients on a retry attempt
 
 
-def _tag_replica(servicer: BundleRecommenderServicer, context: Context) -> None:
+def _tag_replica(servicer: Any, context: Context) -> None:
     """With ``--replica-id``: names the replica in the call's trailers (which one served a call behind a
     balancer) and echoes how many earlier attempts gRPC made (``bundlerec-previous-attempts``: retries seen)."""
-    if servicer.settings.replica_id:
-        trailers = [(REPLICA_KEY, servicer.settings.replica_id)]
+    replica = getattr(getattr(servicer, "settings", None), "replica_id", "")
+    if replica:
+        trailers = [(REPLICA_KEY, replica)]
         trailers += [("bundlerec-previous-attempts", str(v)) for k, v in context.invocation_metadata() or () if k == ATTEMPTS_KEY]
         context.set_trailing_metadata(tuple(trailers))
 
