@@ -41,19 +41,17 @@ class _Observed:
 
     def __init__(self, method: str, context: Context) -> None:
         self.method, self.code, self.t0 = method, "OK", time.perf_counter()
-        self._span = tracing.server_span(SERVICE_NAME, method, context)
+        self.span = tracing.server_span(SERVICE_NAME, method, context)
 
     def __enter__(self) -> _Observed:
-        self.span = self._span.__enter__()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
-            self.code = "CANCELLED"
+        if exc_type is not None and issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
+            self.code = "CANCELLED"  # GeneratorExit: a stream closed before its end, as gRPC does when cancelled
         metrics.REQUESTS.labels(self.method, self.code).inc()
         metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.t0)
-        tracing.set_status(self.span, self.code)
-        self._span.__exit__(exc_type, exc, tb)
+        tracing.finish(self.span, self.code)
 
     async def fail(self, context: Context, exc: Exception) -> NoReturn:
         if isinstance(exc, grpc.aio.AbortError):  # handlers raise rather than abort; never counted as OK
@@ -75,7 +73,7 @@ def observed(handler: H) -> H:
             with _Observed(method, context) as call:
                 try:
                     async with contextlib.aclosing(handler(self, request, context)) as messages:
-                        async for message in messages:  # closed with the call: its admission slot goes at once
+                        async for message in tracing.steps(call.span, messages):  # closed with the call: its admission slot goes at once
                             yield message
                 except Exception as exc:
                     await call.fail(context, exc)
@@ -86,7 +84,8 @@ def observed(handler: H) -> H:
     async def unary(self: Any, request: Any, context: Context) -> Any:
         with _Observed(method, context) as call:
             try:
-                response = await handler(self, request, context)
+                with tracing.current(call.span):
+                    response = await handler(self, request, context)
             except Exception as exc:
                 await call.fail(context, exc)
             else:
@@ -145,7 +144,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
             engine.check_tokens(q.query)
             bundles, info, stop = await self._bundles(serving, q, time_left)
             paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
-            with tracing.span("stream") as span:
+            with tracing.open_span("stream") as span:  # not current: the block yields
                 for rank, bundle in enumerate(paced, start=1):
                     if rank == 1:
                         metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)

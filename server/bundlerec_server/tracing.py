@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # gRPC status codes that make a server span an error (OpenTelemetry semantic conventions for RPC servers)
 SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
@@ -60,33 +61,26 @@ def span(name: str) -> contextlib.AbstractContextManager[Any]:
     return _tracer.start_as_current_span(name)
 
 
-def server_span(service: str, method: str, context: Any) -> contextlib.AbstractContextManager[Any]:
-    """The span of one RPC, child of the caller's ``traceparent`` when the call's invocation metadata carries
-    one (``context`` is the servicer context; read only when tracing is on)."""
+def server_span(service: str, method: str, context: Any) -> Any:
+    """The span of one RPC (started, not current: see :func:`current` and :func:`steps`), child of the caller's
+    ``traceparent`` when the call's invocation metadata carries one; ``context`` is the servicer context, read
+    only when tracing is on. End it with :func:`finish`."""
     if _tracer is None:
-        return _NO_SPAN_CM
-    return _server_span(_tracer, service, method, context)
-
-
-@contextlib.contextmanager
-def _server_span(tracer: Tracer, service: str, method: str, context: Any) -> Iterator[Span]:
+        return NO_SPAN
     from opentelemetry import propagate
     from opentelemetry.trace import SpanKind
 
-    metadata = context.invocation_metadata() or ()
-    carrier = {k: v for k, v in metadata if isinstance(v, str)}  # binary (-bin) values carry no trace
-    with tracer.start_as_current_span(
+    carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}  # -bin values: no trace
+    return _tracer.start_span(
         f"{service}/{method}", context=propagate.extract(carrier), kind=SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-        record_exception=False, set_status_on_exception=False,  # the call's status code says how it ended
-    ) as s:
-        yield s
+    )
 
 
-def set_status(s: Any, code: str) -> None:
-    """Ends a server span's story: ``rpc.grpc.status_code`` (the number) from the call's final status code
-    name and, for server-side failures, span status ERROR."""
-    if not s.is_recording():
+def finish(s: Any, code: str) -> None:
+    """Ends a server span: ``rpc.grpc.status_code`` (the number of the call's final status code, by name) and,
+    for server-side failures, span status ERROR."""
+    if s is NO_SPAN:
         return
     import grpc
     from opentelemetry.trace import Status, StatusCode
@@ -94,6 +88,64 @@ def set_status(s: Any, code: str) -> None:
     s.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
     if code in SERVER_ERRORS:
         s.set_status(Status(StatusCode.ERROR, code))
+    s.end()
+
+
+def current(s: Any) -> contextlib.AbstractContextManager[Any]:
+    """Makes ``s`` the current span for a block that does not yield (a unary handler)."""
+    if s is NO_SPAN:
+        return _NO_SPAN_CM
+    from opentelemetry.trace import use_span
+
+    return use_span(s, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+
+def steps(s: Any, messages: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``messages`` (a streaming handler), with ``s`` current while each message is being produced, and not
+    across the yields: a stream the caller cancels is closed later from another context, where a context
+    attached across a yield could not be detached."""
+    if s is NO_SPAN:
+        return messages
+    return _Steps(s, messages)
+
+
+class _Steps(AsyncIterator[T]):
+    def __init__(self, s: Span, messages: AsyncIterator[T]) -> None:
+        from opentelemetry.trace import set_span_in_context
+
+        self.ctx, self.messages = set_span_in_context(s), messages
+
+    async def __anext__(self) -> T:
+        from opentelemetry import context
+
+        token = context.attach(self.ctx)
+        try:
+            return await self.messages.__anext__()
+        finally:
+            context.detach(token)
+
+
+def open_span(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A child span of the current one that is not made current: for a block of a streaming handler that
+    yields (see :func:`steps`)."""
+    if _tracer is None:
+        return _NO_SPAN_CM
+    return _open_span(_tracer, name)
+
+
+@contextlib.contextmanager
+def _open_span(tracer: Tracer, name: str) -> Iterator[Span]:
+    s = tracer.start_span(name)
+    try:
+        yield s
+    except Exception as exc:
+        from opentelemetry.trace import Status, StatusCode
+
+        s.record_exception(exc)
+        s.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        raise
+    finally:
+        s.end()
 
 
 class _EnteredInSpan:
@@ -125,9 +177,11 @@ def exporters_for(mode: str) -> Sequence[SpanExporter]:
     """The exporter for a ``--tracing`` mode: console (JSON lines on stdout) or OTLP over gRPC (endpoint,
     headers and TLS from the standard ``OTEL_EXPORTER_OTLP_*`` variables; default localhost:4317)."""
     if mode == "console":
+        import sys
+
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        return [ConsoleSpanExporter()]
+        return [ConsoleSpanExporter(out=sys.stdout)]  # the stdout of now, not of when OpenTelemetry was imported
     if mode == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
