@@ -5,6 +5,11 @@ metadata) and child spans for the steps of a call: ``admission``, ``history``, `
 ``bundle``, ``stream``. Off, every helper here returns a shared no-op object: no span is created, no
 OpenTelemetry code runs, and OpenTelemetry is not even imported.
 
+A span is made current (the parent of spans started inside it) only for a block that does not yield: gRPC
+closes a stream its caller cancelled later, from another task, where a context attached across a yield can
+no longer be detached. A streaming call's server span is current while each message is produced
+(:func:`steps`); a block that yields gets a span that is not current (:func:`open_span`).
+
 The tracer comes from this module's own ``TracerProvider`` (never the process-global one), so tests can
 install an in-memory exporter with :func:`enable` and remove it with :func:`disable`.
 """
