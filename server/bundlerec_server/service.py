@@ -37,7 +37,7 @@ H = TypeVar("H", bound=Callable[..., Any])
 
 class _Observed:
     """Counts a call by method and final status code and records its latency (Prometheus); with tracing on,
-    the call's server span (child of the caller's ``traceparent``) is current while it runs."""
+    it also holds the call's server span (child of the caller's ``traceparent``), ended with the final code."""
 
     def __init__(self, method: str, context: Context) -> None:
         self.method, self.code, self.t0 = method, "OK", time.perf_counter()
