@@ -75,6 +75,10 @@ class Settings:
     fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     fusion_coverage: float = field(default=-1.0, metadata={"help": "scores fusion: weight of query-word coverage (-1 = the artifact's tuned value)"})
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
+    # --- observability
+    metrics_dir: Path | None = field(default=None, metadata={"help": "with --workers > 1 and --metrics-port: folder where workers write Prometheus metrics for the one aggregate endpoint (emptied at start; default: a fresh temporary folder)"})
+    tracing: str = field(default="off", metadata={"help": "OpenTelemetry tracing: off, console (spans as JSON on stdout) or otlp (OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT)", "choices": ("off", "console", "otlp")})
+    tracing_service_name: str = field(default="bundlerec", metadata={"help": "service.name of the traces"})
     # --- logging
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
 
@@ -177,6 +181,8 @@ class Settings:
             problems.append("target_latency_ms must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
             problems.append("default_max_bundles exceeds max_bundles_cap")
+        if self.tracing not in ("off", "console", "otlp"):
+            problems.append(f"tracing {self.tracing!r} is not off, console or otlp")
         if self.events_db:
             from .events import parse_events_db
 
