@@ -70,20 +70,22 @@ def _centres(dim: int, centres: int, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def synthetic(n: int, dim: int = 384, centres: int = 2000, seed: int = 0, noise: float = 0.75,
-              stream: int = 0) -> np.ndarray:
-    """``n`` L2-normalised float32 rows of a Gaussian mixture (deterministic; a prefix of any larger ``n``).
+              stream: int = 0, start: int = 0) -> np.ndarray:
+    """Rows ``start`` .. ``start + n`` of a deterministic sequence of L2-normalised float32 draws from a
+    Gaussian mixture (so a set is a prefix of any larger one and can be generated in pieces).
 
     ``stream`` separates independent draws of the same mixture (0: the catalog, 1: queries)."""
     c, w = _centres(dim, centres, seed)
-    out = np.empty((n, dim), dtype=np.float32)
-    for b0 in range(0, n, BLOCK):
-        rows = min(BLOCK, n - b0)
-        rng = np.random.default_rng([seed, stream, b0 // BLOCK])
+    first = start // BLOCK * BLOCK
+    out = np.empty((start + n - first, dim), dtype=np.float32)
+    for b0 in range(0, len(out), BLOCK):
+        rows = min(BLOCK, len(out) - b0)
+        rng = np.random.default_rng([seed, stream, (first + b0) // BLOCK])
         which = rng.choice(len(c), size=BLOCK, p=w)[:rows]
         x = c[which] + rng.standard_normal((BLOCK, dim), dtype=np.float32)[:rows] * np.float32(noise / math.sqrt(dim))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[b0:b0 + rows] = x
-    return out
+    return out[start - first:]
 
 
 def exact_topk(data: np.ndarray, queries: np.ndarray, k: int = 10, chunk: int = 100_000) -> np.ndarray:
@@ -194,23 +196,47 @@ print(json.dumps({'load_s': time.perf_counter() - t, 'rss_delta': rss() - r0}))
 """
 
 
-def measure_hnsw(data: np.ndarray, truth: np.ndarray, queries: np.ndarray, workdir: Path, m: int,
-                 ef_construction: int, efs: Sequence[int], served_ef: int, threads: int) -> dict[str, Any]:
+def grow_hnsw(sizes: Sequence[int], vectors: Callable[[int, int], np.ndarray], queries: np.ndarray, workdir: Path,
+              m: int, ef_construction: int, efs: Sequence[int], served_ef: int, threads: int,
+              on_point: Callable[[dict[str, Any]], None], step: int = 50_000) -> None:
+    """One hnswlib build up to ``max(sizes)``, measured at each size on the way (``on_point`` per size).
+
+    Inserting the first n rows of the sequence is the same work as building an index of those n rows, so the
+    time to reach n is the build time of an n-item index; the file size, RSS and load time come from the
+    index saved and reloaded (``max_elements=n``) at that point, and the queries run on it as it stands. A
+    run stopped early keeps every point it reached. ``vectors(start, n)`` gives rows start .. start+n."""
     import hnswlib
 
-    n, dim = data.shape
-    t0 = time.monotonic()
-    res: dict[str, Any] = {"engine": "hnswlib", "precision": "fp32", "n": n, "dim": dim, "M": m,
-                           "ef_construction": ef_construction, "threads": threads, "loadavg_before": loadavg()}
+    sizes = sorted(sizes)
+    dim = queries.shape[1]
     index = hnswlib.Index(space="cosine", dim=dim)
-    index.init_index(max_elements=n, M=m, ef_construction=ef_construction, random_seed=0)
-    t = time.perf_counter()
-    step = max(BLOCK, n // 20)
-    for s in range(0, n, step):
-        index.add_items(data[s:s + step], np.arange(s, min(n, s + step)), num_threads=threads)
-        log(f"hnsw build {min(n, s + step)}/{n} ({time.perf_counter() - t:.0f} s)")
-    res["build_s"] = round(time.perf_counter() - t, 2)
-    res["loadavg_build"] = loadavg()
+    index.init_index(max_elements=sizes[-1], M=m, ef_construction=ef_construction, random_seed=0)
+    data = np.empty((0, dim), dtype=np.float32)
+    progress: list[list[float]] = []
+    built_s = 0.0
+    t0 = time.monotonic()
+    lb = loadavg()
+    for n in sizes:
+        while len(data) < n:
+            s = len(data)
+            chunk = vectors(s, min(step, n - s))
+            data = np.concatenate([data, chunk])
+            t = time.perf_counter()
+            index.add_items(chunk, np.arange(s, s + len(chunk)), num_threads=threads)
+            built_s += time.perf_counter() - t
+            progress.append([len(data), round(built_s, 1), loadavg()[0]])
+            log(f"hnsw build {len(data)}/{sizes[-1]} ({built_s:.0f} s)")
+        res: dict[str, Any] = {"engine": "hnswlib", "precision": "fp32", "n": n, "dim": dim, "M": m,
+                               "ef_construction": ef_construction, "threads": threads, "loadavg_before": lb,
+                               "build_s": round(built_s, 2), "loadavg_build": loadavg(), "build_progress": list(progress)}
+        on_point(stamp(_hnsw_point(index, data, queries, workdir, efs, served_ef, res), t0))
+        lb = loadavg()
+
+
+def _hnsw_point(index: Any, data: np.ndarray, queries: np.ndarray, workdir: Path, efs: Sequence[int],
+                served_ef: int, res: dict[str, Any]) -> dict[str, Any]:
+    n, dim = data.shape
+    truth = exact_topk(data, queries, 10)
     path = workdir / f"hnsw-{n}.bin"
     index.save_index(str(path))
     res["file_bytes"] = path.stat().st_size
@@ -233,7 +259,7 @@ def measure_hnsw(data: np.ndarray, truth: np.ndarray, queries: np.ndarray, workd
     res["served"] = {"ef": served_ef, "k": 64,
                      **latency_ms(lambda i: index.knn_query(queries[i:i + 1], k=64, num_threads=1), len(queries))}
     res["brute_force"] = latency_ms(lambda i: data @ queries[i], min(len(queries), 50), warmup=2)
-    return stamp(res, t0)
+    return res
 
 
 # --- Milvus Lite -----------------------------------------------------------------------------------------
@@ -328,7 +354,7 @@ def measure_milvus(data: np.ndarray, truth: np.ndarray, queries: np.ndarray, wor
             if len(found) < len(queries):
                 found.append([h["id"] for h in hits[0]])
 
-        res.update(latency_ms(one, len(queries), warmup=0))
+        res["query"] = latency_ms(one, len(queries), warmup=0)
         res["recall_at_10"] = round(recall_at_k(found[: len(queries)], truth, k), 4)
         client.close()
     shutil.rmtree(wd, ignore_errors=True)
@@ -608,12 +634,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax_q.plot([max(ns), *en], [hn[-1]["served"]["p50_ms"], *[r["p50_ms"] for r in ext["rows"]]], "-", color="C0", alpha=0.6)
         ax_q.plot([max(ns), *en], [hn[-1]["served"]["p99_ms"], *[r["p99_ms"] for r in ext["rows"]]], "-", color="C3", alpha=0.6)
         for r in mil:
-            ax_q.plot([r["n"]], [r["p50_ms"]], "s", color="C2", label=f"Milvus Lite {r['index']} p50 (gRPC round trip)")
+            ax_q.plot([r["n"]], [r["query"]["p50_ms"]], "s", color="C2", label=f"Milvus Lite {r['index']} p50 (gRPC round trip)")
     for ax in (ax_m, ax_q):
         ax.set_xscale("log")
         ax.set_xlabel("items in the catalog")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     ax_m.set_yscale("log")
     ax_m.set_ylabel("resident index memory (GiB)")
     ax_q.set_yscale("log")
@@ -661,31 +688,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "hnsw": [], "milvus": [], "events": {},
     }
     queries = synthetic(args.queries, args.dim, args.centres, args.seed, args.noise, stream=1)
-    need_vectors = parts & {"hnsw", "milvus"}
-    for n in sizes if need_vectors else []:
-        data = None
-        truth = None
+    def vectors(start: int, n: int) -> np.ndarray:
+        return synthetic(n, args.dim, args.centres, args.seed, args.noise, start=start)
 
-        def vectors(n: int = n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            nonlocal data, truth
-            if data is None:
-                log(f"generating {n} x {args.dim}")
-                data = synthetic(n, args.dim, args.centres, args.seed, args.noise)
-                truth = exact_topk(data, queries, 10)
-            return data, truth, queries
+    if "hnsw" in parts:
+        cached = {n: parts_dir / f"hnsw-{n}.json" for n in sizes}
+        if args.reuse and all(p.exists() for p in cached.values()):
+            results["hnsw"] = [json.loads(p.read_text()) for p in cached.values()]
+        else:
+            def keep(res: dict[str, Any]) -> None:
+                parts_dir.mkdir(parents=True, exist_ok=True)
+                cached[res["n"]].write_text(json.dumps(res, indent=1))
+                results["hnsw"].append(res)
 
-        if "hnsw" in parts:
-            results["hnsw"].append(_cached(parts_dir, f"hnsw-{n}", args.reuse, lambda: measure_hnsw(
-                *vectors(), work, dflt["M"], dflt["ef_construction"], sorted({*DEFAULT_EFS, served_ef}), served_ef, args.threads)))
-        if "milvus" in parts and n <= args.milvus_max:
-            why = milvus_available()
-            for kind in args.milvus_indexes.split(","):
-                if why:
-                    results["milvus"].append({"index": kind, "n": n, "skipped": why})
-                    continue
-                results["milvus"].append(_cached(parts_dir, f"milvus-{kind}-{n}", args.reuse, lambda kind=kind: measure_milvus(
-                    *vectors(), work, kind, served_ef)))
-        del data, truth
+            grow_hnsw(sizes, vectors, queries, work, dflt["M"], dflt["ef_construction"], sorted({*DEFAULT_EFS, served_ef}),
+                      served_ef, args.threads, keep)
+    for n in [s for s in sizes if s <= args.milvus_max] if "milvus" in parts else []:
+        why = milvus_available()
+        data = vectors(0, n)
+        truth = exact_topk(data, queries, 10)
+        for kind in args.milvus_indexes.split(","):
+            if why:
+                results["milvus"].append({"index": kind, "n": n, "skipped": why})
+                continue
+            results["milvus"].append(_cached(parts_dir, f"milvus-{kind}-{n}", args.reuse, lambda kind=kind, data=data, truth=truth: measure_milvus(data, truth, queries, work, kind, served_ef)))
     if "events" in parts:
         rows = event_rows(args.events, args.event_users, 50_000, args.seed)
         batches = [int(b) for b in args.event_batches.split(",")]
