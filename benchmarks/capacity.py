@@ -347,15 +347,14 @@ def measure_milvus(data: np.ndarray, truth: np.ndarray, queries: np.ndarray, wor
         k = truth.shape[1]
         sp = {"metric_type": "COSINE", "params": search_params(served_ef)}
         res["search_params"] = sp["params"]
-        found = []
 
-        def one(i: int) -> None:
+        def search(i: int) -> list[int]:
             hits = client.search("capacity", data=[queries[i].tolist()], anns_field="vec", limit=k, search_params=sp)
-            if len(found) < len(queries):
-                found.append([h["id"] for h in hits[0]])
+            return [h["id"] for h in hits[0]]
 
-        res["query"] = latency_ms(one, len(queries), warmup=0)
-        res["recall_at_10"] = round(recall_at_k(found[: len(queries)], truth, k), 4)
+        res["query"] = latency_ms(search, len(queries))
+        found = [search(i) for i in range(len(queries))]
+        res["recall_at_10"] = round(recall_at_k(found, truth, k), 4)
         client.close()
     shutil.rmtree(wd, ignore_errors=True)
     return stamp(res, t0)
@@ -377,6 +376,17 @@ def history_users(rows: Sequence[tuple[str, str, int, int]], lo: int = 20, hi: i
     """Users with ``lo``..``hi`` rows (the history reads are measured on them)."""
     users, counts = np.unique([r[0] for r in rows], return_counts=True)
     return [str(x) for x in users[(counts >= lo) & (counts <= hi)]]
+
+
+def _history_reads(res: dict[str, Any], rows: Sequence[tuple[str, str, int, int]], read: Callable[[str], Any],
+                   reads: int) -> None:
+    """The history read's latency for users with 20-200 rows, and for the heaviest user."""
+    users = history_users(rows)
+    res["history_users"] = len(users)
+    res["history_read"] = latency_ms(lambda i: read(users[i % len(users)]), reads)
+    names, counts = np.unique([r[0] for r in rows], return_counts=True)
+    heavy = str(names[counts.argmax()])
+    res["history_read_heaviest"] = {"rows": int(counts.max()), **latency_ms(lambda i: read(heavy), min(reads, 200))}
 
 
 def _rows_summary(rows: Sequence[tuple[str, str, int, int]]) -> dict[str, Any]:
@@ -426,10 +436,8 @@ def measure_sqlite(rows: list, batches: Sequence[int], workdir: Path, reads: int
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = sum(p.stat().st_size for p in workdir.glob("events.sqlite*"))
     res["bytes_per_row"] = round(size / len(rows), 1)
-    users = history_users(rows)
     q = HISTORY_SQL.format(p="?")
-    res["history_users"] = len(users)
-    res["history_read"] = latency_ms(lambda i: conn.execute(q, (users[i % len(users)],)).fetchall(), reads)
+    _history_reads(res, rows, lambda user: conn.execute(q, (user,)).fetchall(), reads)
     conn.close()
     return stamp(res, t0)
 
@@ -490,7 +498,7 @@ def temp_postgres() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def measure_postgres(rows: list, batches: Sequence[int], dsn: str, reads: int) -> dict[str, Any]:
+def measure_postgres(rows: list, batches: Sequence[int], dsn: str, reads: int, writers: int = 8) -> dict[str, Any]:
     import psycopg
 
     t0 = time.monotonic()
@@ -510,11 +518,39 @@ def measure_postgres(rows: list, batches: Sequence[int], dsn: str, reads: int) -
         res["writes"] = _write_batches_split(commit, rows, batches)
         conn.execute("VACUUM ANALYZE events")
         res["bytes_per_row"] = round(conn.execute("SELECT pg_total_relation_size('events')").fetchone()[0] / len(rows), 1)
-        users = history_users(rows)
         q = HISTORY_SQL.format(p="%s")
-        res["history_users"] = len(users)
-        res["history_read"] = latency_ms(lambda i: conn.execute(q, (users[i % len(users)],)).fetchall(), reads)
+        _history_reads(res, rows, lambda user: conn.execute(q, (user,)).fetchall(), reads)
+    if writers > 1:
+        res["writes_concurrent"] = _write_concurrent(dsn, sql, rows, batches[-1] if len(batches) < 2 else batches[1], writers)
     return stamp(res, t0)
+
+
+def _write_concurrent(dsn: str, sql: str, rows: list, batch: int, writers: int) -> dict[str, Any]:
+    """``writers`` connections committing ``batch``-event transactions at once (group commit at work)."""
+    import threading
+
+    import psycopg
+
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(writers)]
+    share = [rows[i::writers] for i in range(writers)]
+
+    def work(conn: Any, mine: list) -> None:
+        for s in range(0, len(mine), batch):
+            now = int(time.time() * 1000)
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(sql, [(*r, now) for r in mine[s:s + batch]])
+
+    threads = [threading.Thread(target=work, args=(c, m)) for c, m in zip(conns, share, strict=True)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    dt = time.perf_counter() - t
+    for c in conns:
+        c.close()
+    return {"writers": writers, "batch": batch, "events": len(rows), "events_per_s": round(len(rows) / dt, 1),
+            "commits_per_s": round(sum(math.ceil(len(m) / batch) for m in share) / dt, 1), "loadavg": loadavg()}
 
 
 # --- extrapolation --------------------------------------------------------------------------------------
@@ -569,10 +605,10 @@ def event_plan(pg: dict[str, Any] | None, sqlite: dict[str, Any] | None, events_
     for name, r in (("postgresql", pg), ("sqlite", sqlite)):
         if not r or "writes" not in r:
             continue
-        best = max(w["events_per_s"] for w in r["writes"])
+        best = max(w["events_per_s"] for w in [*r["writes"], *([r["writes_concurrent"]] if "writes_concurrent" in r else [])])
         single = min(w["events_per_s"] for w in r["writes"])
         plan[name] = {"bytes_per_row": r["bytes_per_row"], "gib_per_year": round(r["bytes_per_row"] * events_per_day * 365 / GIB, 1),
-                      "max_events_per_s_batched": best, "max_events_per_s_smallest_batch": single,
+                      "max_events_per_s": best, "max_events_per_s_smallest_batch": single,
                       "peak_headroom": round(best / (plan["mean_events_per_s"] * plan["peak_factor"]), 2)}
     return plan
 
@@ -602,6 +638,70 @@ def plan(results: dict[str, Any], targets: Sequence[int], events_per_day: float)
                                                            "sq8": max_items(sq8, overhead, g)} for g in NODE_RAM_GIB}}
     out["events"] = event_plan(results.get("events", {}).get("postgres"), results.get("events", {}).get("sqlite"), events_per_day)
     return out
+
+
+# --- tables -------------------------------------------------------------------------------------------------
+def _n(n: float) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
+
+
+def _la(r: dict[str, Any], key: str = "loadavg_build") -> str:
+    return f"{r.get(key, r.get('loadavg_after', [float('nan')]))[0]:.1f}"
+
+
+def tables(results: dict[str, Any]) -> str:
+    """The measured and extrapolated figures as Markdown tables (for docs/scaling.md and the README)."""
+    out = ["| index | items | build / insert+index s | resident bytes/item | file or disk bytes/item | load s | "
+           "p50 / p99 ms | recall@10 | load1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results.get("hnsw", []):
+        if "build_s" not in r:
+            continue
+        ef = str(r["served"]["ef"])
+        out.append(f"| hnswlib fp32, ef {ef} (k 10 / served k 64) | {_n(r['n'])} | {r['build_s']:.0f} | {r['rss_bytes_per_item']:.0f} | "
+                   f"{r['file_bytes_per_item']:.0f} | {r['load_s']:.2f} | {r['by_ef'][ef]['p50_ms']:.2f} / {r['by_ef'][ef]['p99_ms']:.2f} "
+                   f"({r['served']['p50_ms']:.2f} / {r['served']['p99_ms']:.2f}) | {r['by_ef'][ef]['recall_at_10']:.3f} | {_la(r)} |")
+    for r in results.get("milvus", []):
+        if "query" not in r:
+            out.append(f"| Milvus Lite {r.get('index')} | {_n(r.get('n', 0))} | not measured: {r.get('skipped') or r.get('error')} |||||||")
+            continue
+        out.append(f"| Milvus Lite {r['index']} {r['search_params']} | {_n(r['n'])} | {r['insert_s']:.0f} + {r['index_load_s']:.0f} | "
+                   f"{r['server_rss_bytes_per_item']:.0f} (server RSS growth) | {r['disk_bytes_per_item']:.0f} | – | "
+                   f"{r['query']['p50_ms']:.2f} / {r['query']['p99_ms']:.2f} (gRPC) | {r['recall_at_10']:.3f} | {_la(r)} |")
+    ev = results.get("events", {})
+    if ev:
+        out += ["", "| event store | events/s by batch size (1 writer) | concurrent writers | bytes/row | "
+                "history read p50 / p99 ms (20-200 rows) | heaviest user | load1 |", "|---|---|---|---|---|---|---|"]
+        for name, r in ev.items():
+            if "writes" not in r:
+                out.append(f"| {name} | not measured: {r.get('skipped') or r.get('error')} ||||||")
+                continue
+            w = ", ".join(f"{x['batch']}: {x['events_per_s']:.0f}" for x in r["writes"])
+            c = r.get("writes_concurrent")
+            cc = f"{c['writers']} × batch {c['batch']}: {c['events_per_s']:.0f}" if c else "–"
+            h = r["history_read"]
+            hv = r.get("history_read_heaviest")
+            hvs = f"{hv['rows']} rows: {hv['p50_ms']:.2f} / {hv['p99_ms']:.2f}" if hv else "–"
+            out.append(f"| {name} ({r['settings']}) | {w} | {cc} | {r['bytes_per_row']:.0f} | {h['p50_ms']:.2f} / {h['p99_ms']:.2f} | "
+                       f"{hvs} | {r['writes'][-1]['loadavg'][0]:.1f} |")
+    pl = results.get("plan", {}).get("hnsw")
+    if pl:
+        out += ["", f"Extrapolation (fp32 {pl['bytes_per_item_fp32']:.0f} B/item measured, SQ8 {pl['bytes_per_item_sq8_estimate']:.0f} "
+                "B/item estimated; build at 2 threads):", "",
+                "| items | fp32 index GiB | SQ8 index GiB | build (2 threads) | p50 / p99 ms |", "|---|---|---|---|---|"]
+        for r in pl["rows"]:
+            out.append(f"| {_n(r['n'])} | {r['bytes'] / GIB:.1f} | {r['sq8_bytes'] / GIB:.1f} | {r['build_s'] / 3600:.1f} h | "
+                       f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} |")
+        out += ["", "| node RAM | most items, fp32 | most items, SQ8 |", "|---|---|---|"]
+        for g, v in pl["one_node_max_items"].items():
+            out.append(f"| {g} | {_n(v['fp32'])} | {_n(v['sq8'])} |")
+    epl = results.get("plan", {}).get("events", {})
+    for name in ("postgresql", "sqlite"):
+        if name in epl:
+            e = epl[name]
+            out.append(f"\n{name}: {e['gib_per_year']} GiB a year at {epl['events_per_day']:.0e} events/day "
+                       f"(mean {epl['mean_events_per_s']}/s); best measured {e['max_events_per_s']:.0f} events/s = "
+                       f"{e['peak_headroom']}x a {epl['peak_factor']}x peak.")
+    return "\n".join(out) + "\n"
 
 
 # --- plot -------------------------------------------------------------------------------------------------
@@ -720,11 +820,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def pg() -> dict[str, Any]:
             if args.pg_dsn:
-                return measure_postgres(rows, batches, args.pg_dsn, args.reads)
+                return measure_postgres(rows, batches, args.pg_dsn, args.reads, args.pg_writers)
             if find_pg_bin() is None:
                 return {"skipped": "no PostgreSQL binaries under /usr/lib/postgresql/*/bin and no --pg-dsn"}
             with temp_postgres() as dsn:
-                return measure_postgres(rows, batches, dsn, args.reads)
+                return measure_postgres(rows, batches, dsn, args.reads, args.pg_writers)
 
         results["events"]["postgres"] = _cached(parts_dir, f"events-postgres-{args.events}", args.reuse, pg)
     results["plan"] = plan(results, [int(t) for t in args.targets.split(",")], args.events_per_day)
@@ -750,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--event-users", type=int, default=2_000)
     p.add_argument("--event-batches", default="1,10,100", help="events per transaction")
     p.add_argument("--reads", type=int, default=1000, help="history reads timed")
+    p.add_argument("--pg-writers", type=int, default=8, help="concurrent connections in the PostgreSQL group-commit run")
     p.add_argument("--pg-dsn", default="", help="an existing PostgreSQL (default: a temporary cluster on 127.0.0.1)")
     p.add_argument("--targets", default="10000000,100000000", help="extrapolation sizes")
     p.add_argument("--events-per-day", type=float, default=10_000_000)
@@ -763,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))
     plot(results, args.plot or args.out / "capacity.png")
+    (args.out / "capacity.md").write_text(tables(results))
     log(f"wrote {json_path}")
     return 0
 

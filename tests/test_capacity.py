@@ -81,7 +81,7 @@ def test_event_plan():
     p = cap.event_plan(store, None, events_per_day=86_400_000)
     assert p["mean_events_per_s"] == 1000
     assert p["postgresql"]["gib_per_year"] == pytest.approx(round(100 * 86_400_000 * 365 / 1024**3, 1))
-    assert p["postgresql"]["max_events_per_s_batched"] == 20_000
+    assert p["postgresql"]["max_events_per_s"] == 20_000
     assert p["postgresql"]["max_events_per_s_smallest_batch"] == 500
     assert p["postgresql"]["peak_headroom"] == 2.0
     assert "sqlite" not in p
