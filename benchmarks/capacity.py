@@ -53,6 +53,7 @@ import numpy as np
 
 GIB = 1024**3
 BLOCK = 10_000  # rows per seeded block of the synthetic generator
+INTRINSIC = 12  # directions of spread per cluster (sentence embeddings have a low intrinsic dimension)
 DEFAULT_EFS = (32, 64, 128)
 NODE_RAM_GIB = (64, 128)
 NODE_USABLE = 0.75  # fraction of a node's RAM the index may take (OS, encoder, gRPC, page cache get the rest)
@@ -61,28 +62,40 @@ RELOAD_COPIES = 2  # a hot reload loads the new index before the old one is drop
 
 
 # --- synthetic data ------------------------------------------------------------------------------------
-def _centres(dim: int, centres: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _centres(dim: int, centres: int, seed: int, intrinsic: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit centres, Zipf cluster weights, and per cluster ``intrinsic`` random unit directions of spread."""
     rng = np.random.default_rng([seed, 0xC3])
     c = rng.standard_normal((centres, dim)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
+    basis = rng.standard_normal((centres, intrinsic, dim)).astype(np.float32)
+    basis /= np.linalg.norm(basis, axis=2, keepdims=True)
     w = 1.0 / np.arange(1, centres + 1)  # Zipf(1): a few big categories, a long tail
-    return c, w / w.sum()
+    return c, w / w.sum(), basis
 
 
 def synthetic(n: int, dim: int = 384, centres: int = 2000, seed: int = 0, noise: float = 0.75,
-              stream: int = 0, start: int = 0) -> np.ndarray:
+              stream: int = 0, start: int = 0, intrinsic: int = INTRINSIC) -> np.ndarray:
     """Rows ``start`` .. ``start + n`` of a deterministic sequence of L2-normalised float32 draws from a
     Gaussian mixture (so a set is a prefix of any larger one and can be generated in pieces).
 
-    ``stream`` separates independent draws of the same mixture (0: the catalog, 1: queries)."""
-    c, w = _centres(dim, centres, seed)
+    A row is its centre + a spread of norm ≈ ``noise``: 90 % of the variance along the cluster's
+    ``intrinsic`` directions, 10 % isotropic. ``stream`` separates independent draws of the same mixture
+    (0: the catalog, 1: queries)."""
+    c, w, basis = _centres(dim, centres, seed, intrinsic)
+    low = np.float32(noise * math.sqrt(0.9 / intrinsic))
+    iso = np.float32(noise * math.sqrt(0.1 / dim))
     first = start // BLOCK * BLOCK
     out = np.empty((start + n - first, dim), dtype=np.float32)
     for b0 in range(0, len(out), BLOCK):
         rows = min(BLOCK, len(out) - b0)
         rng = np.random.default_rng([seed, stream, (first + b0) // BLOCK])
         which = rng.choice(len(c), size=BLOCK, p=w)[:rows]
-        x = c[which] + rng.standard_normal((BLOCK, dim), dtype=np.float32)[:rows] * np.float32(noise / math.sqrt(dim))
+        z = rng.standard_normal((BLOCK, intrinsic), dtype=np.float32)[:rows] * low
+        x = c[which] + rng.standard_normal((BLOCK, dim), dtype=np.float32)[:rows] * iso
+        order = np.argsort(which, kind="stable")
+        cut = np.flatnonzero(np.diff(which[order])) + 1
+        for idx in np.split(order, cut):  # one small matmul per cluster present in the block
+            x[idx] += z[idx] @ basis[which[idx[0]]]
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[b0:b0 + rows] = x
     return out[start - first:]
