@@ -293,7 +293,7 @@ def milvus_server(workdir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     workdir.mkdir(parents=True, exist_ok=True)
     logf = open(workdir / "milvus.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--data-dir", str(workdir / "data")],
+                             "--data-dir", str((workdir / "data").resolve())],
                             cwd=workdir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -647,8 +647,10 @@ def plan(results: dict[str, Any], targets: Sequence[int], events_per_day: float)
             row["sq8_bytes"] = sq8 * row["n"] + overhead
         out["hnsw"] = {"bytes_per_item_fp32": round(per_item, 1), "bytes_per_item_sq8_estimate": round(sq8, 1),
                        "overhead_bytes": round(overhead), "rows": rows,
-                       "one_node_max_items": {f"{g}GiB": {"fp32": max_items(per_item, overhead, g),
-                                                           "sq8": max_items(sq8, overhead, g)} for g in NODE_RAM_GIB}}
+                       "one_node_max_items": {f"{g}GiB": {
+                           "fp32": max_items(per_item, overhead, g), "sq8": max_items(sq8, overhead, g),
+                           "fp32_one_copy": max_items(per_item, overhead, g, copies=1),
+                           "sq8_one_copy": max_items(sq8, overhead, g, copies=1)} for g in NODE_RAM_GIB}}
     out["events"] = event_plan(results.get("events", {}).get("postgres"), results.get("events", {}).get("sqlite"), events_per_day)
     return out
 
@@ -704,9 +706,10 @@ def tables(results: dict[str, Any]) -> str:
         for r in pl["rows"]:
             out.append(f"| {_n(r['n'])} | {r['bytes'] / GIB:.1f} | {r['sq8_bytes'] / GIB:.1f} | {r['build_s'] / 3600:.1f} h | "
                        f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} |")
-        out += ["", "| node RAM | most items, fp32 | most items, SQ8 |", "|---|---|---|"]
+        out += ["", "| node RAM | most items, fp32 (2 copies: in-process reload / 1 copy: rolling reload) | most items, SQ8 |",
+                "|---|---|---|"]
         for g, v in pl["one_node_max_items"].items():
-            out.append(f"| {g} | {_n(v['fp32'])} | {_n(v['sq8'])} |")
+            out.append(f"| {g} | {_n(v['fp32'])} / {_n(v['fp32_one_copy'])} | {_n(v['sq8'])} / {_n(v['sq8_one_copy'])} |")
     epl = results.get("plan", {}).get("events", {})
     for name in ("postgresql", "sqlite"):
         if name in epl:

@@ -123,6 +123,8 @@ def test_end_to_end_hnsw_and_events(tmp_path):
     assert (out / "capacity.png").stat().st_size > 10_000
     assert (out / "parts" / "hnsw-2000.json").exists()
     assert not list(out.glob("work-*"))  # scratch removed
+    md = (out / "capacity.md").read_text()
+    assert "| hnswlib fp32, ef 64" in md and "| sqlite (WAL, synchronous=FULL)" in md and "| 100M |" in md
 
 
 def test_reuse_takes_cached_parts(tmp_path):
