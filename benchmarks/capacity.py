@@ -720,6 +720,19 @@ def tables(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _colour(r: dict[str, Any]) -> str:
+    return "C2" if r["index"].startswith("HNSW") else "C4"
+
+
+def loads(tree: Any) -> list[float]:
+    """Every 1-minute load average recorded anywhere in ``tree`` (keys starting with "loadavg")."""
+    if isinstance(tree, dict):
+        return [x for k, v in tree.items() for x in ([v[0]] if k.startswith("loadavg") and isinstance(v, list) else loads(v))]
+    if isinstance(tree, list):
+        return [x for v in tree for x in loads(v)]
+    return []
+
+
 # --- plot -------------------------------------------------------------------------------------------------
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
@@ -742,7 +755,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax_m.axhline(budget, color="grey", ls=ls, lw=1, label=f"{g} GiB node: index budget (2 copies)")
         mil = [r for r in results.get("milvus", []) if "server_rss_bytes" in r]
         for r in mil:
-            ax_m.plot([r["n"]], [max(r["server_rss_bytes"] - r["server_rss_idle_bytes"], 0) / GIB], "s", color="C2",
+            ax_m.plot([r["n"]], [max(r["server_rss_bytes"] - r["server_rss_idle_bytes"], 0) / GIB], "s", color=_colour(r),
                       label=f"Milvus Lite {r['index']} server RSS growth")
         ax_q.plot(ns, [r["served"]["p50_ms"] for r in hn], "o", color="C0", label="hnswlib p50 (ef 64, k 64)")
         ax_q.plot(ns, [r["served"]["p99_ms"] for r in hn], "^", color="C3", label="hnswlib p99")
@@ -750,7 +763,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax_q.plot([max(ns), *en], [hn[-1]["served"]["p50_ms"], *[r["p50_ms"] for r in ext["rows"]]], "-", color="C0", alpha=0.6)
         ax_q.plot([max(ns), *en], [hn[-1]["served"]["p99_ms"], *[r["p99_ms"] for r in ext["rows"]]], "-", color="C3", alpha=0.6)
         for r in mil:
-            ax_q.plot([r["n"]], [r["query"]["p50_ms"]], "s", color="C2", label=f"Milvus Lite {r['index']} p50 (gRPC round trip)")
+            ax_q.plot([r["n"]], [r["query"]["p50_ms"]], "s", color=_colour(r), label=f"Milvus Lite {r['index']} p50 (gRPC round trip)")
     for ax in (ax_m, ax_q):
         ax.set_xscale("log")
         ax.set_xlabel("items in the catalog")
@@ -761,9 +774,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax_m.set_ylabel("resident index memory (GiB)")
     ax_q.set_yscale("log")
     ax_q.set_ylabel("single-query latency (ms), 1 thread")
-    la = results.get("machine", {}).get("loadavg_start", [float("nan")])[0]
+    la = loads(results)
     fig.suptitle(f"bundlerec capacity: 384-d vectors, M16 efC200; measured points + extrapolation "
-                 f"(2 shared cores, load {la:.1f}: times are upper bounds)", fontsize=9)
+                 f"({results.get('machine', {}).get('cpus')} shared cores, load {min(la, default=0):.0f}-{max(la, default=0):.0f}: "
+                 "times are upper bounds)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -148,3 +148,9 @@ def test_end_to_end_milvus(tmp_path):
     assert m["index"] == "HNSW_SQ8" and m["n"] == 2000
     assert 0.5 < m["recall_at_10"] <= 1.0
     assert m["disk_bytes"] > 0 and m["query"]["p50_ms"] > 0
+
+
+def test_loads_collects_every_recorded_load_average():
+    tree = {"loadavg_start": [3.0, 2.0, 1.0], "hnsw": [{"loadavg_build": [5.0, 0, 0], "build_progress": [[1, 2, 9.0]]}],
+            "events": {"pg": {"writes": [{"loadavg": [7.0, 0, 0]}]}}}
+    assert cap.loads(tree) == [3.0, 5.0, 7.0]
