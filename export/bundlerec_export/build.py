@@ -166,7 +166,20 @@ def build(cfg: BuildConfig) -> BuildResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("artifact %s written to %s in %.1f s", manifest["artifact_version"], out, manifest["timings_s"]["total"])
+    if cfg.publish_milvus:
+        publish_stage(out, cfg.publish_milvus)
     return BuildResult(out, manifest)
+
+
+def publish_stage(out: Path, uri: str) -> None:
+    """After the build: the artifact's vectors into its version's Milvus collection, the alias pointed at it
+    (:mod:`.milvus_publish`). The artifact stays built when this fails."""
+    from .milvus_publish import publish
+
+    try:
+        publish(out, uri)
+    except Exception as exc:  # unreachable Milvus, refused schema, ...: the build itself succeeded
+        raise BuildError(f"artifact built at {out}, but publishing it to Milvus {uri} failed: {exc}") from exc
 
 
 def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, finetuned: FineTuned | None) -> dict[str, Any]:
