@@ -241,8 +241,8 @@ class MilvusVectors:
         fetch = min(self.count, max(k, self.anchor_pool), MILVUS_MAX_TOPK)
         expr = milvus_expr(allowed)
         ef = max(self.ef, fetch)
-        if expr:  # a beam wide enough to meet ``ef`` passing rows (x2 margin), as brute force would
-            ef = int(min(MAX_EF, max(ef, 2 * ef / max(self.selectivity(allowed), 1e-6))))
+        if expr:  # a beam wide enough to meet ``ef`` passing rows (x2 margin): the top k of brute force
+            ef = int(min(MAX_EF, self.count, max(ef, 2 * ef / max(self.selectivity(allowed), 1e-6))))
         res = self.client.search(
             self.collection, data=[np.asarray(vec, dtype=np.float32).tolist()], limit=fetch, filter=expr,
             output_fields=[F_VERSION], search_params={"metric_type": "COSINE", "params": {"ef": ef}},
