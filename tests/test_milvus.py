@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from conftest import SLICE, ServerThread, server_process, server_settings
 
+from benchmarks.milvus_bench import exact_rows
+
 K = 10
 SWAP_LOOP_MAX_CALLS = 3_000  # the load loop's bound
 
@@ -75,16 +77,6 @@ def tiny_v2(artifact_root, milvus_uri):
 def _queries(engine, n: int = 60) -> tuple[list[str], np.ndarray]:
     titles = engine.catalog.titles[:: max(1, len(engine.catalog) // n)][:n]
     return titles, engine.encoder.encode(titles)
-
-
-def _reference(engine, vec: np.ndarray, allowed, k: int) -> set[int]:
-    """Brute force on the filtered subset: the best ``anchor_pool`` rows by cosine among those ``allowed``
-    lets through, then the top ``k`` by cosine x quality (what one Milvus search returns)."""
-    rows = np.flatnonzero(allowed.anchors(np.arange(len(engine.catalog))))
-    sims = np.asarray(engine.embeddings[rows], dtype=np.float32) @ vec
-    pool = np.argsort(-sims, kind="stable")[: max(k, engine.settings.anchor_pool)]
-    scores = sims[pool] * engine.catalog.quality[rows[pool]]
-    return {int(r) for r in rows[pool][np.argsort(-scores, kind="stable")[:k]]}
 
 
 # --- unit: the filter expression -----------------------------------------------------------------------------
@@ -182,7 +174,7 @@ def test_filters_exact(case, priced_artifact, milvus_uri):
             assert cat.category_lower[h.row] not in filters.exclude_categories
             assert not filters.include_categories or cat.category_lower[h.row] in filters.include_categories
             assert filters.max_price is None or np.isnan(cat.prices[h.row]) or cat.prices[h.row] <= filters.max_price
-        assert set(rows.tolist()) == _reference(engine, vec, allowed, K)  # the same set as brute force
+        assert set(rows.tolist()) == exact_rows(engine, vec, allowed)  # the same set as brute force
     if case == "max_price":  # unknown prices pass the cap, as in process
         assert np.isnan(cat.prices[[h.row for v in vecs for h in engine.dense(v, K, engine.allow(filters))]]).any()
 
@@ -267,3 +259,13 @@ def test_refused_at_start(tiny_artifact, milvus_uri, published):
         assert proc.proc is not None and proc.proc.wait(30) == 2 and "vector backend" in proc.output()
     finally:
         proc.stop()
+
+
+def test_export_cli_takes_publish_milvus():
+    from bundlerec_export.cli import _parser, config_from_args
+
+    args = _parser().parse_args(["--dataset", "instacart", "--data-dir", str(SLICE), "--out", "x",
+                                 "--publish-milvus", "milvus://127.0.0.1:19530?alias=shop"])
+    cfg = config_from_args(args, None)
+    assert cfg.publish_milvus == "milvus://127.0.0.1:19530?alias=shop"
+    assert "publish_milvus" not in cfg.as_manifest()  # where it went is not part of the artifact

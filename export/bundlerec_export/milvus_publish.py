@@ -40,6 +40,7 @@ from bundlerec_server.vectors import (
     F_VERSION,
     MilvusTarget,
     collection_name,
+    collection_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,11 @@ def publish(root: Path, uri: str, *, index_type: str = "HNSW", drop_others: bool
     name = collection_name(version)
     client = target.client()
     try:
-        written = not _complete(client, name, version, dim, len(catalog))
+        problem = collection_problem(client, name, version, dim, len(catalog))
+        written = problem is not None
         if written:
             if client.has_collection(name):
-                logger.info("collection %s is incomplete: writing it again", name)
+                logger.info("%s: writing it again", problem)
                 client.drop_collection(name)
             _create(client, name, version, dim, manifest.get("index", {}), index_type)
             _insert(client, name, version, catalog, emb)
@@ -91,21 +93,6 @@ def publish(root: Path, uri: str, *, index_type: str = "HNSW", drop_others: bool
     logger.info("Milvus %s: %s %s (%d rows, %.1f s); alias %s -> %s", target.uri,
                 "wrote" if written else "kept complete", name, done.rows, done.seconds, target.alias, name)
     return done
-
-
-def _complete(client: Any, name: str, version: str, dim: int, count: int) -> bool:
-    if not client.has_collection(name):
-        return False
-    fields = client.describe_collection(name)["fields"]
-    vec = next((f for f in fields if f["name"] == F_VECTOR), None)
-    if vec is None or int(vec["params"]["dim"]) != dim:
-        return False
-    client.load_collection(name)
-    rows = client.query(name, filter="", output_fields=["count(*)"])
-    if not rows or int(rows[0]["count(*)"]) != count:
-        return False
-    first = client.query(name, filter=f"{F_ROW} == 0", output_fields=[F_VERSION])
-    return bool(first) and first[0][F_VERSION] == version
 
 
 def _create(client: Any, name: str, version: str, dim: int, index: dict[str, Any], index_type: str) -> None:

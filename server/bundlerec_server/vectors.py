@@ -166,6 +166,26 @@ def milvus_expr(allowed: RowFilter) -> str:
     return " and ".join(terms)
 
 
+def collection_problem(client: Any, name: str, version: str, dim: int, count: int) -> str | None:
+    """Why collection ``name`` is not a complete copy of artifact ``version`` (``dim``, ``count`` rows), or None.
+    Loads the collection (a query needs it loaded)."""
+    if not client.has_collection(name):
+        return f"collection {name!r} does not exist"
+    vec = next((f for f in client.describe_collection(name)["fields"] if f["name"] == F_VECTOR), None)
+    have_dim = int(vec["params"]["dim"]) if vec else -1
+    if have_dim != dim:
+        return f"collection {name!r} has dimension {have_dim}, artifact {version} has {dim}"
+    client.load_collection(name)
+    rows = client.query(name, filter="", output_fields=["count(*)"])
+    have = int(rows[0]["count(*)"]) if rows else 0
+    if have != count:
+        return f"collection {name!r} holds {have} rows, artifact {version} has {count}"
+    first = client.query(name, filter=f"{F_ROW} == 0", output_fields=[F_VERSION])
+    if not first or first[0][F_VERSION] != version:
+        return f"collection {name!r} is not artifact {version}'s (version field {first[0][F_VERSION] if first else None!r})"
+    return None
+
+
 def _ints(values: np.ndarray) -> str:
     return "[" + ",".join(str(int(v)) for v in values) + "]"
 
@@ -202,7 +222,6 @@ class MilvusVectors:
         weakref.finalize(self, self.client.close)
         try:
             self.collection = self._resolve(dim, count)
-            self.client.load_collection(self.collection)
         except ArtifactError:
             self.client.close()
             raise
@@ -220,18 +239,9 @@ class MilvusVectors:
         if name != wanted:
             raise ArtifactError(f"Milvus alias {alias!r} points at collection {name!r}, not {wanted!r} of artifact "
                                 f"{self.version}: publish this artifact (it repoints the alias) or serve the other one")
-        info = c.describe_collection(name)
-        vec = next((f for f in info["fields"] if f["name"] == F_VECTOR), None)
-        have_dim = int(vec["params"]["dim"]) if vec else -1
-        if have_dim != dim:
-            raise ArtifactError(f"Milvus collection {name!r} has dimension {have_dim}, artifact {self.version} has {dim}")
-        rows = c.query(name, filter="", output_fields=["count(*)"])
-        have = int(rows[0]["count(*)"]) if rows else 0
-        if have != count:
-            raise ArtifactError(f"Milvus collection {name!r} holds {have} rows, artifact {self.version} has {count}")
-        first = c.query(name, filter=f"{F_ROW} == 0", output_fields=[F_VERSION])
-        if not first or first[0][F_VERSION] != self.version:
-            raise ArtifactError(f"Milvus collection {name!r} is not artifact {self.version}'s (version field {first})")
+        problem = collection_problem(c, name, self.version, dim, count)
+        if problem:
+            raise ArtifactError(f"Milvus {problem}")
         return name
 
     def describe(self) -> str:
