@@ -300,17 +300,27 @@ def agreement_stage(root: Path, titles: list[str], cfg: BuildConfig) -> Part:
 
 
 def embed_stage(root: Path, titles: list[str], cfg: BuildConfig) -> tuple[np.ndarray, Part]:
-    """Catalog embeddings through the serving ``Encoder`` on fp32 (``embeddings.npy``)."""
+    """Catalog embeddings through the serving ``Encoder`` on fp32 (``embeddings.npy``): in this process, or on
+    Ray Data's actor pool with ``cfg.ray`` (same batches, same rows and order; ``bundlerec_export.ray_embed``)."""
     from bundlerec_server.encoder import Encoder
 
-    enc = Encoder(root / MODEL_FILES["fp32"], root / TOKENIZER, max_length=MAX_ITEM_TOKENS, provider="cpu",
-                  intra_op_threads=cfg.threads)
-    emb = enc.encode_many(titles, batch_size=cfg.embed_batch_size, progress=cfg.progress).astype(np.float32)
-    del enc
+    model, tokenizer = root / MODEL_FILES["fp32"], root / TOKENIZER
+    if cfg.ray:
+        from .ray_embed import RayEmbedOptions, embed_titles
+
+        options = RayEmbedOptions(address=cfg.ray_address, max_actors=cfg.ray_actors, actor_cpus=cfg.ray_actor_cpus,
+                                  progress=cfg.progress)
+        emb, how = embed_titles(model, tokenizer, titles, max_length=MAX_ITEM_TOKENS, batch_size=cfg.embed_batch_size,
+                                options=options)
+    else:
+        enc = Encoder(model, tokenizer, max_length=MAX_ITEM_TOKENS, provider="cpu", intra_op_threads=cfg.threads)
+        emb = enc.encode_many(titles, batch_size=cfg.embed_batch_size, progress=cfg.progress).astype(np.float32)
+        del enc
+        how = {"engine": "single-process", "batch_size": cfg.embed_batch_size}
     if not np.all(np.isfinite(emb)):
         raise BuildError("catalog embeddings contain non-finite values")
     np.save(root / EMBEDDINGS, emb)
-    return emb, {"embedding_dim": int(emb.shape[1])}
+    return emb, {"embedding_dim": int(emb.shape[1]), "embed": how}
 
 
 def index_stage(root: Path, emb: np.ndarray, cfg: BuildConfig) -> tuple[hnswlib.Index, Part]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import artifact as A
+from . import tracing
 from .bundling import rank_bundles
 from .catalog import Catalog
 from .domain import BundleOut, Filters, Hit, Mode, Personalization, RecommendQuery, SearchQuery
@@ -241,11 +242,13 @@ class Engine:
         mode = self.mode_for(q.mode)
         allowed = self.allow(q.filters)
         pool = max(self.settings.anchor_pool, q.max_bundles * 2)
-        anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
-        return rank_bundles(
-            anchors, self.catalog, self.complements, allowed, q.max_bundles, q.items_per_bundle,
-            self.settings.complement_bonus, self.settings.min_complement_strength,
-        )
+        with tracing.span("retrieve"):
+            anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
+        with tracing.span("bundle"):
+            return rank_bundles(
+                anchors, self.catalog, self.complements, allowed, q.max_bundles, q.items_per_bundle,
+                self.settings.complement_bonus, self.settings.min_complement_strength,
+            )
 
     def info(self) -> dict[str, Any]:
         return {

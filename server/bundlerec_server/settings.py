@@ -77,6 +77,10 @@ class Settings:
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
     # --- vector backend (dense retrieval)
     vector_backend: str = field(default="hnsw", metadata={"help": "dense index: hnsw (the artifact's hnswlib file, in process) or milvus://host:port[?alias=NAME] (the artifact version's collection published by bundlerec-export --publish-milvus; token in BUNDLEREC_MILVUS_TOKEN)"})
+    # --- observability
+    metrics_dir: Path | None = field(default=None, metadata={"help": "with --workers > 1 and --metrics-port: folder where workers write Prometheus metrics for the one aggregate endpoint (emptied at start; default: a fresh temporary folder)"})
+    tracing: str = field(default="off", metadata={"help": "OpenTelemetry tracing: off, console (spans as JSON on stdout) or otlp (OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT)", "choices": ("off", "console", "otlp")})
+    tracing_service_name: str = field(default="bundlerec", metadata={"help": "service.name of the traces"})
     # --- logging
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
 
@@ -179,6 +183,8 @@ class Settings:
             problems.append("target_latency_ms must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
             problems.append("default_max_bundles exceeds max_bundles_cap")
+        if self.tracing not in ("off", "console", "otlp"):
+            problems.append(f"tracing {self.tracing!r} is not off, console or otlp")
         if self.events_db:
             from .events import parse_events_db
 
