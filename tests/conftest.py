@@ -15,7 +15,7 @@ from benchmarks.procs import ServerProcess, free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins = ["pg"]  # the `postgres` / `pg_dsn` fixtures: a real PostgreSQL (tests/pg.py)
+pytest_plugins = ["pg", "milvus"]  # real PostgreSQL (tests/pg.py) and Milvus Lite (tests/milvus.py) fixtures
 
 TESTS = Path(__file__).parent
 SLICE = TESTS / "data" / "instacart_slice"

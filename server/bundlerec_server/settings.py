@@ -75,6 +75,8 @@ class Settings:
     fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     fusion_coverage: float = field(default=-1.0, metadata={"help": "scores fusion: weight of query-word coverage (-1 = the artifact's tuned value)"})
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
+    # --- vector backend (dense retrieval)
+    vector_backend: str = field(default="hnsw", metadata={"help": "dense index: hnsw (the artifact's hnswlib file, in process) or milvus://host:port[?alias=NAME] (the artifact version's collection published by bundlerec-export --publish-milvus; token in BUNDLEREC_MILVUS_TOKEN)"})
     # --- observability
     metrics_dir: Path | None = field(default=None, metadata={"help": "with --workers > 1 and --metrics-port: folder where workers write Prometheus metrics for the one aggregate endpoint (emptied at start; default: a fresh temporary folder)"})
     tracing: str = field(default="off", metadata={"help": "OpenTelemetry tracing: off, console (spans as JSON on stdout) or otlp (OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT)", "choices": ("off", "console", "otlp")})
@@ -190,6 +192,12 @@ class Settings:
                 parse_events_db(self.events_db)
             except ValueError as exc:
                 problems.append(str(exc))
+        try:
+            from .vectors import check_backend
+
+            check_backend(self.vector_backend)
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
