@@ -96,7 +96,7 @@ def publish(root: Path, uri: str, *, index_type: str = "HNSW", drop_others: bool
 
 
 def _create(client: Any, name: str, version: str, dim: int, index: dict[str, Any], index_type: str) -> None:
-    from pymilvus import DataType  # type: ignore[import-untyped]
+    from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=f"bundlerec artifact {version}")
     schema.add_field(F_ROW, DataType.INT64, is_primary=True)

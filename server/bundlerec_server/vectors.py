@@ -129,7 +129,7 @@ class MilvusTarget:
     def client(self, timeout: float = CONNECT_TIMEOUT_S) -> Any:
         """A connected ``MilvusClient`` (ArtifactError when Milvus cannot be reached)."""
         try:
-            from pymilvus import MilvusClient  # type: ignore[import-untyped]
+            from pymilvus import MilvusClient
         except ImportError as exc:
             raise ArtifactError("the Milvus vector backend needs pymilvus (pip install pymilvus)") from exc
         kwargs: dict[str, Any] = {"uri": self.uri, "timeout": timeout}
