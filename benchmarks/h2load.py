@@ -76,14 +76,16 @@ def find() -> str | None:
 
 
 def command(exe: str, target: str, body: Path, rate: float, duration: float, connections: int, timeout_s: float,
-            log_file: Path) -> list[str]:
+            log_file: Path, requests: int = 0) -> list[str]:
+    """h2load's argv: ``duration`` seconds at ``rate`` (or exactly ``requests`` calls at that rate)."""
     host = target.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]"):
         raise ValueError(f"refusing non-loopback target {target}")
     if not 0 < duration <= MAX_DURATION_S or not 0 < rate <= MAX_RPS or connections < 1:
         raise ValueError("duration, rate or connections out of bounds")
     headers = [*HEADERS, f"grpc-timeout: {max(1, round(timeout_s * 1000))}m"]
-    return [exe, "-c", str(connections), "-t", "1", "--rps", f"{rate / connections:g}", "-D", f"{duration:g}",
+    amount = ["-n", str(requests)] if requests > 0 else ["-D", f"{duration:g}"]
+    return [exe, "-c", str(connections), "-t", "1", "--rps", f"{rate / connections:g}", *amount,
             "-d", str(body), *(a for h in headers for a in ("-H", h)), "--log-file", str(log_file),
             f"http://{target}{METHOD}"]
 
@@ -149,7 +151,7 @@ def probe(target: str, body: bytes, timeout: float = 10.0) -> dict[str, Any]:
 
 def run(target: str, rate: float, duration: float, *, connections: int = 4, query: str = "organic milk",
         max_bundles: int = 5, items: int = 3, mode: int = 0, timeout: float = 5.0, server_pid: int | None = None,
-        metrics_url: str | None = None, exe: str | None = None, keep: Path | None = None) -> dict[str, Any]:
+        metrics_url: str | None = None, exe: str | None = None, keep: Path | None = None, requests: int = 0) -> dict[str, Any]:
     """One h2load run at ``rate`` for ``duration`` s; a summary shaped like ``benchmarks.load.run_rate``'s
     (offered/achieved, ``full_ms``, ``cpu``, ``query_cache``, ``server_codes``) plus h2load's own figures."""
     exe = exe or find()
@@ -160,7 +162,7 @@ def run(target: str, rate: float, duration: float, *, connections: int = 4, quer
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
         body_path, log_path = Path(tmp) / "body.bin", Path(tmp) / "requests.tsv"
         body_path.write_bytes(body)
-        argv = command(exe, target, body_path, rate, duration, connections, timeout, log_path)
+        argv = command(exe, target, body_path, rate, duration, connections, timeout, log_path, requests)
         load_before = list(os.getloadavg())
         counters = Counters(metrics_url).start()
         window = CpuWindow(server_pid).start()
