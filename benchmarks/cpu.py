@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -85,7 +86,7 @@ def per_call(cpu_s: float | None, calls: int) -> float | None:
     return cpu_s * 1000.0 / calls if cpu_s is not None and calls > 0 else None
 
 
-def cpu_report(server: CpuWindow, generator_s: float | None, calls: int) -> dict[str, float | int | None]:
+def cpu_report(server: CpuWindow, generator_s: float | None, calls: int) -> dict[str, Any]:
     """The CPU figures of one measured run, beside its latency: server and generator ms per call."""
     return {
         "calls": calls,

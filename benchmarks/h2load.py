@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -66,7 +66,8 @@ def unframe(body: bytes) -> tuple[bool, bytes]:
 def recommend_body(query: str, max_bundles: int = 5, items: int = 3, mode: int = 0) -> bytes:
     from bundlerec.v1 import bundlerec_pb2 as pb
 
-    req = pb.RecommendRequest(query=query, max_bundles=max_bundles, max_items_per_bundle=items, retrieval_mode=mode)
+    req = pb.RecommendRequest(query=query, max_bundles=max_bundles, max_items_per_bundle=items,
+                              retrieval_mode=cast(Any, mode))
     return frame(req.SerializeToString())
 
 
@@ -139,7 +140,7 @@ def probe(target: str, body: bytes, timeout: float = 10.0) -> dict[str, Any]:
 
     _, message = unframe(body)
     with grpc.insecure_channel(target) as ch:
-        call = ch.unary_stream(METHOD, request_serializer=None, response_deserializer=pb.RecommendResponse.FromString)
+        call: Any = ch.unary_stream(METHOD, request_serializer=None, response_deserializer=pb.RecommendResponse.FromString)
         bundles = 0
         try:
             for resp in call(message, timeout=timeout):
