@@ -116,3 +116,24 @@ def test_query_mixes():
     assert choose_queries(queries, 50, "zipf", seed=3)[:5] != choose_queries(queries, 50, "zipf", seed=9)[:5]
     with pytest.raises(ValueError):
         choose_queries(queries, 5, "normal")
+
+
+def test_sweep_rows_per_setting_and_generator_and_the_cpu_plot(tmp_path):
+    from benchmarks import sweep
+    from benchmarks.load import plot_latency
+
+    assert sweep.real_settings([]) == [("real", "")]
+    assert sweep.real_settings(["off=--query-cache-size 0"]) == [("real:off", "--query-cache-size 0")]
+    lat = {"p50": 5.0, "p90": 6.0, "p99": 9.0, "mean": 5.5, "max": 12.0, "count": 10}
+    py = {"offered_rps": 100.0, "achieved_rps": 99.0, "ttfb_ms": lat, "full_ms": lat, "error_rate": 0.0,
+          "cpu": {"server_ms_per_call": 5.5, "generator_ms_per_call": 1.4, "loadavg": [9.0, 9.0, 9.0]},
+          "query_cache": {"hit_rate": 0.85}, "sustainable": True}
+    h2 = {**py, "ttfb_ms": None, "cpu": {"server_ms_per_call": 5.2, "generator_ms_per_call": 0.2, "loadavg": [8.0]},
+          "query_cache": None}
+    rows = sweep.generator_rows({"real:on": {"results": [py], "h2load": [h2]}})
+    assert [(r["generator"], r["server_cpu_ms_per_call"], r["cache_hit_rate"]) for r in rows] == [
+        ("python", 5.5, 0.85), ("h2load", 5.2, None)]
+    assert rows[1]["full_p99_ms"] == 9.0 and rows[1]["ttfb_p50_ms"] is None
+    sweep.print_generator_table(rows)
+    plot_latency({"real:on": [py, {**py, "offered_rps": 200.0}]}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
