@@ -96,7 +96,8 @@ class Runtime:
     async def encode(self, serving: Serving, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
         """Embeds one query: from the snapshot's query cache, else through its micro-batcher (then cached);
         OutOfTime if the deadline comes first (the query is then dropped from the queue if its batch has not
-        started: no encoder work). With the cache on, the vector is read-only."""
+        started: no encoder work). With the cache on, the vector is read-only, and a hit is returned even when
+        the encoding budget is spent (it costs no encoder work; the stream's pacing still honours the deadline)."""
         cache = serving.cache
         if cache is None:
             return await self._encode(serving.batcher, text, time_left)
