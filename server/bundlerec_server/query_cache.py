@@ -26,7 +26,8 @@ from prometheus_client import Counter, Gauge
 
 HITS = Counter("bundlerec_query_cache_hits_total", "Query embeddings served from the query cache")
 MISSES = Counter("bundlerec_query_cache_misses_total", "Query embeddings computed by the encoder (cache on, not cached)")
-ENTRIES = Gauge("bundlerec_query_cache_entries", "Query embeddings held by the current query cache")
+ENTRIES = Gauge("bundlerec_query_cache_entries", "Query embeddings held by the current query cache",
+                multiprocess_mode="livesum")  # with --workers N: summed over the live workers
 
 _ASCII_WS = re.compile(r"[ \t\r\n]+")
 # normalisers and pre-tokenizers (tokenizers' Python class names) under which ASCII whitespace runs only
