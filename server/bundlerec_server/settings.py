@@ -83,6 +83,8 @@ class Settings:
     tracing_service_name: str = field(default="bundlerec", metadata={"help": "service.name of the traces"})
     # --- logging
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    # --- latency
+    query_cache_size: int = field(default=0, metadata={"help": "query embeddings kept per artifact in an LRU (exact text, whitespace-collapsed where the tokenizer provably ignores it; emptied on reload); 0 = off. About 1.7 KB an entry at dim 384: 4096 ~ 7 MB"})
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -169,6 +171,8 @@ class Settings:
                 problems.append(f"{name} must be >= 1")
         if self.workers < 1:
             problems.append("workers must be >= 1")
+        if self.query_cache_size < 0:
+            problems.append("query_cache_size must be >= 0 (0 = off)")
         if self.workers > 1 and self.port == 0:
             problems.append("workers > 1 share one port through SO_REUSEPORT: give a fixed --port")
         if bool(self.tls_cert) != bool(self.tls_key):
