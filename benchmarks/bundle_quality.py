@@ -1,7 +1,9 @@
-"""Bundle quality on Instacart orders: complement completion (offline) and next-basket personalization (server).
+"""Bundle quality on Instacart orders: complement completion (offline, two splits), personalization (offline)
+and next-basket personalization through a server.
 
     python -m benchmarks.bundle_quality --data-dir /work/shared/data/instacart \
-        --json runs/bundle_quality.json --plot runs/bundle_quality.png [--target 127.0.0.1:50071 --max-users 300]
+        --json docs/results/bundle-quality.json --plot docs/img/bundle-quality.png --markdown runs/bq.md
+    # faster: --views user --no-learned --no-personalization --draws 200
 
     # the artifact for --target (catalog = products that appear in the orders; the users' target orders left
     # out of its order files, so their next basket never feeds the complements it is scored against):
@@ -9,26 +11,37 @@
     bundlerec-export --dataset instacart --data-dir /tmp/bq-data --out artifacts/instacart-bq --no-progress
     bundlerec-server --artifact artifacts/instacart-bq --port 50071
 
-1. **Bundle completion** (no server). Orders are split by a stable hash of ``order_id`` (sha1, ``--test-pct``
-   default 20 % test). Complements are mined on the TRAIN orders with the project's own
-   ``bundlerec_export.complements.mine_cooccurrence`` and the build's defaults (``BuildConfig``: min_support,
-   top_k, shrinkage, user-level evidence, category = aisle, cross-aisle only). For every TEST basket and every
-   item of it taken as the anchor, Recall@K (K = 3, 5, 10) = |top-K of the method ∩ targets| / |targets|,
-   macro-averaged over (basket, anchor) pairs that have at least one target. Two target definitions:
+1. **Bundle completion** (no server), two views of the orders:
 
-   * ``other_aisle`` (headline, fair to a cross-category method): targets = the basket's other items in an
-     aisle different from the anchor's; EVERY method's candidates are restricted the same way (other aisles).
-   * ``all``: targets = all the basket's other items; baselines unrestricted, complements as built (cross-aisle).
+   * ``user`` (headline): each shopper's latest order is the TEST basket (a shopper with one order has it in
+     test and nothing mined); every other order is TRAIN (``bundlerec_export.splits.user_level_split``).
+   * ``order``: orders split by a stable hash of ``order_id`` (``--test-pct`` 20 %).
 
-   Methods: ``complements`` (NPMI, shrunk, user-level), ``cooccurrence`` (top-K by number of train baskets
-   shared with the anchor; ties: item popularity, then row), ``popularity_department`` (the K most popular
-   train items of the anchor's department, anchor excluded), ``popularity_global``. Popularity = train baskets
-   containing the item. A method with no candidate for an anchor scores 0 for it (counted in ``pairs_empty``,
-   distinct anchors in ``anchors_empty``); ``recall_covered`` averages over the pairs where it had candidates.
-   ``complements_user_level`` (diagnostic): the same mining with user-level evidence
-   (``--basket-level-evidence`` in the build), to show what the user-level unit costs or buys.
+   In both, VAL = each shopper's latest TRAIN order and FIT = TRAIN - VAL. Every method is tuned the same way:
+   its grid (``GRIDS``) is mined on FIT and scored on VAL (Recall@5), the best point is re-mined on TRAIN and
+   the TEST baskets are scored once. The learned re-ranker is trained on VAL labels (features from FIT, the
+   label basket's own shopper left out) and chosen on the VAL shoppers it did not train on.
 
-2. **Next-basket personalization** (``--target``). Users with >= 3 orders (whole orders.csv): the last order
+   For every test basket and every item of it as the anchor: targets = the basket's other items in another
+   aisle; every method's list is restricted to other aisles (``kmax`` = 20, the served top_k). Per
+   (basket, anchor) pair: Recall@{5, 10, 20}, NDCG@10, hit@10, long-tail Recall@10 (the 100 most popular
+   TRAIN items removed from targets and lists), mean TRAIN popularity of the top 5. Means over pairs, 95 %
+   intervals by bootstrap over test baskets (= shoppers in the user view), and the paired ratio to tuned
+   raw co-occurrence (same resamples). ``coverage`` = share of TRAIN items with a full list (kmax items).
+   Breakdowns: Recall@5 by anchor frequency (TRAIN baskets: head >= 100, middle 10-99, tail 1-9, unseen 0)
+   and by shopper (returning vs first order).
+
+   Methods: ``popularity`` (global / department / aisle-pair backoff), ``cooccurrence`` (raw counts,
+   optional 2-shopper rule and popularity fill), ``npmi`` (the mining of ``complements.mine_cooccurrence``,
+   tuned), ``npmi_served`` (the build's defaults), ``conditional`` (smoothed P(b|a), aisle backoff, basket
+   size weighting, popularity exponent), ``ease``, ``learned`` (LambdaRank, ``complement_ranker``).
+
+2. **Personalization offline** (user view, test baskets of returning shoppers): an anchor's list mixed with
+   the shopper's own purchase frequency (``personal_cooccurrence``: P-TopFreq + co-occurrence) or decayed
+   frequency (TIFU-KNN-like, ``*_recency``, ``personal_learned``); weights tuned on VAL shoppers the ranker
+   did not train on. Recall@5 over all targets, over repeat targets (bought before) and explore targets.
+
+3. **Next-basket personalization** (``--target``). Users with >= 3 orders (whole orders.csv): the last order
    (highest order_number) is the target. One item of it, picked by a stable hash, gives the query: its aisle
    name (``--query-from aisle``, default) or the first word(s) of its name (``head``, never the full name).
    Recommend is called twice, without and with ``recent_item_ids`` = distinct items of the earlier orders,
@@ -42,14 +55,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import dataclasses
 import hashlib
 import json
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +69,8 @@ import numpy as np
 
 KS = (3, 5, 10)
 VARIANTS = ("other_aisle", "all")
-METHODS = ("complements", "cooccurrence", "popularity_department", "popularity_global", "complements_user_level")
+METHODS = ("popularity", "cooccurrence", "npmi", "conditional", "ease", "npmi_served", "learned")
 SALT = "bundle-quality"
-TARGET_RATIO = 1.5  # issue 5: complements Recall@5 >= 1.5 x popularity-within-department
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -248,25 +259,6 @@ def complements_ranker(comp) -> Ranker:
 # ---------------------------------------------------------------------------------------------- evaluate
 
 
-@dataclass
-class MethodScore:
-    recall_sum: dict[int, float] = field(default_factory=dict)
-    covered_sum: dict[int, float] = field(default_factory=dict)
-    pairs: int = 0
-    pairs_empty: int = 0
-    anchors_empty: set[int] = field(default_factory=set)
-
-    def as_dict(self, ks: Sequence[int]) -> dict[str, Any]:
-        covered = self.pairs - self.pairs_empty
-        return {
-            "recall": {str(k): (self.recall_sum.get(k, 0.0) / self.pairs if self.pairs else None) for k in ks},
-            "recall_covered": {str(k): (self.covered_sum.get(k, 0.0) / covered if covered else None) for k in ks},
-            "pairs": self.pairs, "pairs_empty": self.pairs_empty,
-            "pair_coverage": covered / self.pairs if self.pairs else None,
-            "anchors_empty": len(self.anchors_empty),
-        }
-
-
 def targets_of(basket: Sequence[int], anchor: int, aisles: Sequence[str], variant: str) -> set[int]:
     """The basket's other items; for ``other_aisle`` only those in a different (or unknown) aisle."""
     if variant == "all":
@@ -277,101 +269,473 @@ def targets_of(basket: Sequence[int], anchor: int, aisles: Sequence[str], varian
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def evaluate_completion(test_baskets: Iterable[Sequence[int]], rankers: dict[str, Ranker],
-                        aisles: Sequence[str], variant: str, ks: Sequence[int] = KS) -> dict[str, Any]:
-    """Macro-averaged Recall@k over (basket, anchor) pairs with >= 1 target; per method, plus pair counts."""
-    scores = {name: MethodScore() for name in rankers}
-    pairs = skipped = 0
-    anchors: set[int] = set()
-    for basket in test_baskets:
+# ---------------------------------------------------------------------------------------- pair metrics
+
+PAIR_KS = (5, 10, 20)
+LONG_TAIL_TOP = 100  # the most popular training items removed from targets and candidates for long-tail recall
+LONG_TAIL_K = 10
+
+
+def _dcg(hits: Sequence[bool]) -> float:
+    return sum(1.0 / math.log2(i + 2) for i, h in enumerate(hits) if h)
+
+
+def pair_records(baskets: Sequence[Sequence[int]], rank: Ranker | Sequence[Ranker], aisles: Sequence[str],
+                 variant: str, ks: Sequence[int] = PAIR_KS, popular: set[int] | frozenset[int] | None = None,
+                 counts: np.ndarray | None = None, histories: Sequence[set[int]] | None = None) -> dict[str, np.ndarray]:
+    """Per (basket, anchor) pair with >= 1 target: Recall@k for each k, NDCG@10 and hit@10 (binary gains),
+    long-tail Recall@10 (``popular`` removed from targets AND the ranked list; NaN when no target is left),
+    mean training popularity of the top 5 (``counts``; NaN for an empty list), empty flag, basket, anchor.
+    ``rank`` may be one ranker per basket (personalized lists). With ``histories`` (the shopper's earlier
+    items per basket): ``repeat5`` / ``explore5`` = Recall@5 over the targets bought before / never bought."""
+    out: dict[str, list[float]] = {f"r{k}": [] for k in ks}
+    for key in ("ndcg10", "hit10", "long_tail", "pop5", "empty", "basket", "anchor", "repeat5", "explore5"):
+        out[key] = []
+    for bi, basket in enumerate(baskets):
         basket = list(dict.fromkeys(basket))
+        rank_b = rank if callable(rank) else rank[bi]
         for anchor in basket:
             targets = targets_of(basket, anchor, aisles, variant)
             if not targets:
-                skipped += 1
                 continue
-            pairs += 1
-            anchors.add(anchor)
-            for name, rank in rankers.items():
-                ranked = [int(r) for r in rank(anchor)]
-                s = scores[name]
-                s.pairs += 1
-                if not ranked:
-                    s.pairs_empty += 1
-                    s.anchors_empty.add(anchor)
-                for k in ks:
-                    rec = recall_at_k(ranked, targets, k) or 0.0
-                    s.recall_sum[k] = s.recall_sum.get(k, 0.0) + rec
-                    if ranked:
-                        s.covered_sum[k] = s.covered_sum.get(k, 0.0) + rec
+            ranked = list(dict.fromkeys(int(r) for r in rank_b(anchor)))
+            hits = [r in targets for r in ranked]
+            for k in ks:
+                out[f"r{k}"].append(sum(hits[:k]) / len(targets))
+            out["ndcg10"].append(_dcg(hits[:10]) / _dcg([True] * min(len(targets), 10)))
+            out["hit10"].append(float(any(hits[:10])))
+            tail_targets = targets - popular if popular is not None else set()
+            if tail_targets:
+                tail = [r for r in ranked if r not in popular][:LONG_TAIL_K]
+                out["long_tail"].append(sum(r in tail_targets for r in tail) / len(tail_targets))
+            else:
+                out["long_tail"].append(math.nan)
+            top5 = ranked[:5]
+            out["pop5"].append(float(np.mean(counts[top5])) if counts is not None and top5 else math.nan)
+            out["empty"].append(float(not ranked))
+            for key, part in (("repeat5", True), ("explore5", False)):
+                sub = {t for t in targets if (t in histories[bi]) == part} if histories is not None else set()
+                out[key].append(sum(r in sub for r in ranked[:5]) / len(sub) if sub else math.nan)
+            out["basket"].append(bi)
+            out["anchor"].append(anchor)
+    return {k: np.asarray(v, dtype=np.int64 if k in ("basket", "anchor") else np.float64) for k, v in out.items()}
+
+
+def evaluate_completion(test_baskets: Iterable[Sequence[int]], rankers: dict[str, Ranker],
+                        aisles: Sequence[str], variant: str, ks: Sequence[int] = KS) -> dict[str, Any]:
+    """Macro-averaged Recall@k over (basket, anchor) pairs with >= 1 target; per method, plus pair counts."""
+    baskets = [list(dict.fromkeys(b)) for b in test_baskets]
+    pairs = sum(1 for b in baskets for a in b if targets_of(b, a, aisles, variant))
+    skipped = sum(len(b) for b in baskets) - pairs
+    methods, anchors = {}, set()
+    for name, rank in rankers.items():
+        rec = pair_records(baskets, rank, aisles, variant, ks)
+        anchors = set(rec["anchor"].tolist())
+        empty = rec["empty"] > 0
+        covered = int((~empty).sum())
+        methods[name] = {
+            "recall": {str(k): (float(rec[f"r{k}"].mean()) if pairs else None) for k in ks},
+            "recall_covered": {str(k): (float(rec[f"r{k}"][~empty].mean()) if covered else None) for k in ks},
+            "pairs": pairs, "pairs_empty": int(empty.sum()),
+            "pair_coverage": covered / pairs if pairs else None,
+            "anchors_empty": len(set(rec["anchor"][empty].tolist())),
+        }
     return {"variant": variant, "pairs": pairs, "pairs_without_target": skipped, "anchors": len(anchors),
-            "methods": {name: s.as_dict(ks) for name, s in scores.items()}}
+            "methods": methods}
 
 
-def build_defaults() -> dict[str, Any]:
-    """The complement settings of ``BuildConfig`` (so the benchmark follows the build's defaults)."""
-    from bundlerec_export.build import BuildConfig
-
-    f = {x.name: x.default for x in dataclasses.fields(BuildConfig)}
-    return {k: f[k] for k in ("min_support", "top_k", "shrinkage", "user_level_evidence", "min_users")}
+def bootstrap_weights(n_groups: int, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """draws x n_groups resampling counts (each row a bootstrap sample of the groups, with replacement)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=draws).astype(np.float64)
 
 
-def run_completion(data: Data, test_pct: float, ks: Sequence[int] = KS, salt: str = SALT) -> dict[str, Any]:
+def _group_sums(values: np.ndarray, groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    ok = ~np.isnan(values)
+    return (np.bincount(groups[ok], values[ok], minlength=n_groups),
+            np.bincount(groups[ok], minlength=n_groups).astype(np.float64))
+
+
+def mean_ci(values: np.ndarray, groups: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
+    """Mean over the non-NaN pairs, with a 95 % percentile interval from resampling whole groups (baskets)."""
+    s, c = _group_sums(values, groups, weights.shape[1])
+    if c.sum() == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    boot = (weights @ s) / np.maximum(weights @ c, 1e-12)
+    return {"mean": float(s.sum() / c.sum()), "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "n": int(c.sum())}
+
+
+def paired_ratio(values: np.ndarray, ref: np.ndarray, groups: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
+    """mean(values) / mean(ref) over the same pairs, with a paired bootstrap 95 % interval (same resamples)."""
+    s, _ = _group_sums(values, groups, weights.shape[1])
+    r, _ = _group_sums(ref, groups, weights.shape[1])
+    if r.sum() == 0:
+        return {"ratio": None, "ci95": None}
+    boot = (weights @ s) / np.maximum(weights @ r, 1e-12)
+    return {"ratio": float(s.sum() / r.sum()), "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+
+
+def coverage(rank: Ranker, items: Iterable[int], k: int) -> float:
+    """Share of ``items`` whose list holds at least ``k`` distinct items."""
+    items = list(items)
+    return sum(1 for a in items if len(set(int(r) for r in rank(a))) >= k) / max(len(items), 1)
+
+
+FREQ_BUCKETS = (("head", 100, math.inf), ("middle", 10, 100), ("tail", 1, 10), ("unseen", 0, 1))
+METRICS = ("r5", "r10", "r20", "ndcg10", "hit10", "long_tail")
+
+
+def summarize(records: dict[str, dict[str, np.ndarray]], ref: str, counts: np.ndarray, weights: np.ndarray,
+              with_history: np.ndarray | None = None) -> dict[str, Any]:
+    """Per method: every metric with its 95 % interval, the paired ratio to ``ref`` for each, mean top-5
+    popularity, and Recall@5 by anchor frequency (head / middle / tail / unseen) and by shopper segment."""
+    out = {}
+    for name, rec in records.items():
+        g = rec["basket"]
+        m: dict[str, Any] = {k: mean_ci(rec[k], g, weights) for k in METRICS}
+        m["ratio_vs_" + ref] = {k: paired_ratio(rec[k], records[ref][k], g, weights) for k in METRICS}
+        m["pop5"] = float(np.nanmean(rec["pop5"])) if np.any(~np.isnan(rec["pop5"])) else None
+        m["pair_coverage"] = float(1.0 - rec["empty"].mean()) if len(rec["empty"]) else None
+        freq = counts[rec["anchor"]]
+        m["by_anchor_frequency"] = {
+            b: {"pairs": int(sel.sum()), "r5": float(rec["r5"][sel].mean()) if sel.any() else None}
+            for b, lo, hi in FREQ_BUCKETS for sel in [(freq >= lo) & (freq < hi)]}
+        if with_history is not None:
+            hist = with_history[g]
+            m["by_shopper"] = {seg: {"pairs": int(sel.sum()), "r5": float(rec["r5"][sel].mean()) if sel.any() else None}
+                               for seg, sel in (("returning", hist), ("first_order", ~hist))}
+        out[name] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Mined:
+    """Everything mined from one set of orders (the fit orders during tuning, all train orders for test)."""
+
+    baskets: list[list[int]]
+    users: list[str]
+    n: int
+    aisles: list[str]
+    departments: list[str]
+    stats: Any = None
+    _gram: Any = None
+
+    def __post_init__(self) -> None:
+        from bundlerec_export import complement_features as cf
+
+        self.stats = cf.pair_stats(self.baskets, self.n, self.users, self.aisles, self.departments)
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.stats.counts
+
+    def gram(self, max_items: int):
+        from bundlerec_export import complement_features as cf
+
+        if self._gram is None or self._gram[0] != max_items:
+            self._gram = (max_items, cf.ease_gram(self.baskets, self.n, max_items))
+        return self._gram[1]
+
+
+def csr_ranker(indptr: np.ndarray, idx: np.ndarray) -> Ranker:
+    def rank(anchor: int) -> np.ndarray:
+        return idx[indptr[anchor]:indptr[anchor + 1]]
+
+    return rank
+
+
+def with_fallback(first: Ranker, then: Ranker, kmax: int) -> Ranker:
+    """``first``'s list, completed up to ``kmax`` with ``then``'s items not yet in it."""
+    def rank(anchor: int) -> list[int]:
+        return list(dict.fromkeys([int(r) for r in first(anchor)] + [int(r) for r in then(anchor)]))[:kmax]
+
+    return rank
+
+
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "popularity": [{"group": g} for g in ("global", "department", "aisle_pair")],
+    "cooccurrence": [{"min_users": u, "fill": f} for u in (1, 2) for f in (False, True)],
+    "npmi": [{"shrinkage": s, "min_users": u} for s in (5.0, 20.0, 50.0, 200.0) for u in (1, 2)],
+    "conditional": [{"alpha": a, "beta": b, "weighted": w} for a in (0.0, 5.0, 20.0, 80.0) for b in (0.0, 0.25)
+                    for w in (False, True)],
+    "ease": [{"lam": lam, "items": 3000} for lam in (100.0, 500.0, 2000.0, 8000.0)],
+    # one point + early stopping on validation shoppers: a 2-point grid (15 / 50 vs 63 / 100) chose 15 / 50 on
+    # validation (holdout R@5 0.0667 vs 0.0657) at ~4 min a point on the shared machine
+    "learned": [{"num_leaves": 15, "min_data_in_leaf": 50}],
+}
+SERVED = {"npmi_served": {"shrinkage": 50.0, "min_users": 2}}  # the build's defaults (BuildConfig)
+
+
+def build_method(name: str, m: Mined, p: dict[str, Any], kmax: int) -> Ranker:
+    """One tuned baseline or scorer as an anchor -> ranked list function over ``m`` (other aisles only)."""
+    from bundlerec_export import complement_features as cf
     from bundlerec_export import complements as cmp
 
+    st = m.stats
+    pop = popularity_ranker(m.counts, None, m.aisles, True, kmax)
+    if name == "popularity":
+        if p["group"] == "aisle_pair":
+            return with_fallback(csr_ranker(*cf.top_lists(cf.aisle_fill(st, kmax), kmax, st.aisle_code, m.counts)[:2]),
+                                 pop, kmax)
+        return pop if p["group"] == "global" else popularity_ranker(m.counts, m.departments, m.aisles, True, kmax)
+    if name == "cooccurrence":
+        r = csr_ranker(*cf.top_lists(cf.cooccurrence_scores(st, p["min_users"]), kmax, st.aisle_code, m.counts)[:2])
+        return with_fallback(r, pop, kmax) if p["fill"] else r
+    if name in ("npmi", "npmi_served"):
+        comp, _ = cmp.mine_cooccurrence(m.baskets, m.n, m.aisles, min_support=2, top_k=kmax, shrinkage=p["shrinkage"],
+                                        support_users=m.users, min_users=p["min_users"])
+        return complements_ranker(comp)
+    if name == "conditional":
+        s = cf.conditional_scores(st, p["alpha"], p["beta"], p["weighted"], fill=kmax)
+        return csr_ranker(*cf.top_lists(s, kmax, st.aisle_code, m.counts)[:2])
+    if name == "ease":
+        ease = cf.ease_model(m.baskets, m.n, p["lam"], p["items"], gram=m.gram(p["items"]))
+        r = csr_ranker(*cf.top_lists(ease.matrix(m.n, 2 * kmax), kmax, st.aisle_code, m.counts)[:2])
+        cooc = csr_ranker(*cf.top_lists(st.C, kmax, st.aisle_code, m.counts)[:2])
+        return with_fallback(with_fallback(r, cooc, kmax), pop, kmax)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def learned_method(fit: Mined, train: Mined, val: Sequence[Sequence[int]], val_users: Sequence[str],
+                   titles: Sequence[str], grid: Sequence[dict[str, Any]], base: dict[str, Any], kmax: int,
+                   progress: bool = False) -> tuple[Ranker, Ranker, dict[str, Any]]:
+    """LambdaRank per grid point (features mined on ``fit``, labels from ``val``); the point with the best
+    held-out Recall@5 (val shoppers not trained on) is kept. Returns (ranker on fit features [val-holdout
+    diagnostics], ranker on train features [the served list], report)."""
+    from bundlerec_export import complement_features as cf
+    from bundlerec_export import complement_ranker as cr
+
+    tokens = cf.title_tokens(titles)
+    best = None
+    tried = []
+    for p in grid:
+        cfg = cr.RankerConfig(top_k=kmax, **base, **p)
+        fit_model = cr.CandidateModel(fit.baskets, fit.n, cfg, users=fit.users, aisles=fit.aisles,
+                                      departments=fit.departments, tokens=tokens)
+        booster, rep = cr.train_ranker(fit_model, val, val_users, cfg)
+        score = rep.get("holdout_recall", {}).get("ranker", {}).get("5", 0.0)
+        tried.append({"params": p, "holdout_recall5": score, "best_iteration": rep["best_iteration"],
+                      "seconds": rep["seconds"]})
+        if best is None or score > best[0]:
+            best = (score, p, cfg, booster, rep, fit_model)
+    _, p, cfg, booster, rep, fit_model = best
+    full = cr.CandidateModel(train.baskets, train.n, cfg, users=train.users, aisles=train.aisles,
+                             departments=train.departments, tokens=tokens)
+    anchors = np.arange(train.n)  # every catalog item: a never-ordered anchor is ranked on its aisle backoff and popularity
     t0 = time.perf_counter()
+    indptr, idx, score, _ = cr.score_anchors(booster, full, anchors, kmax, progress)
+    served_s = time.perf_counter() - t0
+    val_anchors = np.unique(np.concatenate([np.asarray(b, dtype=np.int64) for b in val]))
+    vi, vx, _, _ = cr.score_anchors(booster, fit_model, val_anchors, kmax)
+    report = {"grid": tried, "chosen": p, "validation": {k: v for k, v in rep.items()}, "score_all_anchors_s": round(served_s, 2),
+              "model_text_chars": len(booster.model_to_string())}
+    return csr_ranker(vi, vx), csr_ranker(indptr, idx), report
+
+
+# ------------------------------------------------------------------------------------------- views
+
+
+@dataclass
+class Prepared:
+    """Orders as item rows over the catalog of ordered products."""
+
+    ids: list[str]
+    aisles: list[str]
+    departments: list[str]
+    titles: list[str]
+    baskets: list[list[int]]
+    users: list[str]
+    numbers: list[int]
+
+
+def prepare(data: Data) -> Prepared:
     ids = sorted(data.products, key=lambda p: int(p) if p.isdigit() else p)
     row = {p: i for i, p in enumerate(ids)}
-    aisles = [data.products[p][1] for p in ids]
-    departments = [data.products[p][2] for p in ids]
-    n = len(ids)
-    train, test = [], []
-    for o in data.orders:
-        (test if split_of_order(o.order_id, test_pct, salt) == "test" else train).append(o)
-    train_b = [[row[p] for p in o.items] for o in train]
-    test_b = [[row[p] for p in o.items] for o in test]
-    d = build_defaults()
-    users = [o.user_id for o in train] if d["user_level_evidence"] else None
-    support_users = [o.user_id for o in train]
-    comp, stats = cmp.mine_cooccurrence(train_b, n, aisles, users=users, min_support=d["min_support"],
-                                        top_k=d["top_k"], shrinkage=d["shrinkage"], support_users=support_users,
-                                        min_users=d["min_users"])
-    # diagnostic: the same mining with user-level evidence (the build's --user-level-evidence)
-    comp_b, stats_b = cmp.mine_cooccurrence(train_b, n, aisles, users=support_users, min_support=d["min_support"],
-                                            top_k=d["top_k"], shrinkage=d["shrinkage"])
-    t_mine = time.perf_counter() - t0
-    counts = cmp.item_counts(train_b, n)
-    kmax = max(ks)
-    results = {}
-    for variant in VARIANTS:
-        cross = variant == "other_aisle"
-        rankers = {
-            "complements": complements_ranker(comp),
-            "cooccurrence": cooccurrence_ranker(train_b, counts, aisles, cross, kmax),
-            "popularity_department": popularity_ranker(counts, departments, aisles, cross, kmax),
-            "popularity_global": popularity_ranker(counts, None, aisles, cross, kmax),
-            "complements_user_level": complements_ranker(comp_b),
-        }
-        results[variant] = evaluate_completion(test_b, rankers, aisles, variant, ks)
-    train_items = set(np.flatnonzero(counts).tolist())
-    test_anchor_rows = {r for b in test_b for r in b}
-    head = results["other_aisle"]["methods"]
-    r5c, r5p = head["complements"]["recall"]["5"], head["popularity_department"]["recall"]["5"]
-    return {
-        "split": {"hash": "sha1(salt:order_id)", "salt": salt, "test_pct": test_pct, "train_orders": len(train),
-                  "test_orders": len(test), "train_user_count": len({o.user_id for o in train}),
-                  "test_items_unseen_in_train": len(test_anchor_rows - train_items)},
-        "complement_settings": {**d, "category": "aisle", "cross_category_only": True, "method": stats.method,
-                                "evidence_unit": stats.unit, "evidence_units": stats.units,
-                                "pairs": stats.pairs, "anchors_with_complements": stats.anchors,
-                                "user_level_diagnostic": {"pairs": stats_b.pairs, "anchors": stats_b.anchors}},
-        "catalog_items": n,
-        "variants": results,
-        "target": {"rule": f"complements Recall@5 >= {TARGET_RATIO} x popularity_department (other_aisle)",
-                   "ratio": (r5c / r5p) if r5p else None,
-                   "met": bool(r5p and r5c >= TARGET_RATIO * r5p)},
-        "seconds": round(time.perf_counter() - t0, 2), "mining_seconds": round(t_mine, 2),
+    return Prepared(ids, [data.products[p][1] for p in ids], [data.products[p][2] for p in ids],
+                    [data.products[p][0] for p in ids], [[row[p] for p in o.items] for o in data.orders],
+                    [o.user_id for o in data.orders], [o.order_number for o in data.orders])
+
+
+def order_level_split(data: Data, test_pct: float, salt: str):
+    """The second view: test = orders whose id hashes into ``test_pct`` %; val = each shopper's latest
+    remaining order (as in the user-level split); fit = train - val."""
+    from bundlerec_export.splits import UserSplit, latest_per_user
+
+    test_mask = np.asarray([split_of_order(o.order_id, test_pct, salt) == "test" for o in data.orders], dtype=bool)
+    val_mask = latest_per_user([o.user_id for o in data.orders], [o.order_number for o in data.orders], ~test_mask)
+    val_mask &= np.asarray([bool(o.user_id) for o in data.orders])
+    return UserSplit(np.flatnonzero(~test_mask), np.flatnonzero(test_mask), np.flatnonzero(val_mask),
+                     np.flatnonzero(~test_mask & ~val_mask))
+
+
+def _subset(pr: Prepared, idx: np.ndarray) -> tuple[list[list[int]], list[str]]:
+    return [pr.baskets[i] for i in idx.tolist()], [pr.users[i] for i in idx.tolist()]
+
+
+def tune(name: str, fit: Mined, val: Sequence[Sequence[int]], aisles: Sequence[str], kmax: int,
+         grid: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Grid point with the best validation Recall@5 (other aisles); the whole grid's figures."""
+    tried = []
+    for p in grid:
+        rec = pair_records(val, build_method(name, fit, p, kmax), aisles, "other_aisle", (5, 10))
+        tried.append({"params": p, "val_r5": float(rec["r5"].mean()), "val_r10": float(rec["r10"].mean())})
+    best = max(tried, key=lambda t: t["val_r5"])
+    return best["params"], tried
+
+
+def run_view(pr: Prepared, split, label: str, kmax: int = 20, draws: int = 1000, learned: bool = True,
+             progress: bool = False, log=print, leave_shopper_out: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tunes every method on (fit -> val), refits on train, scores the test baskets once. Returns (the
+    view's JSON, the objects the personalization check reuses)."""
+    t0 = time.perf_counter()
+    n = len(pr.ids)
+    fit = Mined(*_subset(pr, split.fit), n, pr.aisles, pr.departments)
+    train = Mined(*_subset(pr, split.train), n, pr.aisles, pr.departments)
+    val_b, val_u = _subset(pr, split.val)
+    test_b, _ = _subset(pr, split.test)
+    rankers: dict[str, Ranker] = {}
+    val_rankers: dict[str, Ranker] = {}
+    tuning: dict[str, Any] = {}
+    for name in ("popularity", "cooccurrence", "npmi", "conditional", "ease"):
+        best, tried = tune(name, fit, val_b, pr.aisles, kmax, GRIDS[name])
+        tuning[name] = {"chosen": best, "grid": tried}
+        rankers[name] = build_method(name, train, best, kmax)
+        val_rankers[name] = build_method(name, fit, best, kmax)
+        log(f"[{label}] {name}: chosen {best} (val R@5 {max(t['val_r5'] for t in tried):.4f})")
+    rankers["npmi_served"] = build_method("npmi_served", train, SERVED["npmi_served"], kmax)
+    if learned:
+        c, e = tuning["conditional"]["chosen"], tuning["ease"]["chosen"]
+        base = {"cond_alpha": c["alpha"], "cond_beta": c["beta"], "cond_weighted": c["weighted"],
+                "ease_lambda": e["lam"], "ease_items": e["items"], "leave_shopper_out": leave_shopper_out}
+        val_rankers["learned"], rankers["learned"], tuning["learned"] = learned_method(
+            fit, train, val_b, val_u, pr.titles, GRIDS["learned"], base, kmax, progress)
+        log(f"[{label}] learned: chosen {tuning['learned']['chosen']}, holdout "
+            f"{tuning['learned']['validation']['holdout_recall']}")
+    counts = train.counts
+    popular = set(np.argsort(-counts, kind="stable")[:LONG_TAIL_TOP].tolist())
+    records = {name: pair_records(test_b, r, pr.aisles, "other_aisle", PAIR_KS, popular, counts)
+               for name, r in rankers.items()}
+    weights = bootstrap_weights(len(test_b), draws)
+    train_users = {pr.users[i] for i in split.train.tolist() if pr.users[i]}
+    with_history = np.asarray([pr.users[i] in train_users for i in split.test.tolist()], dtype=bool)
+    methods = summarize(records, "cooccurrence", counts, weights, with_history)
+    items = np.flatnonzero(counts > 0).tolist()
+    for name, r in rankers.items():
+        methods[name]["coverage"] = coverage(r, items, kmax)
+        methods[name]["coverage_any"] = coverage(r, items, 1)
+    result = {
+        "split": {**{k: int(len(getattr(split, k))) for k in ("train", "test", "val", "fit")},
+                  "test_baskets_with_history": int(with_history.sum()), "catalog_items": n,
+                  "train_items": len(items)},
+        "pairs": int(len(records["cooccurrence"]["r5"])), "kmax": kmax, "bootstrap_draws": draws,
+        "methods": methods, "tuning": tuning, "seconds": round(time.perf_counter() - t0, 1),
     }
+    ctx = {"fit": fit, "train": train, "val_rankers": val_rankers, "rankers": rankers, "val": (val_b, val_u),
+           "split": split}
+    return result, ctx
+
+
+# ------------------------------------------------------------------------------------- personalization
+
+
+def user_frequency(orders: Sequence[Sequence[int]], decay: float) -> dict[int, float]:
+    """Item -> sum over the shopper's orders (oldest first) of decay ** (orders after it) (decay 1 = counts)."""
+    out: dict[int, float] = {}
+    last = len(orders) - 1
+    for k, o in enumerate(orders):
+        w = decay ** (last - k)
+        for i in set(o):
+            out[i] = out.get(i, 0.0) + w
+    return out
+
+
+def personal_ranker(base: Ranker, freq: dict[int, float], weight: float, aisles: Sequence[str], kmax: int) -> Ranker:
+    """Mix of the anchor's list (rank score 1 - r / len) and the shopper's frequency (scaled by its max):
+    ``weight * freq + (1 - weight) * list``; other aisles than the anchor only; ties by list order."""
+    top = max(freq.values(), default=0.0) or 1.0
+
+    def rank(anchor: int) -> list[int]:
+        lst = [int(r) for r in base(anchor)]
+        s: dict[int, float] = {r: (1.0 - weight) * (1.0 - k / max(len(lst), 1)) for k, r in enumerate(lst)}
+        aa = aisles[anchor]
+        for i, f in freq.items():
+            if i != anchor and not (aa and aisles[i] == aa):
+                s[i] = s.get(i, 0.0) + weight * f / top
+        return sorted(s, key=lambda i: (-s[i], i))[:kmax]
+
+    return rank
+
+
+PERSONAL = {  # method -> (base list, grid of (weight, decay))
+    "personal_cooccurrence": ("cooccurrence", [(w, 1.0) for w in (0.25, 0.5, 0.75, 1.0)]),
+    "personal_cooccurrence_recency": ("cooccurrence", [(w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (0.6, 0.8)]),
+    "personal_learned": ("learned", [(w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (0.6, 0.8, 1.0)]),
+}
+
+
+def _histories(pr: Prepared, pool: np.ndarray, targets: np.ndarray) -> list[list[list[int]]]:
+    """For each target order: the same shopper's orders from ``pool`` placed before it (oldest first)."""
+    by_user: dict[str, list[int]] = {}
+    for i in pool.tolist():
+        if pr.users[i]:
+            by_user.setdefault(pr.users[i], []).append(i)
+    out = []
+    for t in targets.tolist():
+        earlier = [i for i in by_user.get(pr.users[t], []) if pr.numbers[i] < pr.numbers[t]]
+        out.append([pr.baskets[i] for i in sorted(earlier, key=lambda i: pr.numbers[i])])
+    return out
+
+
+def run_personalization(pr: Prepared, ctx: dict[str, Any], kmax: int = 20, draws: int = 1000,
+                        log=print) -> dict[str, Any]:
+    """Item 4 offline: test baskets of shoppers with earlier orders; the personal lists mix an anchor's list
+    with the shopper's own purchase frequency (P-TopFreq) / decayed frequency (TIFU-KNN-like). Weights are
+    tuned on the validation baskets of shoppers the ranker did not train on; test is scored once."""
+    from bundlerec_export.complement_ranker import RankerConfig, _hash_pct
+
+    split = ctx["split"]
+    holdout_pct = RankerConfig().holdout_pct
+    val_keep = np.asarray([pr.users[i] and _hash_pct(pr.users[i]) < holdout_pct for i in split.val.tolist()], dtype=bool)
+    val_idx = split.val[val_keep]
+    val_hist = _histories(pr, split.fit, val_idx)
+    ok = np.asarray([len(h) > 0 for h in val_hist])
+    val_idx, val_hist = val_idx[ok], [h for h, k in zip(val_hist, ok) if k]
+    test_hist = _histories(pr, split.train, split.test)
+    ok = np.asarray([len(h) > 0 for h in test_hist])
+    test_idx, test_hist = split.test[ok], [h for h, k in zip(test_hist, ok) if k]
+    val_b = [pr.baskets[i] for i in val_idx.tolist()]
+    test_b = [pr.baskets[i] for i in test_idx.tolist()]
+    test_seen = [set(i for o in h for i in o) for h in test_hist]
+    records, tuning = {}, {}
+    for name in ("cooccurrence", "learned"):
+        if name in ctx["rankers"]:
+            records[name] = pair_records(test_b, ctx["rankers"][name], pr.aisles, "other_aisle", histories=test_seen)
+    for name, (base, grid) in PERSONAL.items():
+        if base not in ctx["rankers"]:
+            continue
+        tried = []
+        for w, d in grid:
+            rs = [personal_ranker(ctx["val_rankers"][base], user_frequency(h, d), w, pr.aisles, kmax) for h in val_hist]
+            tried.append({"weight": w, "decay": d, "val_r5": float(pair_records(val_b, rs, pr.aisles, "other_aisle", (5,))["r5"].mean())})
+        best = max(tried, key=lambda t: t["val_r5"])
+        tuning[name] = {"chosen": best, "grid": tried}
+        rs = [personal_ranker(ctx["rankers"][base], user_frequency(h, best["decay"]), best["weight"], pr.aisles, kmax)
+              for h in test_hist]
+        records[name] = pair_records(test_b, rs, pr.aisles, "other_aisle", histories=test_seen)
+        log(f"[personal] {name}: chosen w={best['weight']} decay={best['decay']} (val R@5 {best['val_r5']:.4f})")
+    weights = bootstrap_weights(len(test_b), draws, seed=1)
+    out = {}
+    for name, rec in records.items():
+        g = rec["basket"]
+        out[name] = {k: mean_ci(rec[k], g, weights) for k in ("r5", "r10", "repeat5", "explore5")}
+        out[name]["ratio_vs_personal_cooccurrence"] = {
+            k: paired_ratio(rec[k], records["personal_cooccurrence"][k], g, weights) for k in ("r5", "repeat5", "explore5")}
+    return {"test_baskets": len(test_b), "val_baskets": len(val_b), "pairs": int(len(records["cooccurrence"]["r5"])),
+            "methods": out, "tuning": tuning}
 
 
 # ------------------------------------------------------------------------------------- next basket
@@ -480,91 +844,164 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
 
 # -------------------------------------------------------------------------------------------- report
 
-
-def _fmt(x: float | None) -> str:
-    return "   -  " if x is None else f"{x:.4f}"
+TARGETS = {"ratio_low": 0.97, "stretch": 1.1, "coverage": 0.98}
 
 
-def print_report(res: dict[str, Any], ks: Sequence[int] = KS, file=sys.stdout) -> None:
-    comp = res["completion"]
-    sp = comp["split"]
-    print(f"bundle completion: {sp['train_orders']} train / {sp['test_orders']} test orders "
-          f"(sha1 split, {sp['test_pct']}% test); complements: {comp['complement_settings']['pairs']} pairs for "
-          f"{comp['complement_settings']['anchors_with_complements']} anchors "
-          f"({comp['complement_settings']['evidence_unit']}-level)", file=file)
-    for variant in VARIANTS:
-        v = comp["variants"][variant]
-        print(f"\n[{variant}] {v['pairs']} (basket, anchor) pairs, {v['anchors']} distinct anchors, "
-              f"{v['pairs_without_target']} pairs without target skipped", file=file)
-        head = f"{'method':24s}" + "".join(f"  R@{k:<4d}" for k in ks) + "  coverage  anchors_empty  R@5|covered"
-        print(head, file=file)
-        for name, m in v["methods"].items():
-            print(f"{name:24s}" + "".join(f"  {_fmt(m['recall'][str(k)])}" for k in ks)
-                  + f"  {_fmt(m['pair_coverage'])}    {m['anchors_empty']:>10d}  {_fmt(m['recall_covered']['5'])}",
-                  file=file)
-    t = comp["target"]
-    ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}"
-    print(f"\ntarget {t['rule']}: ratio {ratio} -> {'MET' if t['met'] else 'NOT met'}", file=file)
+def targets_check(view: dict[str, Any], method: str = "learned") -> dict[str, Any]:
+    """Issue 11's targets for the served-list candidate ``method`` on one view."""
+    m = view["methods"].get(method)
+    if m is None:
+        return {}
+    ref, pop = view["methods"]["cooccurrence"], view["methods"]["popularity"]
+    ratio = m["ratio_vs_cooccurrence"]["r5"]
+    lt = m["ratio_vs_cooccurrence"]["long_tail"]
+
+    def ge(a: float | None, b: float | None) -> bool:
+        return a is not None and b is not None and a >= b
+
+    return {
+        "method": method,
+        "r5_ratio_vs_cooccurrence": ratio,
+        "ratio_ci_not_below_0.97": bool(ratio["ci95"]) and ge(ratio["ci95"][0], TARGETS["ratio_low"]),
+        "r5_at_least_popularity": ge(m["r5"]["mean"], pop["r5"]["mean"]),
+        "stretch_1.1x": ge(ratio["ratio"], TARGETS["stretch"]),
+        "long_tail_not_below_cooccurrence": ge(m["long_tail"]["mean"], ref["long_tail"]["mean"]),
+        "long_tail_ratio": lt,
+        "coverage_at_least_0.98": bool(m["coverage"] >= TARGETS["coverage"]),
+    }
+
+
+def _ci(x: dict[str, Any] | None, digits: int = 4) -> str:
+    if not x or x.get("mean") is None:
+        return "-"
+    lo, hi = x["ci95"]
+    return f"{x['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _ratio(x: dict[str, Any] | None) -> str:
+    if not x or x.get("ratio") is None:
+        return "-"
+    return f"{x['ratio']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
+
+
+def markdown_tables(res: dict[str, Any]) -> str:
+    """The tables of docs/bundles.md (one per view, then personalization)."""
+    lines = []
+    for label, view in res.get("views", {}).items():
+        sp = view["split"]
+        lines += [f"**{label} split** — {sp['train']} train orders ({sp['fit']} fit + {sp['val']} validation), "
+                  f"{sp['test']} test baskets ({sp['test_baskets_with_history']} of returning shoppers), "
+                  f"{view['pairs']} (basket, anchor) pairs; 95 % intervals from {view['bootstrap_draws']} "
+                  "bootstrap resamples of test baskets.", "",
+                  "| method | R@5 | × co-occurrence (R@5) | R@10 | R@20 | NDCG@10 | hit@10 | long-tail R@10 | "
+                  "coverage | mean pop. top-5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, m in view["methods"].items():
+            lines.append(f"| {name} | {_ci(m['r5'])} | {_ratio(m['ratio_vs_cooccurrence']['r5'])} | {_ci(m['r10'])} | "
+                         f"{_ci(m['r20'])} | {_ci(m['ndcg10'])} | {_ci(m['hit10'])} | {_ci(m['long_tail'])} | "
+                         f"{m['coverage']:.3f} | {m['pop5'] or 0:.0f} |")
+        lines += ["", "| method | R@5 head (≥ 100) | middle (10–99) | tail (1–9) | unseen | returning shoppers | first order |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, m in view["methods"].items():
+            f, s = m["by_anchor_frequency"], m.get("by_shopper", {})
+            cells = [f[b]["r5"] for b in ("head", "middle", "tail", "unseen")] + [s.get(k, {}).get("r5") for k in
+                                                                                 ("returning", "first_order")]
+            lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.4f}" for c in cells) + " |")
+        lines.append("")
+    per = res.get("personalization")
+    if per:
+        lines += [f"**personalization** (user split, {per['test_baskets']} test baskets of returning shoppers, "
+                  f"{per['pairs']} pairs)", "",
+                  "| method | R@5 | × personal co-occurrence | R@10 | repeat R@5 | explore R@5 |", "|---|---|---|---|---|---|"]
+        for name, m in per["methods"].items():
+            lines.append(f"| {name} | {_ci(m['r5'])} | {_ratio(m['ratio_vs_personal_cooccurrence']['r5'])} | "
+                         f"{_ci(m['r10'])} | {_ci(m['repeat5'])} | {_ci(m['explore5'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_report(res: dict[str, Any], file=sys.stdout) -> None:
+    print(markdown_tables(res), file=file)
+    for label, view in res.get("views", {}).items():
+        t = targets_check(view)
+        if t:
+            print(f"[{label}] targets: {json.dumps({k: v for k, v in t.items() if isinstance(v, bool)})}", file=file)
     nb = res.get("next_basket")
     if nb:
         print(f"\nnext basket ({nb['scored']}/{nb['users']} users scored, errors {nb['errors']}): "
               f"recall plain {_fmt(nb['recall_plain'])}, personalized {_fmt(nb['recall_personalized'])}, "
               f"diff {nb['diff_mean']:+.4f} (95% CI {nb['diff_ci95'][0]:+.4f} .. {nb['diff_ci95'][1]:+.4f}), "
-              f"wins/ties/losses {nb['wins']}/{nb['ties']}/{nb['losses']}; "
-              f"hit rate {_fmt(nb['hit_rate_plain'])} -> {_fmt(nb['hit_rate_personalized'])} "
-              f"-> {'MET' if nb['target']['met'] else 'NOT met'}", file=file)
-        r = nb["rest"]
-        if r["scored"]:
-            print(f"  without the query's own item ({r['scored']} users): recall plain {_fmt(r['recall_plain'])}, "
-                  f"personalized {_fmt(r['recall_personalized'])}, diff {r['diff_mean']:+.4f} "
-                  f"(se {r['diff_se']:.4f}); returned items plain {nb['mean_items_plain']:.1f}, "
-                  f"personalized {nb['mean_items_personalized']:.1f}", file=file)
+              f"wins/ties/losses {nb['wins']}/{nb['ties']}/{nb['losses']}", file=file)
 
 
-def plot(res: dict[str, Any], path: Path, ks: Sequence[int] = KS) -> None:
+def _fmt(x: float | None) -> str:
+    return "   -  " if x is None else f"{x:.4f}"
+
+
+def _bars(ax, names: Sequence[str], stats: Sequence[dict[str, Any]], title: str, color=None) -> None:
+    vals = [s["mean"] or 0.0 for s in stats]
+    err = np.asarray([[v - (s["ci95"] or [v, v])[0] for v, s in zip(vals, stats)],
+                      [(s["ci95"] or [v, v])[1] - v for v, s in zip(vals, stats)]])
+    bars = ax.barh(names, vals, xerr=err, color=color, capsize=2)
+    ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=8)
+    ax.set_title(title, fontsize=9)
+    ax.invert_yaxis()
+    ax.tick_params(labelsize=8)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    nb = res.get("next_basket")
-    panels = len(VARIANTS) + (1 if nb else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
-    axes = np.atleast_1d(axes)
-    for ax, variant in zip(axes, VARIANTS):
-        v = res["completion"]["variants"][variant]
-        names = list(v["methods"])
-        width = 0.8 / len(names)
-        x = np.arange(len(ks))
-        for j, name in enumerate(names):
-            vals = [v["methods"][name]["recall"][str(k)] or 0.0 for k in ks]
-            bars = ax.bar(x + j * width - 0.4 + width / 2, vals, width, label=name)
-            ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
-        ax.set_xticks(x, [f"R@{k}" for k in ks])
-        ax.set_title(f"bundle completion, targets: {variant}\n({v['pairs']} pairs)", fontsize=9)
-        ax.set_ylabel("macro recall")
-        ax.set_ylim(0, max(0.05, ax.get_ylim()[1] * 1.15))
+    views = res.get("views", {})
+    per = res.get("personalization")
+    panels = 2 * len(views) + (1 if per else 0)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5.0 * max(panels, 1), 4.6))
+    axes = list(np.atleast_1d(axes))
+    for label, view in views.items():
+        names = list(view["methods"])
+        ms = [view["methods"][n] for n in names]
+        colors = ["#3b7dd8" if n == "learned" else "#999999" for n in names]
+        _bars(axes.pop(0), names, [m["r5"] for m in ms], f"{label} split: Recall@5 (other aisles), 95 % CI", colors)
+        ax = axes.pop(0)
+        rat = [m["ratio_vs_cooccurrence"]["r5"] for m in ms]
+        _bars(ax, names, [{"mean": r["ratio"], "ci95": r["ci95"]} for r in rat],
+              f"{label} split: Recall@5 / co-occurrence (paired CI)", colors)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(TARGETS["ratio_low"], color="r", lw=0.8, ls="--")
+    if per:
+        ax = axes.pop(0)
+        names = list(per["methods"])
+        x = np.arange(len(names))
+        for j, (key, lab) in enumerate((("r5", "R@5"), ("repeat5", "repeat R@5"), ("explore5", "explore R@5"))):
+            vals = [per["methods"][n][key]["mean"] or 0.0 for n in names]
+            ax.bar(x + (j - 1) * 0.27, vals, 0.27, label=lab)
+        ax.set_xticks(x, names, rotation=20, ha="right", fontsize=7)
+        ax.set_title(f"personalization ({per['test_baskets']} returning shoppers)", fontsize=9)
         ax.legend(fontsize=7)
-    if nb:
-        ax = axes[-1]
-        vals = [nb["recall_plain"] or 0.0, nb["recall_personalized"] or 0.0]
-        bars = ax.bar(["without history", "with history"], vals, color=["#999999", "#3b7dd8"])
-        ax.bar_label(bars, fmt="%.4f", fontsize=8)
-        ax.set_title(f"next basket recall ({nb['scored']} users)\n"
-                     f"diff {nb['diff_mean']:+.4f}, 95% CI {nb['diff_ci95'][0]:+.4f}..{nb['diff_ci95'][1]:+.4f}",
-                     fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
+                   help="merge the views of earlier runs (e.g. one process per view) instead of running")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--markdown", type=Path, help="also write the tables as markdown")
+    p.add_argument("--views", default="user,order", help="comma list of: user (latest order per shopper), order (hash)")
+    p.add_argument("--no-learned", action="store_true", help="skip the LambdaRank re-ranker")
+    p.add_argument("--no-personalization", action="store_true")
+    p.add_argument("--leave-shopper-out", action="store_true",
+                   help="ablation: the ranker's label baskets' features leave out their own shopper's other baskets")
+    p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--kmax", type=int, default=20, help="list length (the served top_k)")
+    p.add_argument("--progress", action="store_true")
     p.add_argument("--test-pct", type=float, default=20.0)
     p.add_argument("--salt", default=SALT)
     p.add_argument("--target", help="HOST:PORT of a bundlerec server for the next-basket check")
@@ -578,17 +1015,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="only write the restricted instacart folder for the --target artifact, then exit")
     args = p.parse_args(argv)
 
+    if args.from_json:
+        res = merge_results([json.loads(f.read_text()) for f in args.from_json])
+        return write_outputs(res, args)
+    if args.data_dir is None:
+        p.error("--data-dir is required (unless --from-json)")
     data = load_instacart(args.data_dir)
     if args.prepare_artifact_data:
         info = prepare_artifact_data(data, args.data_dir, args.prepare_artifact_data)
         print(json.dumps(info))
         return 0
+    from bundlerec_export.splits import user_level_split
+
+    pr = prepare(data)
     res: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": {"products_in_catalog": data.all_products, "products_ordered": len(data.products),
                  "orders": len(data.orders), "dropped_lines": data.dropped_lines},
-        "completion": run_completion(data, args.test_pct, KS, args.salt),
+        "views": {},
     }
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    for label in [v.strip() for v in args.views.split(",") if v.strip()]:
+        split = user_level_split(pr.users, pr.numbers) if label == "user" else order_level_split(data, args.test_pct, args.salt)
+        res["views"][label], ctx = run_view(pr, split, label, args.kmax, args.draws, not args.no_learned, args.progress, log,
+                                            leave_shopper_out=args.leave_shopper_out)
+        res["views"][label]["targets"] = targets_check(res["views"][label])
+        if label == "user" and not args.no_personalization:
+            res["personalization"] = run_personalization(pr, ctx, args.kmax, args.draws, log)
     if args.target:
         cases = next_basket_cases(data, args.max_users, args.query_from, salt=args.salt)
         t0 = time.perf_counter()
@@ -596,10 +1049,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          args.items_per_bundle, args.concurrency, args.timeout))
         res["next_basket"]["seconds"] = round(time.perf_counter() - t0, 2)
         res["next_basket"]["examples"] = [{k: c[k] for k in ("user_id", "query", "query_item")} for c in cases[:5]]
+    return write_outputs(res, args)
+
+
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs: views and personalization from whichever run has them (later wins)."""
+    out: dict[str, Any] = {"config": [p.get("config") for p in parts], "data": parts[0].get("data"), "views": {}}
+    for part in parts:
+        out["views"].update(part.get("views", {}))
+        for key in ("personalization", "next_basket"):
+            if key in part:
+                out[key] = part[key]
+    return out
+
+
+def write_outputs(res: dict[str, Any], args: argparse.Namespace) -> int:
     print_report(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_tables(res))
     if args.plot:
         plot(res, args.plot)
     return 0

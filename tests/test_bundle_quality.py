@@ -206,14 +206,31 @@ def test_next_basket_cases(tiny_instacart: Path):
 
 
 def test_main_end_to_end_offline(tiny_instacart: Path, tmp_path: Path):
-    out_json, out_png = tmp_path / "bq.json", tmp_path / "bq.png"
-    assert bq.main(["--data-dir", str(tiny_instacart), "--json", str(out_json), "--plot", str(out_png)]) == 0
+    out_json, out_png, out_md = tmp_path / "bq.json", tmp_path / "bq.png", tmp_path / "bq.md"
+    assert bq.main(["--data-dir", str(tiny_instacart), "--json", str(out_json), "--plot", str(out_png),
+                    "--markdown", str(out_md), "--draws", "50"]) == 0
     res = json.loads(out_json.read_text())
-    comp = res["completion"]
-    assert comp["split"]["train_orders"] + comp["split"]["test_orders"] == res["data"]["orders"]
-    for variant in bq.VARIANTS:
-        assert set(comp["variants"][variant]["methods"]) == set(bq.METHODS)
-        for m in comp["variants"][variant]["methods"].values():
-            for v in m["recall"].values():
+    for label in ("user", "order"):
+        view = res["views"][label]
+        sp = view["split"]
+        assert sp["train"] + sp["test"] == res["data"]["orders"] and sp["fit"] + sp["val"] == sp["train"]
+        assert set(view["methods"]) == set(bq.METHODS)
+        for m in view["methods"].values():
+            for key in bq.METRICS:
+                v = m[key]["mean"]
                 assert v is None or 0.0 <= v <= 1.0
-    assert out_png.stat().st_size > 0
+                assert v is None or m[key]["ci95"][0] <= v + 1e-12 <= m[key]["ci95"][1] + 2e-12
+            assert 0.0 <= m["coverage"] <= 1.0
+        assert view["methods"]["cooccurrence"]["ratio_vs_cooccurrence"]["r5"]["ratio"] in (None, 1.0)
+    assert res["views"]["user"]["split"]["test"] == 8  # one test basket per shopper
+    assert "personal_learned" in res["personalization"]["methods"]
+    assert out_png.stat().st_size > 0 and "| learned |" in out_md.read_text()
+
+
+def test_merge_results_and_from_json(tmp_path: Path):
+    a = {"config": {"views": "user"}, "data": {"orders": 3}, "views": {"user": {"x": 1}}, "personalization": {"p": 1}}
+    b = {"config": {"views": "order"}, "data": {"orders": 3}, "views": {"order": {"y": 2}}}
+    m = bq.merge_results([a, b])
+    assert set(m["views"]) == {"user", "order"} and m["personalization"] == {"p": 1} and m["data"] == {"orders": 3}
+    with pytest.raises(SystemExit):
+        bq.main([])  # neither --data-dir nor --from-json

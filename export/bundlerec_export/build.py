@@ -161,12 +161,29 @@ def build(cfg: BuildConfig) -> BuildResult:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+        unpublished = publish_stage(tmp, cfg.publish_milvus) if cfg.publish_milvus else None
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("artifact %s written to %s in %.1f s", manifest["artifact_version"], out, manifest["timings_s"]["total"])
+    if unpublished is not None:
+        raise BuildError(f"artifact built at {out}, but publishing it to Milvus {cfg.publish_milvus} failed: {unpublished}")
     return BuildResult(out, manifest)
+
+
+def publish_stage(root: Path, uri: str) -> Exception | None:
+    """The finished artifact's vectors into its version's Milvus collection and the alias pointed at it
+    (:mod:`.milvus_publish`), before the artifact is moved into place: a server watching the artifact path
+    reloads only once its collection is there. Returns the failure, if any (the artifact is kept all the same)."""
+    from .milvus_publish import publish
+
+    try:
+        publish(root, uri)
+    except Exception as exc:  # unreachable Milvus, refused schema, ...: the build itself succeeded
+        logger.error("publishing to Milvus %s failed: %s", uri, exc)
+        return exc
+    return None
 
 
 def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, finetuned: FineTuned | None) -> dict[str, Any]:
@@ -283,17 +300,27 @@ def agreement_stage(root: Path, titles: list[str], cfg: BuildConfig) -> Part:
 
 
 def embed_stage(root: Path, titles: list[str], cfg: BuildConfig) -> tuple[np.ndarray, Part]:
-    """Catalog embeddings through the serving ``Encoder`` on fp32 (``embeddings.npy``)."""
+    """Catalog embeddings through the serving ``Encoder`` on fp32 (``embeddings.npy``): in this process, or on
+    Ray Data's actor pool with ``cfg.ray`` (same batches, same rows and order; ``bundlerec_export.ray_embed``)."""
     from bundlerec_server.encoder import Encoder
 
-    enc = Encoder(root / MODEL_FILES["fp32"], root / TOKENIZER, max_length=MAX_ITEM_TOKENS, provider="cpu",
-                  intra_op_threads=cfg.threads)
-    emb = enc.encode_many(titles, batch_size=cfg.embed_batch_size, progress=cfg.progress).astype(np.float32)
-    del enc
+    model, tokenizer = root / MODEL_FILES["fp32"], root / TOKENIZER
+    if cfg.ray:
+        from .ray_embed import RayEmbedOptions, embed_titles
+
+        options = RayEmbedOptions(address=cfg.ray_address, max_actors=cfg.ray_actors, actor_cpus=cfg.ray_actor_cpus,
+                                  progress=cfg.progress)
+        emb, how = embed_titles(model, tokenizer, titles, max_length=MAX_ITEM_TOKENS, batch_size=cfg.embed_batch_size,
+                                options=options)
+    else:
+        enc = Encoder(model, tokenizer, max_length=MAX_ITEM_TOKENS, provider="cpu", intra_op_threads=cfg.threads)
+        emb = enc.encode_many(titles, batch_size=cfg.embed_batch_size, progress=cfg.progress).astype(np.float32)
+        del enc
+        how = {"engine": "single-process", "batch_size": cfg.embed_batch_size}
     if not np.all(np.isfinite(emb)):
         raise BuildError("catalog embeddings contain non-finite values")
     np.save(root / EMBEDDINGS, emb)
-    return emb, {"embedding_dim": int(emb.shape[1])}
+    return emb, {"embedding_dim": int(emb.shape[1]), "embed": how}
 
 
 def index_stage(root: Path, emb: np.ndarray, cfg: BuildConfig) -> tuple[hnswlib.Index, Part]:

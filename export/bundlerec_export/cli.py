@@ -5,6 +5,7 @@ Examples::
     bundlerec-export --dataset instacart --data-dir data/demo/instacart --out artifacts/demo
     bundlerec-export --dataset homedepot --data-dir ../shared/data/homedepot --out artifacts/homedepot
     bundlerec-export --dataset csv --catalog catalog.csv [--orders orders.csv] --out artifacts/mine
+    scripts/in_netns.sh bundlerec-export --ray --dataset instacart --data-dir data/demo/instacart --out artifacts/demo
 
 Encoder fine-tuning: ``--dataset homedepot`` fine-tunes the encoder on ``<data-dir>/judgments.csv`` first (ON by
 default; ``--no-finetune`` builds with the base model); ``--finetune [JUDGMENTS]`` turns it on for other datasets.
@@ -55,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="HNSW links per node (higher: better recall, bigger index)")
     p.add_argument("--batch-size", type=int, default=d["embed_batch_size"], dest="embed_batch_size",
                    help="catalog embedding batch size")
+    p.add_argument("--ray", action="store_true", default=d["ray"],
+                   help="embed the catalog on Ray Data (an ONNX Runtime actor pool): RAY_ADDRESS's cluster, else a "
+                        "local Ray started in-process; run it in a private network namespace (scripts/in_netns.sh)")
+    p.add_argument("--ray-address", default=d["ray_address"], metavar="ADDR",
+                   help="Ray cluster to embed on (ray://HOST:10001 or HOST:6379); implies --ray")
+    p.add_argument("--ray-actors", type=int, default=d["ray_actors"], help="largest ONNX Runtime actor pool on Ray")
+    p.add_argument("--ray-actor-cpus", type=float, default=d["ray_actor_cpus"], help="CPUs reserved per Ray actor")
     p.add_argument("--threads", type=int, default=d["threads"], help="ORT/hnswlib threads (0: library default)")
     p.add_argument("--no-lexical", action="store_false", dest="lexical", default=d["lexical"],
                    help="skip the bm25s lexical index")
@@ -65,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-finetune", action="store_true", help="do not fine-tune (homedepot's default is to)")
     p.add_argument("--finetune-epochs", type=int, default=d["finetune_epochs"], help="fine-tuning epochs")
     p.add_argument("--finetune-cache", type=Path, help="folder of cached fine-tuned models (default <out>.work)")
+    p.add_argument("--publish-milvus", default=d["publish_milvus"], metavar="URI",
+                   help="after the build, publish the vectors to Milvus (milvus://host:port[?alias=NAME]) and point "
+                        "the alias at the new version's collection (see bundlerec_export.milvus_publish)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -74,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 # BuildConfig fields set from the option of the same name (dest)
 _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
                    "agreement_sample", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
-                   "ef_search", "hnsw_m", "embed_batch_size", "threads", "lexical", "finetune_epochs", "finetune_cache")
+                   "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
+                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus")
 
 
 def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:

@@ -22,6 +22,11 @@ class BuildConfig:
     agreement_sample: int = 200
     seed: int = 0
     embed_batch_size: int = 64
+    # catalog embedding on Ray Data (bundlerec_export.ray_embed): off = one process
+    ray: bool = False
+    ray_address: str | None = None  # a cluster (else RAY_ADDRESS, else a local Ray started in-process); sets ray
+    ray_actors: int = 2  # the actor pool grows from 1 to this many ONNX Runtime actors
+    ray_actor_cpus: float = 0.5  # CPUs reserved per actor
     # hnswlib
     hnsw_m: int = 16
     ef_construction: int = 200
@@ -46,6 +51,8 @@ class BuildConfig:
     finetune_cache: Path | None = None  # default: <out>.work next to the artifact
     finetune_options: dict[str, Any] = field(default_factory=dict)  # other FinetuneConfig fields
     extra: dict[str, Any] = field(default_factory=dict)
+    # after the build: publish the vectors to Milvus (milvus://host:port[?alias=NAME]; '' = no)
+    publish_milvus: str = ""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -57,6 +64,10 @@ class BuildConfig:
             raise ValueError("agreement_sample must be positive")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be positive")
+        if self.ray_address:
+            self.ray = True
+        if self.ray_actors < 1 or self.ray_actor_cpus <= 0:
+            raise ValueError("ray_actors and ray_actor_cpus must be positive")
         if self.finetune_epochs < 1:
             raise ValueError("finetune_epochs must be positive")
 
@@ -64,6 +75,7 @@ class BuildConfig:
         """The manifest's ``build_config``: JSON types, ``progress`` left out."""
         d: dict[str, Any] = to_json(asdict(self))
         d.pop("progress", None)
+        d.pop("publish_milvus", None)  # where it was published is not part of the artifact
         return d
 
 

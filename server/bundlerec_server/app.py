@@ -13,7 +13,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from .artifact import MANIFEST
@@ -21,12 +20,10 @@ from .events import open_event_store
 from .metrics import serve_metrics
 from .runtime import Runtime
 from .security import BearerTokenInterceptor, server_credentials
-from .service import BundleRecommenderServicer
+from .service import SERVICE_NAME, BundleRecommenderServicer
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BundleRecommender"].full_name
 
 
 @dataclass
