@@ -72,8 +72,9 @@ class Runtime:
         return self.serving().engine
 
     def load(self, root: Path) -> Engine:
-        """Loads and warms an artifact (blocking: call from a worker thread); does not swap it in."""
-        engine = Engine(root, self.settings)
+        """Loads and warms an artifact (blocking: call from a worker thread); does not swap it in. The path is
+        resolved once, so a symlink (``/artifacts/current``) switched during the load cannot mix two versions."""
+        engine = Engine(Path(root).resolve(), self.settings)
         engine.warmup()
         settle_heap()
         return engine
@@ -122,7 +123,7 @@ class Runtime:
     async def reload(self, root: Path | None = None) -> bool:
         """Loads ``root`` (default: the configured artifact path, re-resolved) in the background and swaps it
         in atomically. A corrupt or incompatible artifact is refused and the current version keeps serving."""
-        root = Path(root or self.settings.artifact)
+        root = Path(root or self.settings.artifact).resolve()  # once: the version the symlink names now
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             try:

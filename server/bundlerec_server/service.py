@@ -61,6 +61,20 @@ class _Observed:
         await abort_with(context, exc)
 
 
+REPLICA_KEY = "bundlerec-replica"
+ATTEMPTS_KEY = "grpc-previous-rpc-attempts"  # sent by gRPC clients on a retry attempt
+
+
+def _tag_replica(servicer: Any, context: Context) -> None:
+    """With ``--replica-id``: names the replica in the call's trailers (which one served a call behind a
+    balancer) and echoes how many earlier attempts gRPC made (``bundlerec-previous-attempts``: retries seen)."""
+    replica = getattr(getattr(servicer, "settings", None), "replica_id", "")
+    if replica:
+        trailers = [(REPLICA_KEY, replica)]
+        trailers += [("bundlerec-previous-attempts", str(v)) for k, v in context.invocation_metadata() or () if k == ATTEMPTS_KEY]
+        context.set_trailing_metadata(tuple(trailers))
+
+
 def observed(handler: H) -> H:
     """Runs an RPC handler (unary or server-streaming) the one way: an exception it raises ends the call with
     its status (:func:`~bundlerec_server.errors.abort_with`; handlers raise, they do not abort), and the call is
@@ -70,6 +84,7 @@ def observed(handler: H) -> H:
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
         async def streaming(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+            _tag_replica(self, context)
             with _Observed(method, context) as call:
                 try:
                     async with contextlib.aclosing(handler(self, request, context)) as messages:
@@ -82,6 +97,7 @@ def observed(handler: H) -> H:
 
     @functools.wraps(handler)
     async def unary(self: Any, request: Any, context: Context) -> Any:
+        _tag_replica(self, context)
         with _Observed(method, context) as call:
             try:
                 with tracing.current(call.span):

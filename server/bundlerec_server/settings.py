@@ -85,6 +85,10 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     # --- latency
     query_cache_size: int = field(default=0, metadata={"help": "query embeddings kept per artifact in an LRU (exact text, whitespace-collapsed where the tokenizer provably ignores it; emptied on reload); 0 = off. About 1.7 KB an entry at dim 384: 4096 ~ 7 MB"})
+    # --- replicas (client-side load balancing: docs/replicas.md)
+    max_connection_age_s: float = field(default=300.0, metadata={"help": "close each client connection (GOAWAY) after about this long, so clients rebalance onto new replicas; gRPC adds up to 10 percent jitter (0 = never)"})
+    max_connection_age_grace_s: float = field(default=30.0, metadata={"help": "after max_connection_age_s, calls in flight get this long to finish before the connection is closed"})
+    replica_id: str = field(default="", metadata={"help": "sent to callers in the bundlerec-replica trailer of every successful call, e.g. the pod name ('' = not sent)"})
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -185,6 +189,8 @@ class Settings:
             problems.append("queue_target_ms must be >= 0")
         if self.target_latency_ms < 0:
             problems.append("target_latency_ms must be >= 0")
+        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
+            problems.append("max_connection_age_s and max_connection_age_grace_s must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
             problems.append("default_max_bundles exceeds max_bundles_cap")
         if self.tracing not in ("off", "console", "otlp"):
