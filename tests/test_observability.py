@@ -206,6 +206,17 @@ def test_a_stream_cancelled_by_the_caller_ends_its_span_as_cancelled(traced_serv
     assert "Failed to detach context" not in caplog.text
 
 
+def test_the_client_passes_a_callers_traceparent(traced_server, spans):
+    with Client(traced_server.target) as c:
+        bundles = list(c.recommend("organic snacks", max_bundles=2, metadata=(("traceparent", TRACEPARENT),)))
+        c.search("organic", 3, metadata=(("traceparent", TRACEPARENT),))
+    finished(spans, SERVER_SPAN)
+    got = finished(spans, "bundlerec.v1.BundleRecommender/Search")
+    servers = [s for s in got if s.name in (SERVER_SPAN, "bundlerec.v1.BundleRecommender/Search")]
+    assert bundles and len(servers) == 2
+    assert all(s.context.trace_id == TRACE_ID and s.parent is not None and s.parent.span_id == PARENT_ID for s in servers)
+
+
 def test_unary_calls_get_a_server_span_too(traced_server, spans):
     with Client(traced_server.target) as c:
         c.search("organic", 3)

@@ -221,6 +221,10 @@ class _Base:
     def _timeout(self, method: str, timeout: float | None) -> float:
         return self.timeouts[method] if timeout is None else timeout
 
+    def _metadata(self, extra: _Metadata) -> _Metadata:
+        """The client's own metadata (the token) plus a call's (e.g. a W3C ``traceparent``)."""
+        return (*self.metadata, *extra) if extra else self.metadata
+
 
 class _Cancellable(Protocol):
     def cancel(self) -> bool: ...
@@ -366,27 +370,32 @@ class Client(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def _unary(self, method: Callable[..., _Resp], request: _Req | Iterator[_Req], timeout: float | None) -> _Resp:
+    def _unary(self, method: Callable[..., _Resp], request: _Req | Iterator[_Req], timeout: float | None,
+               metadata: _Metadata = ()) -> _Resp:
         try:
-            return method(request, timeout=timeout, metadata=self.metadata)
+            return method(request, timeout=timeout, metadata=self._metadata(metadata))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def recommend(self, query: str, *, timeout: float | None = None, **kwargs: Any) -> RecommendStream:
-        """Starts a Recommend call; iterate the result for bundles (keyword args: see :func:`recommend_request`)."""
+    def recommend(self, query: str, *, timeout: float | None = None, metadata: _Metadata = (), **kwargs: Any) -> RecommendStream:
+        """Starts a Recommend call; iterate the result for bundles (keyword args: see :func:`recommend_request`;
+        ``metadata``: extra gRPC metadata for this call, e.g. ``(("traceparent", ...),)``)."""
         request = recommend_request(query, **kwargs)
-        return RecommendStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=self.metadata),
+        md = self._metadata(metadata)
+        return RecommendStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=md),
                                self._timeout("Recommend", timeout), self.reissue)
 
-    def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, timeout: float | None = None, **filter_args: Any) -> list[pb.SearchHit]:
+    def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, timeout: float | None = None,
+               metadata: _Metadata = (), **filter_args: Any) -> list[pb.SearchHit]:
         request = search_request(query, k, retrieval_mode, **filter_args)
-        return list(self._unary(self.stub.Search, request, self._timeout("Search", timeout)).hits)
+        return list(self._unary(self.stub.Search, request, self._timeout("Search", timeout), metadata).hits)
 
-    def info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
-        return self._unary(self.stub.GetInfo, pb.GetInfoRequest(), self._timeout("GetInfo", timeout))
+    def info(self, *, timeout: float | None = None, metadata: _Metadata = ()) -> pb.GetInfoResponse:
+        return self._unary(self.stub.GetInfo, pb.GetInfoRequest(), self._timeout("GetInfo", timeout), metadata)
 
-    def record_events(self, events: Iterable[pb.Event], *, timeout: float | None = None) -> pb.RecordEventsResponse:
-        return self._unary(self.stub.RecordEvents, iter(events), self._timeout("RecordEvents", timeout))
+    def record_events(self, events: Iterable[pb.Event], *, timeout: float | None = None,
+                      metadata: _Metadata = ()) -> pb.RecordEventsResponse:
+        return self._unary(self.stub.RecordEvents, iter(events), self._timeout("RecordEvents", timeout), metadata)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, ... (health stubs ship with grpcio-health-checking)."""
@@ -420,26 +429,30 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _unary(self, method: Callable[..., Awaitable[_Resp]], request: _Req | Iterator[_Req], timeout: float | None) -> _Resp:
+    async def _unary(self, method: Callable[..., Awaitable[_Resp]], request: _Req | Iterator[_Req], timeout: float | None,
+                     metadata: _Metadata = ()) -> _Resp:
         try:
-            return await method(request, timeout=timeout, metadata=self.metadata)
+            return await method(request, timeout=timeout, metadata=self._metadata(metadata))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def recommend(self, query: str, *, timeout: float | None = None, **kwargs: Any) -> AsyncRecommendStream:
+    def recommend(self, query: str, *, timeout: float | None = None, metadata: _Metadata = (), **kwargs: Any) -> AsyncRecommendStream:
         request = recommend_request(query, **kwargs)
-        return AsyncRecommendStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=self.metadata),
+        md = self._metadata(metadata)
+        return AsyncRecommendStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=md),
                                     self._timeout("Recommend", timeout), self.reissue)
 
-    async def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, timeout: float | None = None, **filter_args: Any) -> list[pb.SearchHit]:
+    async def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, timeout: float | None = None,
+                     metadata: _Metadata = (), **filter_args: Any) -> list[pb.SearchHit]:
         request = search_request(query, k, retrieval_mode, **filter_args)
-        return list((await self._unary(self.stub.Search, request, self._timeout("Search", timeout))).hits)
+        return list((await self._unary(self.stub.Search, request, self._timeout("Search", timeout), metadata)).hits)
 
-    async def info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
-        return await self._unary(self.stub.GetInfo, pb.GetInfoRequest(), self._timeout("GetInfo", timeout))
+    async def info(self, *, timeout: float | None = None, metadata: _Metadata = ()) -> pb.GetInfoResponse:
+        return await self._unary(self.stub.GetInfo, pb.GetInfoRequest(), self._timeout("GetInfo", timeout), metadata)
 
-    async def record_events(self, events: Iterable[pb.Event], *, timeout: float | None = None) -> pb.RecordEventsResponse:
-        return await self._unary(self.stub.RecordEvents, iter(events), self._timeout("RecordEvents", timeout))
+    async def record_events(self, events: Iterable[pb.Event], *, timeout: float | None = None,
+                            metadata: _Metadata = ()) -> pb.RecordEventsResponse:
+        return await self._unary(self.stub.RecordEvents, iter(events), self._timeout("RecordEvents", timeout), metadata)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
