@@ -13,7 +13,7 @@ CLIENT_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' client/pyproject.t
 NODE := clients/node
 NODE_DEPS := $(NODE)/node_modules/.package-lock.json
 
-.PHONY: install proto dist node-stubs node-test demo serve artifacts test test-all lint bench eval soak overload clean
+.PHONY: capacity profile install proto dist node-stubs node-test demo serve artifacts test test-all lint bench eval soak overload clean
 
 install: $(STAMP)
 
@@ -98,3 +98,11 @@ lint: $(STAMP) $(STUBS)
 
 clean:
 	rm -rf artifacts .pytest_cache dist client/build $(NODE)/dist $(NODE)/src/gen
+
+# capacity plan: hnswlib / Milvus SQ8 / event stores measured at growing sizes, extrapolated (docs/scaling.md)
+capacity: $(STAMP)
+	$(PYTHON) -m benchmarks.capacity --sizes 100000,300000,1000000 --dim 384 --out runs/capacity --targets 1000000,10000000,100000000 --json docs/results/capacity.json --plot docs/img/capacity.png
+
+# py-spy flame graph of the server at 100 RPS for 15 s (docs/performance.md)
+profile: $(STAMP) $(STUBS) artifacts/demo/manifest.json
+	PYTHON=$(PYTHON) bash benchmarks/profile.sh docs/img/flame-after.svg 100 15

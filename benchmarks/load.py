@@ -3,6 +3,7 @@
     python -m benchmarks.load --target 127.0.0.1:50051 --rps 100 --duration 10 --json runs/load.json \
         [--plot runs/load.png] [--queries FILE] [--max-bundles 5 --items 3] [--procs N] [--rpc recommend|search]
     python -m benchmarks.load --target 127.0.0.1:50051 --sweep [--rates 25,50,100,200] [--p99-bound-ms 50] ...
+    ... [--server-pid PID] [--metrics-url http://127.0.0.1:9100/] [--query-mix uniform|zipf|unique]
 
 How it measures
 * The arrival schedule (Poisson: exponential gaps at the offered rate, fixed seed) and the query of
@@ -17,6 +18,13 @@ How it measures
 * A rate is *sustainable* when achieved throughput ≥ 95% of offered, error rate < 1% and full-stream
   p99 ≤ the bound. The sweep runs increasing rates and stops after two unsustainable rates in a row
   (rates up to the largest ``--must-run`` rate are always run), reporting the highest sustainable one.
+* CPU per call, the first figure (issue 13): with ``--server-pid`` the server's CPU (utime + stime of all its
+  threads and live children, from /proc) over the measured window, divided by the calls; and the load
+  generator's own CPU (each worker process's, all threads) the same way. With ``--metrics-url`` the server's
+  query-cache hits and misses over the window are reported beside them (hit rate).
+* Query mix: ``uniform`` (each request draws from the query file, with replacement: the historic default),
+  ``zipf`` (rank r of a fixed shuffle of the file drawn with probability ∝ 1/r^s, s = ``--zipf-s``), or
+  ``unique`` (every request's text distinct: the file's query plus a number, so a query cache never hits).
 * Bounded: every call has a deadline (``--timeout``), every run ends at duration + timeout + grace at
   the latest, and health is awaited for at most ``--health-timeout`` seconds.
 """
@@ -42,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.cpu import Counters, CpuWindow, cpu_report, self_cpu_s
+
 logger = logging.getLogger("benchmarks.load")
 
 DEFAULT_QUERIES = Path(__file__).resolve().parent / "queries" / "instacart.txt"
@@ -51,6 +61,8 @@ MAX_DURATION_S = 600.0
 GRACE_S = 5.0
 # per request, in every worker's result: the same keys, equal lengths
 RECORD_KEYS = ("ttfb_ms", "total_ms", "server_ms", "client_lag_ms", "code", "done_s", "bundles")
+QUERY_MIXES = ("uniform", "zipf", "unique")
+ZIPF_POPULARITY_SEED = 13
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,6 +81,24 @@ def poisson_schedule(rate: float, duration: float, seed: int = 0) -> np.ndarray:
         more = times[-1] + np.cumsum(rng.exponential(1.0 / rate, size=n))
         times = np.concatenate([times, more])
     return times[times < duration]
+
+
+def choose_queries(queries: Sequence[str], n: int, mix: str = "uniform", seed: int = 0,
+                   zipf_s: float = 1.0) -> list[str]:
+    """The query text of each of ``n`` requests under ``mix`` (see the module docstring); deterministic."""
+    rng = np.random.default_rng(seed + 1)
+    if mix == "uniform":
+        return [queries[j] for j in rng.integers(0, len(queries), size=n)]
+    if mix == "zipf":
+        # which query is most popular: a property of the population, the same in every run (warm-up included)
+        order = np.random.default_rng(ZIPF_POPULARITY_SEED).permutation(len(queries))
+        weights = 1.0 / np.arange(1, len(queries) + 1, dtype=np.float64) ** zipf_s
+        ranks = rng.choice(len(queries), size=n, p=weights / weights.sum())
+        return [queries[order[r]] for r in ranks]
+    if mix == "unique":
+        base = seed * 1_000_000  # distinct across the runs of a sweep (each rate has its own seed)
+        return [f"{queries[j]} {base + i}" for i, j in enumerate(rng.integers(0, len(queries), size=n))]
+    raise ValueError(f"query mix {mix!r} is not one of {', '.join(QUERY_MIXES)}")
 
 
 def percentile(values: Sequence[float] | np.ndarray, q: float) -> float | None:
@@ -292,6 +322,7 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
             await ch.close()
         return {key: [] for key in RECORD_KEYS}
     t0 = loop.time() + (start_epoch - time.time())  # loop clock of the common start instant
+    cpu0 = self_cpu_s()  # this generator's own CPU from here to the end of its schedule
 
     n = len(offsets)
     ttfb = np.full(n, np.nan)
@@ -359,9 +390,10 @@ async def _worker_async(cfg: dict[str, Any], offsets: np.ndarray, queries: list[
         task.cancel()
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
+    cpu_s = self_cpu_s() - cpu0
     for ch in channels:
         await ch.close()
-    return {"ttfb_ms": ttfb.tolist(), "total_ms": total.tolist(), "server_ms": server.tolist(), "client_lag_ms": lag.tolist(), "code": codes,
+    return {"cpu_s": cpu_s, "ttfb_ms": ttfb.tolist(), "total_ms": total.tolist(), "server_ms": server.tolist(), "client_lag_ms": lag.tolist(), "code": codes,
             "done_s": done.tolist(), "bundles": bundles.tolist()}
 
 
@@ -380,17 +412,17 @@ def _worker_entry(cfg, offsets, queries, start_evt, start_val, ready_q, result_q
 
 def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], *, procs: int = 1,
              rpc: str = "recommend", max_bundles: int = 5, items: int = 3, k: int = 10, mode: int = 0,
-             seed: int = 0, timeout: float = 5.0, channels: int = 2) -> dict[str, Any]:
-    """Runs one open-loop load at ``rate`` for ``duration`` seconds; returns its summary."""
+             seed: int = 0, timeout: float = 5.0, channels: int = 2, server_pid: int | None = None,
+             metrics_url: str | None = None, query_mix: str = "uniform", zipf_s: float = 1.0) -> dict[str, Any]:
+    """Runs one open-loop load at ``rate`` for ``duration`` seconds; returns its summary (with the server's
+    and the generator's CPU per call when ``server_pid`` is given, cache hits with ``metrics_url``)."""
     if duration <= 0 or duration > MAX_DURATION_S:
         raise ValueError(f"duration must be in (0, {MAX_DURATION_S}]")
     if rate * duration > MAX_REQUESTS_PER_RUN:
         raise ValueError(f"rate x duration exceeds {MAX_REQUESTS_PER_RUN} requests")
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     offsets = poisson_schedule(rate, duration, seed)
-    rng = np.random.default_rng(seed + 1)
-    q_idx = rng.integers(0, len(queries), size=len(offsets))
-    chosen = [queries[j] for j in q_idx]
+    chosen = choose_queries(queries, len(offsets), query_mix, seed, zipf_s)
     procs = max(1, min(int(procs), max(1, len(offsets))))
     groups = split_round_robin(len(offsets), procs)
     cfg = {"target": target, "rpc": rpc, "max_bundles": max_bundles, "items": items, "k": k, "mode": mode,
@@ -417,6 +449,8 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
             if status != "ready":
                 raise RuntimeError(f"load worker {p} could not connect to {target}: {err}")
             ready += 1
+        counters = Counters(metrics_url).start()  # scraped outside the CPU window: the scrape costs the server CPU
+        window = CpuWindow(server_pid).start()
         start_val.value = time.time() + 0.2
         start_evt.set()
         parts: list[dict[str, Any] | None] = [None] * procs
@@ -429,6 +463,8 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
             if err:
                 raise RuntimeError(f"load worker {p} failed: {err}")
             parts[p] = res
+        window.stop()
+        counters.stop()
     finally:
         if not start_evt.is_set():
             start_val.value = -1.0  # abort: workers return without sending anything
@@ -441,6 +477,12 @@ def run_rate(target: str, rate: float, duration: float, queries: Sequence[str], 
     merged = merge_records(p for p in parts if p is not None)
     result = summarize(merged, rate, duration)
     result["loadavg_before"] = load_before  # other work on the machine shows up here
+    generator_s = sum(float(p.get("cpu_s", math.nan)) for p in parts if p is not None)
+    result["cpu"] = cpu_report(window, generator_s if math.isfinite(generator_s) else None, result["requests"])
+    result["generator"] = "python"
+    result["query_mix"] = {"mix": query_mix, "distinct": len(set(chosen)), **({"zipf_s": zipf_s} if query_mix == "zipf" else {})}
+    result["query_cache"] = counters.cache()
+    result["server_codes"] = counters.codes("Search" if rpc == "search" else "Recommend") or None
     result["bundles_mean_ok"] = (
         float(np.mean([b for b, c in zip(merged["bundles"], merged["code"], strict=True) if c == "OK"]))
         if result["ok"] else None
@@ -477,13 +519,22 @@ def _f(v: float | None, nd: int = 1) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+def format_cpu(r: dict[str, Any]) -> str:
+    """CPU ms per call (server / generator), the cache's hit rate and the load average, for a result row."""
+    c = r.get("cpu") or {}
+    hit = (r.get("query_cache") or {}).get("hit_rate")
+    load = c.get("loadavg") or r.get("loadavg_before")
+    return (f"  cpu ms/call srv/gen {_f(c.get('server_ms_per_call'), 2)}/{_f(c.get('generator_ms_per_call'), 2)}"
+            + (f"  hits {hit:.0%}" if hit is not None else "") + (f"  load {load[0]:.1f}" if load else ""))
+
+
 def format_row(r: dict[str, Any]) -> str:
     errs = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "-"
     mark = {True: "ok", False: "FAIL"}.get(r.get("sustainable"), "")
     return (f"  rps {r['offered_rps']:7.0f}  achieved {r['achieved_rps']:7.1f} ({r['achieved_ratio']:6.1%})"
             f"  ttfb p50/p99 {_f(r['ttfb_ms']['p50']):>7}/{_f(r['ttfb_ms']['p99']):>7} ms"
             f"  full p50/p99/max {_f(r['full_ms']['p50']):>7}/{_f(r['full_ms']['p99']):>7}/"
-            f"{_f(r['full_ms']['max']):>7} ms  err {r['error_rate']:.2%} [{errs}] {mark}")
+            f"{_f(r['full_ms']['max']):>7} ms  err {r['error_rate']:.2%} [{errs}]{format_cpu(r)} {mark}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,13 +543,14 @@ def format_row(r: dict[str, Any]) -> str:
 
 def plot_latency(series: dict[str, list[dict[str, Any]]], out: str | Path, title: str = "",
                  p99_bound_ms: float | None = None) -> None:
-    """Latency vs offered RPS: p50/p99 of TTFB and full stream (log y), one colour per series."""
+    """Latency vs offered RPS: p50/p99 of TTFB and full stream (log y), one colour per series; beside it the
+    server's and the generator's CPU milliseconds per call."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(13.5, 5.5), gridspec_kw={"width_ratios": [2.2, 1]})
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     styles = {("ttfb_ms", "p50"): ("--", "o"), ("ttfb_ms", "p99"): ("--", "^"),
               ("full_ms", "p50"): ("-", "o"), ("full_ms", "p99"): ("-", "^")}
@@ -512,6 +564,11 @@ def plot_latency(series: dict[str, list[dict[str, Any]]], out: str | Path, title
         bad = [r["offered_rps"] for r in results if r.get("sustainable") is False]
         for x in bad:
             ax.axvline(x, color=colours[c % len(colours)], lw=0.6, ls=":", alpha=0.6)
+        for key, ls, who in (("server_ms_per_call", "-", "server"), ("generator_ms_per_call", "--", "generator")):
+            ys = [(r.get("cpu") or {}).get(key) for r in results]
+            if any(y is not None for y in ys):
+                ax_cpu.plot(xs, [np.nan if y is None else y for y in ys], ls=ls, marker="o",
+                            color=colours[c % len(colours)], label=f"{name} {who}")
     if p99_bound_ms:
         ax.axhline(p99_bound_ms, color="grey", ls=":", lw=1, label=f"p99 bound {p99_bound_ms:g} ms")
     ax.set_xscale("log")
@@ -529,6 +586,15 @@ def plot_latency(series: dict[str, list[dict[str, Any]]], out: str | Path, title
     ax.set_title(title or "bundlerec latency vs load")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    ax_cpu.set_xscale("log")
+    ax_cpu.xaxis.set_major_formatter(ScalarFormatter())
+    ax_cpu.set_xlabel("offered load (requests/s)")
+    ax_cpu.set_ylabel("CPU ms per call (/proc, all threads)")
+    ax_cpu.set_title("CPU per call", fontsize=10)
+    ax_cpu.set_ylim(bottom=0)
+    ax_cpu.grid(True, which="both", alpha=0.3)
+    if ax_cpu.lines:
+        ax_cpu.legend(fontsize=7)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -567,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p99-bound-ms", type=float, default=50.0)
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded warm-up load")
     p.add_argument("--health-timeout", type=float, default=60.0)
+    p.add_argument("--server-pid", type=int, help="server process id: report its CPU ms per call (/proc)")
+    p.add_argument("--metrics-url", help="server's Prometheus endpoint (http://127.0.0.1:PORT/): cache hit rate, codes")
+    p.add_argument("--query-mix", choices=QUERY_MIXES, default="uniform")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of --query-mix zipf")
     return p
 
 
@@ -587,7 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     kw = dict(procs=args.procs, rpc=args.rpc, max_bundles=args.max_bundles, items=args.items, k=args.k,
-              mode=MODES[args.mode], seed=args.seed, timeout=args.timeout, channels=args.channels)
+              mode=MODES[args.mode], seed=args.seed, timeout=args.timeout, channels=args.channels,
+              server_pid=args.server_pid, metrics_url=args.metrics_url, query_mix=args.query_mix, zipf_s=args.zipf_s)
     config = {**vars(args), "queries": str(args.queries or DEFAULT_QUERIES), "n_queries": len(queries),
               "arrivals": "poisson", "percentiles": "nearest-rank over OK requests",
               "latency_origin": "scheduled send time"}

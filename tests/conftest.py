@@ -15,7 +15,7 @@ from benchmarks.procs import ServerProcess, free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins = ["pg"]  # the `postgres` / `pg_dsn` fixtures: a real PostgreSQL (tests/pg.py)
+pytest_plugins = ["pg", "milvus"]  # real PostgreSQL (tests/pg.py) and Milvus Lite (tests/milvus.py) fixtures
 
 TESTS = Path(__file__).parent
 SLICE = TESTS / "data" / "instacart_slice"
@@ -130,3 +130,26 @@ def server_process(artifact: Path, *args: str, port: int | None = None, env: dic
             "--port", str(port), "--provider", "cpu", "--intra-op-threads", "1", "--min-relevance", "-1", *args]
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bundlerec-server-{port}.log"
     return ServerProcess(argv, log, target=f"127.0.0.1:{port}", env=env).start()
+
+
+def wait_all_workers(target: str, in_a_row: int = 8, timeout: float = 60.0) -> None:
+    """With --workers N, health is answered by whichever worker is up; the others may still be loading
+    (UNAVAILABLE, retryable). Waits until ``in_a_row`` calls over fresh connections, which land on any worker,
+    succeed one after another."""
+    import time
+
+    import grpc
+
+    from bundlerec import BundleRecError, Client
+
+    deadline, ok = time.monotonic() + timeout, 0
+    while ok < in_a_row:
+        assert time.monotonic() < deadline, "not every worker became ready"
+        try:
+            with Client(target) as c:
+                c.search("organic", 1)
+            ok += 1
+        except BundleRecError as err:
+            assert err.code == grpc.StatusCode.UNAVAILABLE, err
+            ok = 0
+            time.sleep(0.2)

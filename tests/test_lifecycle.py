@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, build_tiny_artifact, server_process, server_settings
+from conftest import ServerThread, build_tiny_artifact, server_process, server_settings, wait_all_workers
 
 from bundlerec import BundleRecError, Client
 from bundlerec.v1 import bundlerec_pb2 as pb
@@ -196,19 +196,7 @@ def test_workers_share_one_port_and_events(tiny_artifact, tmp_path):
     port = free_port()
     proc = server_process(tiny_artifact, "--workers", "2", "--events-db", str(tmp_path / "ev.sqlite3"), port=port).wait_serving()
     try:
-        # health answered by one worker; the other may still be loading (UNAVAILABLE, retryable): wait until
-        # fresh connections, which land on either worker, answer in a row
-        deadline, in_a_row = time.monotonic() + 60, 0
-        while in_a_row < 8:
-            assert time.monotonic() < deadline, "the second worker never became ready"
-            try:
-                with Client(proc.target) as c:
-                    c.search("organic", 1)
-                in_a_row += 1
-            except BundleRecError as err:
-                assert err.code == grpc.StatusCode.UNAVAILABLE, err
-                in_a_row = 0
-                time.sleep(0.2)
+        wait_all_workers(proc.target)
         with Client(proc.target) as c:
             item = c.search("organic", 1)[0].item_id
             assert c.record_events([pb.Event(user_id="multi", item_id=item, type=pb.EVENT_TYPE_PURCHASE)]).accepted == 1

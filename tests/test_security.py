@@ -42,10 +42,10 @@ def test_tls(tiny_artifact, pki):
     try:
         with Client(target, tls=tls_for(ca), timeout=5) as c:
             assert c.search("soda", 2)
-        with Client(target, timeout=2) as plain, pytest.raises(BundleRecError) as info:
+        with Client(target, timeout=2, retry=None) as plain, pytest.raises(BundleRecError) as info:  # the refusal itself
             plain.search("soda", 2)
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
-        with Client(target, tls=TLS(root_certificates=trustme.CA().cert_pem.bytes()), timeout=2) as wrong_ca, pytest.raises(BundleRecError):
+        with Client(target, tls=TLS(root_certificates=trustme.CA().cert_pem.bytes()), timeout=2, retry=None) as wrong_ca, pytest.raises(BundleRecError):
             wrong_ca.search("soda", 2)
     finally:
         srv.stop()
@@ -59,7 +59,7 @@ def test_mutual_tls_requires_a_client_certificate(tiny_artifact, pki):
         with Client(target, tls=tls_for(ca, client_cert), timeout=5) as c:
             assert c.search("soda", 2)
         for tls in (tls_for(ca), tls_for(ca, rogue)):  # no client certificate; one from another CA
-            with Client(target, tls=tls, timeout=2) as c, pytest.raises(BundleRecError) as info:
+            with Client(target, tls=tls, timeout=2, retry=None) as c, pytest.raises(BundleRecError) as info:
                 c.search("soda", 2)
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
     finally:

@@ -39,7 +39,7 @@ def print_bundle(bundle: pb.Bundle, elapsed_ms: float, out: TextIO) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bundlerec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=os.environ.get("BUNDLEREC_TARGET", "localhost:50051"), help="server HOST:PORT (env BUNDLEREC_TARGET)")
+    parser.add_argument("--target", default=os.environ.get("BUNDLEREC_TARGET", "localhost:50051"), help="server HOST:PORT, or replicas as ipv4:IP:PORT,IP:PORT or dns:///NAME:PORT (balanced round-robin; env BUNDLEREC_TARGET)")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-call deadline in seconds")
     parser.add_argument("--json", action="store_true", help="print protobuf JSON, one message per line")
     parser.add_argument("--ca", type=Path, help="CA certificate (PEM) to verify the server: enables TLS")

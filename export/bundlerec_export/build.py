@@ -162,12 +162,29 @@ def build(cfg: BuildConfig) -> BuildResult:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+        unpublished = publish_stage(tmp, cfg.publish_milvus) if cfg.publish_milvus else None
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("artifact %s written to %s in %.1f s", manifest["artifact_version"], out, manifest["timings_s"]["total"])
+    if unpublished is not None:
+        raise BuildError(f"artifact built at {out}, but publishing it to Milvus {cfg.publish_milvus} failed: {unpublished}")
     return BuildResult(out, manifest)
+
+
+def publish_stage(root: Path, uri: str) -> Exception | None:
+    """The finished artifact's vectors into its version's Milvus collection and the alias pointed at it
+    (:mod:`.milvus_publish`), before the artifact is moved into place: a server watching the artifact path
+    reloads only once its collection is there. Returns the failure, if any (the artifact is kept all the same)."""
+    from .milvus_publish import publish
+
+    try:
+        publish(root, uri)
+    except Exception as exc:  # unreachable Milvus, refused schema, ...: the build itself succeeded
+        logger.error("publishing to Milvus %s failed: %s", uri, exc)
+        return exc
+    return None
 
 
 def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, finetuned: FineTuned | None) -> dict[str, Any]:

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-finetune", action="store_true", help="do not fine-tune (homedepot's default is to)")
     p.add_argument("--finetune-epochs", type=int, default=d["finetune_epochs"], help="fine-tuning epochs")
     p.add_argument("--finetune-cache", type=Path, help="folder of cached fine-tuned models (default <out>.work)")
+    p.add_argument("--publish-milvus", default=d["publish_milvus"], metavar="URI",
+                   help="after the build, publish the vectors to Milvus (milvus://host:port[?alias=NAME]) and point "
+                        "the alias at the new version's collection (see bundlerec_export.milvus_publish)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -86,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
                    "agreement_sample", "complements", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
                    "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
-                   "threads", "lexical", "finetune_epochs", "finetune_cache")
+                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus")
 
 
 def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:

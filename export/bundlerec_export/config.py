@@ -55,6 +55,8 @@ class BuildConfig:
     finetune_cache: Path | None = None  # default: <out>.work next to the artifact
     finetune_options: dict[str, Any] = field(default_factory=dict)  # other FinetuneConfig fields
     extra: dict[str, Any] = field(default_factory=dict)
+    # after the build: publish the vectors to Milvus (milvus://host:port[?alias=NAME]; '' = no)
+    publish_milvus: str = ""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -79,6 +81,7 @@ class BuildConfig:
         """The manifest's ``build_config``: JSON types, ``progress`` left out."""
         d: dict[str, Any] = to_json(asdict(self))
         d.pop("progress", None)
+        d.pop("publish_milvus", None)  # where it was published is not part of the artifact
         return d
 
 

@@ -127,7 +127,7 @@ def _ensure_ray(address: str | None) -> bool:
 
 def _run(model: Path, tokenizer: Path, titles: list[str], max_length: int, batch_size: int,
          options: RayEmbedOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    import pandas as pd  # type: ignore[import-untyped]  # installed with ray[data], no stubs here
+    import pandas as pd
     import ray
     import ray.data
 

@@ -13,7 +13,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from .artifact import MANIFEST
@@ -21,12 +20,10 @@ from .events import open_event_store
 from .metrics import serve_metrics
 from .runtime import Runtime
 from .security import BearerTokenInterceptor, server_credentials
-from .service import BundleRecommenderServicer
+from .service import SERVICE_NAME, BundleRecommenderServicer
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BundleRecommender"].full_name
 
 
 @dataclass
@@ -83,13 +80,17 @@ class App:
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
+    if settings.max_connection_age_s > 0:  # GOAWAY after the age (gRPC adds jitter): clients reconnect, rebalance
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
+    return options
 
 
 async def create_server(settings: Settings) -> App:

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hnswlib
 import numpy as np
 
 from . import artifact as A
+from . import tracing
 from .bundling import rank_bundles, shopper_affinity
 from .catalog import Catalog
 from .domain import BundleOut, Filters, Hit, Mode, Personalization, RecommendQuery, SearchQuery
@@ -26,6 +26,7 @@ from .filters import RowFilter
 from .fusion import Candidates, Fusion, fuse, fuse_scores, top_hits
 from .lexical import Lexical
 from .settings import Settings
+from .vectors import VectorIndex, open_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ EXACTNESS_PROBE = (
     "milk", "organic baby spinach", "gluten free whole wheat pasta sauce with basil and garlic",
     "买一双好穿的鞋子", "sparkling water 🍋", "dark chocolate", "frozen pizza margherita extra cheese", "eggs",
 )
-BRUTE_FORCE_MAX_ROWS = 20_000  # restricted to categories this small, exact search beats over-fetching HNSW
 DEFAULT_QUERY_TRUNCATE_TOKENS = 64  # artifacts that record no truncation length
 
 
@@ -74,12 +74,11 @@ class Engine:
         if len(self.complements.indptr) != len(self.catalog) + 1:
             raise A.ArtifactError(f"{self.root}: complements.npz does not cover {len(self.catalog)} items")
         idx = m.get("index", {})
-        self.index = hnswlib.Index(space="cosine", dim=self.dim)
-        self.index.load_index(str(self.root / A.INDEX), max_elements=len(self.catalog))
-        if self.index.get_current_count() != len(self.catalog):
-            raise A.ArtifactError(f"{self.root}: index holds {self.index.get_current_count()} items, catalog {len(self.catalog)}")
         self.ef = settings.ef_search or int(idx.get("ef_search", 64))
-        self.index.set_ef(max(self.ef, settings.anchor_pool))
+        self.vectors: VectorIndex = open_vectors(
+            settings.vector_backend, index_path=self.root / A.INDEX, version=self.version, embeddings=self.embeddings,
+            catalog=self.catalog, ef=self.ef, anchor_pool=settings.anchor_pool,
+        )
         self.lexical: Lexical | None = None
         if (self.root / A.LEXICAL_DIR).is_dir():
             titles = self.catalog.titles if settings.spell_correction else None
@@ -93,9 +92,9 @@ class Engine:
         wanted = settings.retrieval_mode or serving.get("default_retrieval_mode", "dense")
         self.default_mode = Mode(wanted) if Mode(wanted) in self.modes else Mode.DENSE
         logger.info(
-            "artifact %s loaded from %s: %d items, dim %d, encoder %s on %s, default retrieval %s (%.2fs)",
+            "artifact %s loaded from %s: %d items, dim %d, encoder %s on %s, default retrieval %s, vectors in %s (%.2fs)",
             self.version, self.root, len(self.catalog), self.dim, self.variant, self.encoder.provider,
-            self.default_mode.value, time.perf_counter() - t0,
+            self.default_mode.value, self.vectors.describe(), time.perf_counter() - t0,
         )
 
     def _load_encoder(self) -> tuple[Encoder, str]:
@@ -177,26 +176,9 @@ class Engine:
         return top_hits(rows, scores * self.catalog.quality[rows], k)
 
     def dense(self, vec: np.ndarray, k: int, filters: Filters | RowFilter, floor: float = -1.0) -> list[Hit]:
-        """Top-k items by cosine x quality that pass ``filters`` and have cosine >= ``floor``."""
-        allowed = self.allow(filters)
-        n = len(self.catalog)
-        rows = allowed.category_rows()
-        if rows is not None and len(rows) <= BRUTE_FORCE_MAX_ROWS:
-            rows = rows[allowed.anchors(rows)]
-            sims = np.asarray(self.embeddings[rows], dtype=np.float32) @ vec
-            relevant = sims >= floor
-            return self._ranked(rows[relevant], sims[relevant], k)
-        fetch = min(n, max(k, self.settings.anchor_pool))
-        while True:
-            labels, dists = self.index.knn_query(vec, k=fetch)
-            rows = labels[0].astype(np.int64)
-            sims = 1.0 - dists[0]
-            keep = allowed.anchors(rows)
-            relevant = sims >= floor
-            if keep.sum() >= k or fetch >= n or not relevant[-1]:
-                keep &= relevant
-                return self._ranked(rows[keep], sims[keep], k)
-            fetch = min(n, fetch * 4)
+        """Top-k items by cosine x quality that pass ``filters`` and have cosine >= ``floor`` (from the vector
+        backend: the in-process hnswlib index or a Milvus collection, see :mod:`.vectors`)."""
+        return self.vectors.search(vec, k, self.allow(filters), floor)
 
     def lexical_hits(self, text: str, k: int, filters: Filters | RowFilter) -> list[Hit]:
         if self.lexical is None:
@@ -261,14 +243,16 @@ class Engine:
         mode = self.mode_for(q.mode)
         allowed = self.allow(q.filters)
         pool = max(self.settings.anchor_pool, q.max_bundles * 2)
-        anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
-        rows_of = self.catalog.row_of.get
-        personal = shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
-                                    [r for r in map(rows_of, history) if r is not None])
-        return rank_bundles(
-            anchors, self.catalog, self.complements, allowed, q.max_bundles, q.items_per_bundle,
-            self.settings.complement_bonus, self.settings.min_complement_strength, personal=personal or None,
-        )
+        with tracing.span("retrieve"):
+            anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
+        with tracing.span("bundle"):
+            rows_of = self.catalog.row_of.get
+            personal = shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
+                                        [r for r in map(rows_of, history) if r is not None])
+            return rank_bundles(
+                anchors, self.catalog, self.complements, allowed, q.max_bundles, q.items_per_bundle,
+                self.settings.complement_bonus, self.settings.min_complement_strength, personal=personal or None,
+            )
 
     def info(self) -> dict[str, Any]:
         return {

@@ -21,12 +21,14 @@ class Violation:
 
 
 class BundleRecError(Exception):
-    """Base of the errors the service reports to callers with a specific status."""
+    """Base of the errors the service reports to callers with a specific status. ``retry_after_s`` (set on the
+    retryable ones) becomes a google.rpc.RetryInfo detail and the ``grpc-retry-pushback-ms`` trailer."""
 
     code = grpc.StatusCode.INTERNAL
+    retry_after_s: float | None = None
 
     def details(self) -> list[any_pb2.Any]:
-        return []
+        return [] if self.retry_after_s is None else [retry_info(self.retry_after_s)]
 
 
 class InvalidRequest(BundleRecError):
@@ -65,18 +67,12 @@ class Overloaded(BundleRecError):
         self.retry_after_s = retry_after_s
         super().__init__(message)
 
-    def details(self) -> list[any_pb2.Any]:
-        secs = int(self.retry_after_s)
-        info = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=secs, nanos=int((self.retry_after_s - secs) * 1e9))
-        )
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        return [detail]
-
 
 class NotReady(BundleRecError):
+    """Not serving yet (loading) or a dependency is down: UNAVAILABLE, which clients retry (on another replica)."""
+
     code = grpc.StatusCode.UNAVAILABLE
+    retry_after_s: float | None = 0.1
 
 
 class OutOfTime(BundleRecError):
@@ -88,10 +84,33 @@ class OutOfTime(BundleRecError):
         super().__init__(message)
 
 
+# gRPC's client-side retry honours this trailer (milliseconds to wait before the next attempt), not RetryInfo
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def retry_info(retry_after_s: float) -> any_pb2.Any:
+    secs = int(retry_after_s)
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=secs, nanos=int((retry_after_s - secs) * 1e9)))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return detail
+
+
 def to_status(exc: BundleRecError) -> grpc.Status:
+    """The status with google.rpc details; a retryable error also carries ``grpc-retry-pushback-ms``."""
     status = status_pb2.Status(code=getattr(code_pb2, exc.code.name), message=str(exc), details=exc.details())
     out: grpc.Status = rpc_status.to_status(status)
+    if exc.retry_after_s is not None:
+        pushback = ((PUSHBACK_KEY, str(max(0, round(exc.retry_after_s * 1000)))),)
+        out = _Status(out.code, out.details, tuple(out.trailing_metadata) + pushback)
     return out
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode:

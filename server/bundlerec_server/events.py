@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from .errors import NotReady, Overloaded
+from .errors import NotReady
 
 if TYPE_CHECKING:
     import os
@@ -69,7 +69,7 @@ class StoreUnavailable(NotReady):
         super().__init__(message)
 
     def details(self) -> list[any_pb2.Any]:
-        return Overloaded(str(self), self.retry_after_s).details()  # the same RetryInfo detail
+        return super().details()  # the RetryInfo detail (and the pushback trailer: errors.to_status)
 
 
 class EventStoreError(Exception):

@@ -22,6 +22,7 @@ from .batching import MicroBatcher
 from .engine import Engine
 from .errors import NotReady, OutOfTime
 from .events import EventStore
+from .query_cache import QueryCache, for_engine
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ def settle_heap() -> None:
 
 @dataclass(frozen=True)
 class Serving:
-    """An engine and the micro-batcher in front of its encoder: taken together by a call, swapped together."""
+    """An engine, the micro-batcher in front of its encoder and its query cache (None: off): taken together by a
+    call, swapped together (a reload starts with an empty cache)."""
 
     engine: Engine
     batcher: MicroBatcher
+    cache: QueryCache | None = None
 
 
 class Runtime:
@@ -69,8 +72,9 @@ class Runtime:
         return self.serving().engine
 
     def load(self, root: Path) -> Engine:
-        """Loads and warms an artifact (blocking: call from a worker thread); does not swap it in."""
-        engine = Engine(root, self.settings)
+        """Loads and warms an artifact (blocking: call from a worker thread); does not swap it in. The path is
+        resolved once, so a symlink (``/artifacts/current``) switched during the load cannot mix two versions."""
+        engine = Engine(Path(root).resolve(), self.settings)
         engine.warmup()
         settle_heap()
         return engine
@@ -82,7 +86,8 @@ class Runtime:
             engine.encoder.encode, self.pool, max_batch=batch, max_wait_s=self.settings.max_batch_wait_ms / 1000,
             workers=self.settings.encode_workers,
         )
-        old, self._serving = self._serving, Serving(engine, batcher)
+        cache = for_engine(engine, self.settings.query_cache_size)
+        old, self._serving = self._serving, Serving(engine, batcher, cache)
         if old is not None:
             old.batcher.retire()  # calls still holding the old pair keep using it; its task ends once idle
         if not engine.batch_exact and self.settings.max_batch > 1:
@@ -90,9 +95,19 @@ class Runtime:
         return old.engine if old is not None else None
 
     async def encode(self, serving: Serving, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
-        """Embeds one query through the serving engine's micro-batcher; OutOfTime if the deadline comes first
-        (the query is then dropped from the queue if its batch has not started: no encoder work)."""
-        batcher = serving.batcher
+        """Embeds one query: from the snapshot's query cache, else through its micro-batcher (then cached);
+        OutOfTime if the deadline comes first (the query is then dropped from the queue if its batch has not
+        started: no encoder work). With the cache on, the vector is read-only, and a hit is returned even when
+        the encoding budget is spent (it costs no encoder work; the stream's pacing still honours the deadline)."""
+        cache = serving.cache
+        if cache is None:
+            return await self._encode(serving.batcher, text, time_left)
+        vec = cache.get(text)
+        if vec is None:
+            vec = cache.put(text, await self._encode(serving.batcher, text, time_left))
+        return vec
+
+    async def _encode(self, batcher: MicroBatcher, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
         left = time_left() if time_left else None
         if left is None:
             return await batcher.submit(text)
@@ -108,7 +123,7 @@ class Runtime:
     async def reload(self, root: Path | None = None) -> bool:
         """Loads ``root`` (default: the configured artifact path, re-resolved) in the background and swaps it
         in atomically. A corrupt or incompatible artifact is refused and the current version keeps serving."""
-        root = Path(root or self.settings.artifact)
+        root = Path(root or self.settings.artifact).resolve()  # once: the version the symlink names now
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             try:

@@ -20,7 +20,7 @@ from google.protobuf import timestamp_pb2
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
-from . import __version__, convert, metrics
+from . import __version__, convert, metrics, tracing
 from .domain import BundleOut, Personalization, RecommendQuery, Stop
 from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
 from .events import EventRecord
@@ -31,23 +31,27 @@ from .streaming import Paced
 logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BundleRecommender"].full_name
 H = TypeVar("H", bound=Callable[..., Any])
 
 
 class _Observed:
-    """Counts a call by method and final status code and records its latency (Prometheus)."""
+    """Counts a call by method and final status code and records its latency (Prometheus); with tracing on,
+    it also holds the call's server span (child of the caller's ``traceparent``), ended with the final code."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, context: Context) -> None:
         self.method, self.code, self.t0 = method, "OK", time.perf_counter()
+        self.span = tracing.server_span(SERVICE_NAME, method, context)
 
     def __enter__(self) -> _Observed:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
-            self.code = "CANCELLED"
+        if exc_type is not None and issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
+            self.code = "CANCELLED"  # GeneratorExit: a stream closed before its end, as gRPC does when cancelled
         metrics.REQUESTS.labels(self.method, self.code).inc()
         metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.t0)
+        tracing.finish(self.span, self.code)
 
     async def fail(self, context: Context, exc: Exception) -> NoReturn:
         if isinstance(exc, grpc.aio.AbortError):  # handlers raise rather than abort; never counted as OK
@@ -55,6 +59,20 @@ class _Observed:
             raise exc
         self.code = status_code(exc).name
         await abort_with(context, exc)
+
+
+REPLICA_KEY = "bundlerec-replica"
+ATTEMPTS_KEY = "grpc-previous-rpc-attempts"  # sent by gRPC clients on a retry attempt
+
+
+def _tag_replica(servicer: Any, context: Context) -> None:
+    """With ``--replica-id``: names the replica in the call's trailers (which one served a call behind a
+    balancer) and echoes how many earlier attempts gRPC made (``bundlerec-previous-attempts``: retries seen)."""
+    replica = getattr(getattr(servicer, "settings", None), "replica_id", "")
+    if replica:
+        trailers = [(REPLICA_KEY, replica)]
+        trailers += [("bundlerec-previous-attempts", str(v)) for k, v in context.invocation_metadata() or () if k == ATTEMPTS_KEY]
+        context.set_trailing_metadata(tuple(trailers))
 
 
 def observed(handler: H) -> H:
@@ -66,10 +84,11 @@ def observed(handler: H) -> H:
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
         async def streaming(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
-            with _Observed(method) as call:
+            _tag_replica(self, context)
+            with _Observed(method, context) as call:
                 try:
                     async with contextlib.aclosing(handler(self, request, context)) as messages:
-                        async for message in messages:  # closed with the call: its admission slot goes at once
+                        async for message in tracing.steps(call.span, messages):  # closed with the call: its admission slot goes at once
                             yield message
                 except Exception as exc:
                     await call.fail(context, exc)
@@ -78,9 +97,11 @@ def observed(handler: H) -> H:
 
     @functools.wraps(handler)
     async def unary(self: Any, request: Any, context: Context) -> Any:
-        with _Observed(method) as call:
+        _tag_replica(self, context)
+        with _Observed(method, context) as call:
             try:
-                response = await handler(self, request, context)
+                with tracing.current(call.span):
+                    response = await handler(self, request, context)
             except Exception as exc:
                 await call.fail(context, exc)
             else:
@@ -110,14 +131,16 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         engine = serving.engine
         if not engine.needs_vector(engine.mode_for(q.mode)):
             return None, Personalization()
-        vec = await self.rt.encode(serving, q.query, time_left)
+        with tracing.span("encode"):
+            vec = await self.rt.encode(serving, q.query, time_left)
         return engine.personalize(vec, q.recent_item_ids, history)
 
     async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
                        ) -> tuple[list[BundleOut], Personalization, Stop | None]:
         history: list[str] = []
         if q.user_id and self.rt.events is not None:
-            history = await self.rt.events.recent_items(q.user_id)
+            with tracing.span("history"):
+                history = await self.rt.events.recent_items(q.user_id)
         try:
             vec, info = await self._query_vector(serving, q, time_left, history)
         except OutOfTime:
@@ -132,16 +155,20 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         q = convert.recommend_query(request, self.settings)
         serving = self.rt.serving()
         engine = serving.engine
-        async with self.rt.admission.slot():  # before tokenising (shedding is cheap); held until the summary is sent
+        # the slot is taken before tokenising (shedding is cheap) and held until the summary is sent
+        async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
             bundles, info, stop = await self._bundles(serving, q, time_left)
             paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
-            for rank, bundle in enumerate(paced, start=1):
-                if rank == 1:
-                    metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)
-                yield convert.bundle_message(bundle, rank, engine.catalog)
-            stop = stop or paced.stop
-            assert stop is not None  # Paced says why it ended once its iteration is over
+            with tracing.open_span("stream") as span:  # not current: the block yields
+                for rank, bundle in enumerate(paced, start=1):
+                    if rank == 1:
+                        metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)
+                    yield convert.bundle_message(bundle, rank, engine.catalog)
+                stop = stop or paced.stop
+                assert stop is not None  # Paced says why it ended once its iteration is over
+                span.set_attribute("bundlerec.bundles_sent", paced.sent)
+                span.set_attribute("bundlerec.stop_reason", stop.value)
             metrics.STOPS.labels(stop.value).inc()
             if logger.isEnabledFor(logging.DEBUG):  # fingerprints only: raw queries and user ids never reach logs
                 logger.debug("recommend q=%s user=%s bundles=%d stop=%s %.1f ms", fingerprint(q.query),
@@ -162,12 +189,14 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         q = convert.search_query(request, self.settings)
         serving = self.rt.serving()
         engine = serving.engine
-        async with self.rt.admission.slot():
+        async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
             vec = None
             if engine.needs_vector(engine.mode_for(q.mode)):
-                vec = await self.rt.encode(serving, q.query, context.time_remaining)
-            hits = engine.search(q, vec)
+                with tracing.span("encode"):
+                    vec = await self.rt.encode(serving, q.query, context.time_remaining)
+            with tracing.span("retrieve"):
+                hits = engine.search(q, vec)
         return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version)
 
     @observed

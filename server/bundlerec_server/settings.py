@@ -75,8 +75,20 @@ class Settings:
     fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     fusion_coverage: float = field(default=-1.0, metadata={"help": "scores fusion: weight of query-word coverage (-1 = the artifact's tuned value)"})
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
+    # --- vector backend (dense retrieval)
+    vector_backend: str = field(default="hnsw", metadata={"help": "dense index: hnsw (the artifact's hnswlib file, in process) or milvus://host:port[?alias=NAME] (the artifact version's collection published by bundlerec-export --publish-milvus; token in BUNDLEREC_MILVUS_TOKEN)"})
+    # --- observability
+    metrics_dir: Path | None = field(default=None, metadata={"help": "with --workers > 1 and --metrics-port: folder where workers write Prometheus metrics for the one aggregate endpoint (emptied at start; default: a fresh temporary folder)"})
+    tracing: str = field(default="off", metadata={"help": "OpenTelemetry tracing: off, console (spans as JSON on stdout) or otlp (OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT)", "choices": ("off", "console", "otlp")})
+    tracing_service_name: str = field(default="bundlerec", metadata={"help": "service.name of the traces"})
     # --- logging
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    # --- latency
+    query_cache_size: int = field(default=0, metadata={"help": "query embeddings kept per artifact in an LRU (exact text, whitespace-collapsed where the tokenizer provably ignores it; emptied on reload); 0 = off. About 1.7 KB an entry at dim 384: 4096 ~ 7 MB"})
+    # --- replicas (client-side load balancing: docs/replicas.md)
+    max_connection_age_s: float = field(default=300.0, metadata={"help": "close each client connection (GOAWAY) after about this long, so clients rebalance onto new replicas; gRPC adds up to 10 percent jitter (0 = never)"})
+    max_connection_age_grace_s: float = field(default=30.0, metadata={"help": "after max_connection_age_s, calls in flight get this long to finish before the connection is closed"})
+    replica_id: str = field(default="", metadata={"help": "sent to callers in the bundlerec-replica trailer of every successful call, e.g. the pod name ('' = not sent)"})
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -163,6 +175,8 @@ class Settings:
                 problems.append(f"{name} must be >= 1")
         if self.workers < 1:
             problems.append("workers must be >= 1")
+        if self.query_cache_size < 0:
+            problems.append("query_cache_size must be >= 0 (0 = off)")
         if self.workers > 1 and self.port == 0:
             problems.append("workers > 1 share one port through SO_REUSEPORT: give a fixed --port")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -175,8 +189,12 @@ class Settings:
             problems.append("queue_target_ms must be >= 0")
         if self.target_latency_ms < 0:
             problems.append("target_latency_ms must be >= 0")
+        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
+            problems.append("max_connection_age_s and max_connection_age_grace_s must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
             problems.append("default_max_bundles exceeds max_bundles_cap")
+        if self.tracing not in ("off", "console", "otlp"):
+            problems.append(f"tracing {self.tracing!r} is not off, console or otlp")
         if self.events_db:
             from .events import parse_events_db
 
@@ -184,6 +202,12 @@ class Settings:
                 parse_events_db(self.events_db)
             except ValueError as exc:
                 problems.append(str(exc))
+        try:
+            from .vectors import check_backend
+
+            check_backend(self.vector_backend)
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
