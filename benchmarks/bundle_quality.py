@@ -842,6 +842,126 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
     }
 
 
+# ------------------------------------------------------------------------- complements through the RPC
+
+PERSONAL_BASELINE = (0.75, 1.0)  # (weight, decay) of personal_cooccurrence chosen offline (docs/bundles.md)
+
+
+def complement_cases(data: Data, max_users: int, history_cap: int = 50, min_orders: int = 3,
+                     salt: str = SALT) -> list[dict[str, Any]]:
+    """Next-basket cases whose query is one item's full title (picked by a stable hash among the target items
+    with an other-aisle target), so the bundle anchored on it can be scored: targets = the basket's other
+    items of other aisles; ``seen`` = every item of the shopper's earlier orders (repeat vs explore)."""
+    users = next_basket_users(data.orders, min_orders)
+    chosen = sorted(users, key=lambda u: (hash_fraction(f"user:{u}", salt), u))
+    cases = []
+    for u in chosen:
+        history_orders, target = users[u][:-1], users[u][-1]
+        aisle = {p: data.products[p][1] for p in target.items}
+        anchors = [p for p in target.items if any(aisle[q] != aisle[p] for q in target.items)]
+        if not anchors:
+            continue
+        pick = anchors[int(hash_fraction(f"anchor:{target.order_id}", salt) * len(anchors))]
+        recent: list[str] = []
+        for o in reversed(history_orders):
+            recent.extend(o.items)
+        cases.append({"user_id": u, "anchor": pick, "query": data.products[pick][0],
+                      "targets": [q for q in target.items if aisle[q] != aisle[pick]],
+                      "recent": list(dict.fromkeys(recent))[:history_cap],
+                      "history": [list(o.items) for o in history_orders],
+                      "seen": sorted({q for o in history_orders for q in o.items})})
+        if len(cases) == max_users:
+            break
+    return cases
+
+
+def complement_baselines(data: Data, cases: list[dict[str, Any]], kmax: int = 20) -> dict[str, list[list[str]]]:
+    """Offline lists for the same anchors from the orders the served artifact was built from (every order but
+    the target ones): raw co-occurrence, and co-occurrence + the shopper's own purchase counts."""
+    targets = {c["user_id"]: None for c in cases}
+    last = {u: max(o.order_number for o in os_) for u, os_ in next_basket_users(data.orders).items() if u in targets}
+    ids = sorted(data.products)
+    row = {p: i for i, p in enumerate(ids)}
+    aisles = [data.products[p][1] for p in ids]
+    baskets = [[row[p] for p in o.items] for o in data.orders if not (o.user_id in last and o.order_number == last[o.user_id])]
+    counts = np.bincount(np.asarray([i for b in baskets for i in b], dtype=np.int64), minlength=len(ids))
+    co = cooccurrence_ranker(baskets, counts, aisles, True, kmax)
+    w, d = PERSONAL_BASELINE
+    out: dict[str, list[list[str]]] = {"cooccurrence": [], "personal_cooccurrence": []}
+    for c in cases:
+        a = row[c["anchor"]]
+        out["cooccurrence"].append([ids[i] for i in co(a)])
+        pers = personal_ranker(co, user_frequency([[row[p] for p in o] for o in c["history"]], d), w, aisles, kmax)
+        out["personal_cooccurrence"].append([ids[i] for i in pers(a)])
+    return out
+
+
+async def served_complements(target: str, cases: list[dict[str, Any]], history: bool, items_per_bundle: int,
+                             concurrency: int, timeout: float) -> list[list[str] | None]:
+    """The complements of the served bundle anchored on each case's item ([] when no bundle is anchored on
+    it; None on an error), with or without the shopper's ``recent_item_ids``."""
+    from bundlerec import AsyncClient, BundleRecError
+
+    sem = asyncio.Semaphore(concurrency)
+    out: list[list[str] | None] = [None] * len(cases)
+    async with AsyncClient(target, timeout=timeout) as client:
+        await client.health()
+
+        async def one(i: int, c: dict[str, Any]) -> None:
+            async with sem:
+                try:
+                    stream = client.recommend(c["query"], recent_item_ids=c["recent"] if history else [],
+                                              max_bundles=10, max_items_per_bundle=items_per_bundle)
+                    bundles = [b async for b in stream]
+                except BundleRecError:
+                    return
+            anchored = [b for b in bundles if b.items[0].item_id == c["anchor"]]
+            out[i] = [it.item_id for it in anchored[0].items[1:]] if anchored else []
+
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(cases)))
+    return out
+
+
+def run_complements_rpc(target: str, data: Data, max_users: int, concurrency: int = 4, timeout: float = 10.0,
+                        draws: int = 1000, k: int = 5) -> dict[str, Any]:
+    """Complements' Recall@k through Recommend (query = an item of the shopper's held-out basket, the bundle
+    anchored on it, k complements asked) without and with history, against the offline baselines on the same
+    anchors; all / repeat (bought before) / explore targets; paired bootstrap over shoppers."""
+    cases = complement_cases(data, max_users)
+    lists: dict[str, list[list[str] | None]] = dict(complement_baselines(data, cases))
+    lists["served"] = asyncio.run(served_complements(target, cases, False, k + 1, concurrency, timeout))
+    lists["served_history"] = asyncio.run(served_complements(target, cases, True, k + 1, concurrency, timeout))
+    ok = [i for i in range(len(cases)) if all(v[i] is not None for v in lists.values())]
+    groups = np.arange(len(ok))
+    weights = bootstrap_weights(len(ok), draws, seed=2)
+    rec: dict[str, dict[str, np.ndarray]] = {}
+    for name, ls in lists.items():
+        r: dict[str, list[float]] = {"r5": [], "repeat5": [], "explore5": [], "r5_found": []}
+        for i in ok:
+            c, got = cases[i], set((ls[i] or [])[:k])
+            seen = set(c["seen"])
+            # the same recall over the cases whose anchored bundle was served (retrieval found the anchor)
+            r["r5_found"].append(len(got & set(c["targets"])) / len(c["targets"]) if lists["served_history"][i]
+                                 else float("nan"))
+            for key, t in (("r5", set(c["targets"])), ("repeat5", set(c["targets"]) & seen),
+                           ("explore5", set(c["targets"]) - seen)):
+                r[key].append(len(got & t) / len(t) if t else float("nan"))
+        rec[name] = {key: np.asarray(v, dtype=np.float64) for key, v in r.items()}
+    methods = {}
+    for name, r in rec.items():
+        methods[name] = {key: mean_ci(v, groups, weights) for key, v in r.items()}
+        methods[name]["ratio_vs_personal_cooccurrence"] = paired_ratio(r["r5"], rec["personal_cooccurrence"]["r5"],
+                                                                       groups, weights)
+        methods[name]["ratio_found_vs_personal_cooccurrence"] = paired_ratio(
+            r["r5_found"], rec["personal_cooccurrence"]["r5_found"], groups, weights)
+    found = np.mean([bool(lists["served"][i]) for i in ok]) if ok else None
+    return {"cases": len(cases), "scored": len(ok), "k": k, "anchor_bundle_found": float(found) if ok else None,
+            "personal_baseline": {"weight": PERSONAL_BASELINE[0], "decay": PERSONAL_BASELINE[1]},
+            "methods": methods,
+            "target": {"rule": "served_history R@5 >= 1.1 x personal_cooccurrence",
+                       "ratio": methods["served_history"]["ratio_vs_personal_cooccurrence"]["ratio"]}}
+
+
 # -------------------------------------------------------------------------------------------- report
 
 TARGETS = {"ratio_low": 0.97, "stretch": 1.1, "coverage": 0.98}
@@ -1010,6 +1130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-bundles", type=int, default=10)
     p.add_argument("--items-per-bundle", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--complements-target", metavar="HOST:PORT",
+                   help="complements' Recall@5 through Recommend (bundle anchored on a held-out basket item), "
+                        "without and with history, vs co-occurrence (+ the shopper's purchase counts)")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--prepare-artifact-data", type=Path, metavar="DIR",
                    help="only write the restricted instacart folder for the --target artifact, then exit")
@@ -1024,6 +1147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prepare_artifact_data:
         info = prepare_artifact_data(data, args.data_dir, args.prepare_artifact_data)
         print(json.dumps(info))
+        return 0
+    if args.complements_target:
+        t0 = time.perf_counter()
+        out = run_complements_rpc(args.complements_target, data, args.max_users, args.concurrency, args.timeout,
+                                  args.draws)
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        print(json.dumps({n: {k: v["mean"] for k, v in m.items() if "mean" in v} for n, m in out["methods"].items()},
+                         indent=1))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"complements_rpc": out}, indent=2))
         return 0
     from bundlerec_export.splits import user_level_split
 

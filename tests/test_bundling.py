@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bundlerec_server.artifact import Complements, ItemTable
-from bundlerec_server.bundling import make_bundle, rank_bundles, reason_for
+from bundlerec_server.bundling import PERSONAL_REASON, make_bundle, rank_bundles, reason_for, shopper_affinity
 from bundlerec_server.catalog import Catalog
 from bundlerec_server.domain import Filters, Hit
 from bundlerec_server.filters import RowFilter
@@ -107,7 +107,8 @@ def test_early_stop_gives_the_same_bundles_as_exhaustive_ranking():
            for r in range(n)}
     comp = comps(adj, n)
     anchors = sorted((Hit(r, float(s)) for r, s in enumerate(rng.random(n))), key=lambda h: -h.score)
-    exhaustive = sorted(filter(None, (make_bundle(a, CATALOG, comp, allow(), 3, 0.25) for a in anchors)), key=lambda b: -b.score)
+    made = [b for b in (make_bundle(a, CATALOG, comp, allow(), 3, 0.25) for a in anchors) if b is not None]
+    exhaustive = sorted([b for b in made if len(b.items) > 1] or made, key=lambda b: -b.score)
     for k in range(1, n + 1):
         got = rank_bundles(anchors, CATALOG, comp, allow(), k, 3, 0.25)
         assert [b.items for b in got] == [b.items for b in exhaustive[:k]]
@@ -154,3 +155,47 @@ def test_fusion_on_exact_scores_with_coverage():
 
     with pytest.raises(ArtifactError, match="invalid fusion"):
         Fusion.from_dict({"method": "scores", "coverage": -1})
+
+
+def test_min_strength_never_empties_a_bundle():
+    # every complement of anchor 0 is below 0.95: the best one that passes the filters is kept, and only it
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(), items_per_bundle=4, bonus=0.25, min_strength=0.95)
+    assert [i.row for i in b.items] == [0, 1]  # 3 (0.9) is in the anchor's category; 1 (0.8) is the best allowed
+    f = allow(exclude_categories=frozenset({"sauces"}))
+    assert [i.row for i in make_bundle(Hit(0, 0.5), CATALOG, COMPS, f, 4, 0.25, min_strength=0.95).items] == [0, 2]
+
+
+def test_no_one_item_bundles_unless_asked_or_nothing_else():
+    anchors = [Hit(1, 0.9), Hit(0, 0.5), Hit(5, 0.4)]  # sauce (1) has no complement at all
+    out = rank_bundles(anchors, CATALOG, COMPS, allow(), max_bundles=3, items_per_bundle=3, bonus=0.25, min_strength=0.95)
+    assert [b.items[0].row for b in out] == [0, 5] and all(len(b.items) >= 2 for b in out)
+    assert [len(b.items) for b in out] == [2, 2]  # weak complements: the single best allowed one each
+    one = rank_bundles(anchors, CATALOG, COMPS, allow(), max_bundles=3, items_per_bundle=1, bonus=0.25)
+    assert [len(b.items) for b in one] == [1, 1, 1]
+    # no anchor can get a complement: the one-item bundles are the answer rather than nothing
+    alone = rank_bundles([Hit(1, 0.9), Hit(2, 0.3)], CATALOG, COMPS, allow(), max_bundles=3, items_per_bundle=3, bonus=0.25)
+    assert [[i.row for i in b.items] for b in alone] == [[1], [2]]
+
+
+def test_shopper_affinity_counts_repeats_and_decays_with_position():
+    aff = shopper_affinity([5, 2, 5], [2], half_life=1.0)
+    # 5: 1 + 0.25; 2: 0.5 + 1 (both sources); scaled by the largest
+    assert aff == pytest.approx({2: 1.0, 5: 1.25 / 1.5})
+    assert shopper_affinity([], []) == {}
+
+
+def test_personal_complements_prefer_the_shoppers_items_and_say_so():
+    # the shopper often buys bread (5), which is not on pasta's list; cheese (2) is on it and bought once, long ago
+    personal = shopper_affinity([5, 5, 5, 2], half_life=2.0)
+    b = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(), items_per_bundle=3, bonus=0.25, min_strength=0.6,
+                    personal=personal)
+    # mix: bread 0.75 x 1.0; sauce 0.25 x (1 - 1/4); cheese 0.75 x aff(2) + 0.25 x (1 - 2/4) ...
+    assert [i.row for i in b.items][:2] == [0, 5]
+    assert b.reason.startswith(PERSONAL_REASON)
+    assert len(b.items) == 3 and 3 not in [i.row for i in b.items]  # same category as the anchor: never
+    # filters still hold for the shopper's own items
+    f = allow(exclude_categories=frozenset({"bakery"}))
+    assert 5 not in [i.row for i in make_bundle(Hit(0, 0.5), CATALOG, COMPS, f, 3, 0.25, personal=personal).items]
+    # without history: the stored list, as before
+    plain = make_bundle(Hit(0, 0.5), CATALOG, COMPS, allow(), 3, 0.25, personal={})
+    assert [i.row for i in plain.items] == [0, 1, 2] and plain.reason == "bought together in 40 baskets"

@@ -27,7 +27,7 @@ from bundlerec_server.settings import Settings
 @pytest.fixture(scope="module")
 def second_artifact(artifact_root, tiny_artifact) -> Path:
     time.sleep(1.1)  # artifact versions carry the build time
-    return build_tiny_artifact(artifact_root, name="tiny-b", min_support=3)
+    return build_tiny_artifact(artifact_root, name="tiny-b", complements="npmi", min_support=3)
 
 
 class Load:

@@ -37,6 +37,7 @@ from bundlerec_server.artifact import (
     MANIFEST,
     MODEL_FILES,
     TOKENIZER,
+    Complements,
     ItemTable,
     write_manifest,
 )
@@ -354,41 +355,88 @@ def ef_stage(root: Path, index: hnswlib.Index, emb: np.ndarray, titles: list[str
         "method": "pseudo-queries (first two title words) embedded with int8_pertoken vs exact search"}}}
 
 
+COMPLEMENTS_MODEL = "complements_model.txt"  # the LightGBM re-ranker of learned complements (text format)
+MIN_LABEL_SHOPPERS = 20  # fewer shoppers with >= 2 orders: too few label baskets to train the re-ranker
+
+
 def complements_stage(root: Path, ds: Dataset, index: hnswlib.Index, emb: np.ndarray,
                       cfg: BuildConfig) -> tuple[ItemStats, Part]:
-    """Complements (co-occurrence from baskets, else content-based related items) + item quality."""
+    """Complements + item quality: learned (LambdaRank over pair features, ``complement_ranker``) from orders
+    with shopper ids, NPMI co-occurrence from other orders (or ``cfg.complements == "npmi"``), else
+    content-based related items."""
     n = len(ds.items)
     categories = [item.category for item in ds.items]
-    if ds.has_baskets:
-        rows_of = {item.id: i for i, item in enumerate(ds.items)}
-        baskets = [[rows_of[i] for i in b.items] for b in ds.baskets]
-        counts = cmp.item_counts(baskets, n)
-        users = [b.user_id for b in ds.baskets] if cfg.user_level_evidence else None
-        support_users = [b.user_id for b in ds.baskets]
-        comps, stats = cmp.mine_cooccurrence(
-            baskets, n, categories, users=users, min_support=cfg.min_support, top_k=cfg.top_k,
-            shrinkage=cfg.shrinkage, support_users=support_users, min_users=cfg.min_users,
-        )
-        quality = cmp.popularity_quality(counts)
-        comp_info = {"method": stats.method, "min_support": cfg.min_support, "top_k": cfg.top_k,
-                     "shrinkage": cfg.shrinkage, "min_users": 0 if cfg.user_level_evidence else cfg.min_users,
-                     "pairs": stats.pairs, "anchors": stats.anchors,
-                     "baskets": stats.baskets, "evidence_unit": stats.unit, "evidence_units": stats.units,
-                     "support": "baskets containing both", "from_orders": True,
-                     "cross_category_only": ds.has_categories}
-        q_info = {"method": cmp.POPULARITY_METHOD,
-                  "formula": "0.6 + 0.4*log1p(n)/log1p(max n), n = baskets with the item"}
-    else:
+    if not ds.has_baskets:
         counts = np.zeros(n, dtype=np.int32)
         comps, stats = cmp.related_from_index(index, emb, categories, top_k=cfg.top_k, band=cfg.related_band)
         index.set_ef(cfg.ef_search)
-        quality = cmp.neutral_quality(n)
         comp_info = {"method": stats.method, "min_support": 0, "top_k": cfg.top_k,
                      "band": list(cfg.related_band), "pairs": stats.pairs, "anchors": stats.anchors,
                      "from_orders": False, "cross_category_only": ds.has_categories}
-        q_info = {"method": cmp.NEUTRAL_METHOD, "formula": "1.0 (no order data)"}
+        comps.write(root / COMPLEMENTS)
+        return ItemStats(counts, cmp.neutral_quality(n)), {
+            "complements": comp_info, "quality": {"method": cmp.NEUTRAL_METHOD, "formula": "1.0 (no order data)"}}
+    rows_of = {item.id: i for i, item in enumerate(ds.items)}
+    baskets = [[rows_of[i] for i in b.items] for b in ds.baskets]
+    counts = cmp.item_counts(baskets, n)
+    learned = _learned_complements(root, ds, baskets, categories, cfg) if cfg.complements == "learned" else None
+    if learned is not None:
+        comps, comp_info = learned
+    else:
+        comps, comp_info = _npmi_complements(ds, baskets, categories, cfg)
     comps.write(root / COMPLEMENTS)
-    return ItemStats(counts, quality), {"complements": comp_info, "quality": q_info}
+    q_info = {"method": cmp.POPULARITY_METHOD, "formula": "0.6 + 0.4*log1p(n)/log1p(max n), n = baskets with the item"}
+    return ItemStats(counts, cmp.popularity_quality(counts)), {"complements": comp_info, "quality": q_info}
+
+
+def _npmi_complements(ds: Dataset, baskets: list[list[int]], categories: list[str],
+                      cfg: BuildConfig) -> tuple[Complements, dict[str, Any]]:
+    users = [b.user_id for b in ds.baskets] if cfg.user_level_evidence else None
+    comps, stats = cmp.mine_cooccurrence(
+        baskets, len(ds.items), categories, users=users, min_support=cfg.min_support, top_k=cfg.top_k,
+        shrinkage=cfg.shrinkage, support_users=[b.user_id for b in ds.baskets], min_users=cfg.min_users,
+    )
+    return comps, {"method": stats.method, "min_support": cfg.min_support, "top_k": cfg.top_k,
+                   "shrinkage": cfg.shrinkage, "min_users": 0 if cfg.user_level_evidence else cfg.min_users,
+                   "pairs": stats.pairs, "anchors": stats.anchors,
+                   "baskets": stats.baskets, "evidence_unit": stats.unit, "evidence_units": stats.units,
+                   "support": "baskets containing both", "from_orders": True,
+                   "cross_category_only": ds.has_categories}
+
+
+def _learned_complements(root: Path, ds: Dataset, baskets: list[list[int]], categories: list[str],
+                         cfg: BuildConfig) -> tuple[Complements, dict[str, Any]] | None:
+    """LambdaRank complements (``complement_ranker.rank_complements``) and their manifest entry; writes the model
+    to ``COMPLEMENTS_MODEL``. None (with a log line) when the orders cannot train it: the caller mines NPMI."""
+    users = [b.user_id for b in ds.baskets]
+    per_user: dict[str, int] = {}
+    for u in users:
+        if u:
+            per_user[u] = per_user.get(u, 0) + 1
+    label_shoppers = sum(1 for c in per_user.values() if c >= 2)
+    if label_shoppers < MIN_LABEL_SHOPPERS:
+        logger.warning("learned complements need orders with shopper ids (%d shoppers with >= 2 orders, need %d): "
+                       "falling back to NPMI co-occurrence", label_shoppers, MIN_LABEL_SHOPPERS)
+        return None
+    from .complement_ranker import RankerConfig, rank_complements
+
+    numbers = [b.order_number for b in ds.baskets] if any(b.order_number for b in ds.baskets) else None
+    rcfg = RankerConfig(top_k=cfg.top_k, cross_aisle=ds.has_categories, seed=cfg.seed, threads=cfg.ranker_threads)
+    try:
+        comps, report = rank_complements(baskets, len(ds.items), users=users, order_numbers=numbers,
+                                         titles=[item.title for item in ds.items],
+                                         aisles=categories if ds.has_categories else None, cfg=rcfg,
+                                         progress=cfg.progress)
+    except ValueError as exc:  # e.g. no label query with a positive candidate on a tiny slice
+        logger.warning("learned complements could not be trained (%s): falling back to NPMI co-occurrence", exc)
+        return None
+    (root / COMPLEMENTS_MODEL).write_text(report.pop("model_text"))
+    info = {"method": report.pop("method"), "model_file": COMPLEMENTS_MODEL, "model_format": "lightgbm text",
+            "top_k": cfg.top_k, "pairs": report["pairs"], "anchors": report["anchors"], "baskets": len(baskets),
+            "support": "baskets containing both", "strength": "model score min-max scaled to (0, 1]",
+            "from_orders": True, "cross_category_only": ds.has_categories,
+            "order_numbers": "orders.csv order_number" if numbers is not None else "file order", **report}
+    return comps, info
 
 
 def lexical_stage(root: Path, titles: list[str], cfg: BuildConfig) -> Part:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bundlerec_export.config import BuildConfig, defaults
+from bundlerec_export.config import COMPLEMENT_METHODS, BuildConfig, defaults
 from bundlerec_export.datasets import DATASETS, DatasetError
 from bundlerec_export.offline import ensure_offline
 
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-int8-cosine", type=float, default=d["min_int8_cosine"],
                    help="fail below this int8 mean cosine to fp32")
     p.add_argument("--agreement-sample", type=int, default=d["agreement_sample"], help="titles used to measure agreement")
+    p.add_argument("--complements", choices=COMPLEMENT_METHODS, default=d["complements"],
+                   help="learned: LambdaRank re-ranked complements (orders with shopper ids; else npmi); "
+                        "npmi: NPMI co-occurrence mining")
     p.add_argument("--min-support", type=int, default=d["min_support"], help="baskets a complement pair needs")
     p.add_argument("--top-k", type=int, default=d["top_k"], help="complements kept per item")
     p.add_argument("--shrinkage", type=float, default=d["shrinkage"], help="NPMI shrinkage: score *= c/(c+shrinkage)")
@@ -84,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # BuildConfig fields set from the option of the same name (dest)
 _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
-                   "agreement_sample", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
+                   "agreement_sample", "complements", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
                    "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
                    "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus")
 

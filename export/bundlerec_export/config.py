@@ -6,6 +6,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+COMPLEMENT_METHODS = ("learned", "npmi")
 _PATH_FIELDS = ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache")
 
 
@@ -32,7 +33,10 @@ class BuildConfig:
     ef_construction: int = 200
     ef_search: int = 64  # the floor; the build raises it until recall@64 >= 0.98 (tune_ef)
     tune_ef: bool = True
-    # complements
+    # complements: "learned" (LightGBM LambdaRank re-ranker, complement_ranker; needs orders with shopper ids, else
+    # falls back to "npmi" with a log line) or "npmi" (complements.mine_cooccurrence)
+    complements: str = "learned"
+    ranker_threads: int = 2  # LightGBM threads of the learned complements
     min_support: int = 2
     top_k: int = 20
     shrinkage: float = 50.0
@@ -68,6 +72,8 @@ class BuildConfig:
             self.ray = True
         if self.ray_actors < 1 or self.ray_actor_cpus <= 0:
             raise ValueError("ray_actors and ray_actor_cpus must be positive")
+        if self.complements not in COMPLEMENT_METHODS:
+            raise ValueError(f"complements must be one of {COMPLEMENT_METHODS}")
         if self.finetune_epochs < 1:
             raise ValueError("finetune_epochs must be positive")
 

@@ -53,6 +53,7 @@ class Basket:
     basket_id: str
     user_id: str
     items: list[str]
+    order_number: int = 0  # position in the shopper's history (instacart orders.csv), 0 when unknown
 
 
 @dataclass
@@ -268,6 +269,7 @@ def load_instacart(data_dir: Path, limit: int | None = None) -> Dataset:
     sources = [Source(str(products), _sha256(products), rows)]
     known = {it.id for it in items}
     users: dict[str, str] = {}
+    numbers: dict[str, int] = {}
     n_orders = 0
     for line, row in _csv_rows(orders, ("order_id", "user_id")):
         n_orders += 1
@@ -275,11 +277,19 @@ def load_instacart(data_dir: Path, limit: int | None = None) -> Dataset:
         if not oid:
             raise DatasetError(f"{orders}:{line}: empty order_id")
         users[oid] = (row["user_id"] or "").strip()
+        numbers[oid] = _int_or_zero(row.get("order_number"))
     sources.append(Source(str(orders), _sha256(orders), n_orders))
     baskets, dropped, n_lines = read_orders_csv(order_items, known, basket_col="order_id", item_col="product_id")
     sources.append(Source(str(order_items), _sha256(order_items), n_lines))
-    baskets = [Basket(b.basket_id, users.get(b.basket_id, ""), b.items) for b in baskets]
+    baskets = [Basket(b.basket_id, users.get(b.basket_id, ""), b.items, numbers.get(b.basket_id, 0)) for b in baskets]
     return _finish("instacart", items, skipped, baskets, dropped, sources)
+
+
+def _int_or_zero(value: str | None) -> int:
+    try:
+        return int(float(value or 0))
+    except ValueError:
+        return 0
 
 
 def load_homedepot(data_dir: Path, limit: int | None = None) -> Dataset:

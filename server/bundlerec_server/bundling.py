@@ -8,13 +8,24 @@ score rewards strong complements without letting them outweigh relevance::
 
 so a bundle with no complement keeps its anchor's score, and a full bundle of perfect complements gains
 at most ``bonus`` (25 % by default).
+
+No one-item bundles when the caller asks for more than one item: ``min_strength`` never empties a bundle (when
+every stored complement that passes the filters is weaker, the best of them is kept), and an anchor left
+without any complement (none stored, or the filters drop them all) is skipped by :func:`rank_bundles` unless
+no anchor yields a bundle with a complement (then the one-item bundles are the answer rather than none).
+
+Known shoppers (``personal``: :func:`shopper_affinity` of their recent items) get repeat-aware complements
+(P-TopFreq / TIFU-KNN style, docs/bundles.md): the candidates are the anchor's stored list plus the shopper's
+own items, scored ``PERSONAL_WEIGHT x affinity + (1 - PERSONAL_WEIGHT) x (1 - rank / len(list))`` (an item
+outside the list has rank term 0); the score is the complement's strength, so bundles of the shopper's
+habitual items also rank higher, and the reason says so.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -34,7 +45,44 @@ class ComplementView(Protocol):
     def top_strength(self, row: int) -> float: ...
 
 
-def reason_for(complements: Sequence[tuple[int, float, int]]) -> str:
+PERSONAL_WEIGHT = 0.75  # the offline mix weight (docs/bundles.md, personalization)
+HISTORY_HALF_LIFE = 20.0  # positions in a newest-first item list (~2 Instacart baskets of ~10 items)
+PERSONAL_REASON = "with items you often buy"
+
+
+def shopper_affinity(*histories: Sequence[int], half_life: float = HISTORY_HALF_LIFE) -> dict[int, float]:
+    """A shopper's decayed purchase frequency from newest-first lists of catalog rows (``recent_item_ids``, the
+    events store's recent items): each occurrence adds ``0.5 ** (position / half_life)``, so repeated ids
+    count more and older ones less; scaled to (0, 1] by the largest. Empty when there is no history."""
+    freq: dict[int, float] = {}
+    for rows in histories:
+        for pos, row in enumerate(rows):
+            freq[row] = freq.get(row, 0.0) + 0.5 ** (pos / half_life)
+    top = max(freq.values(), default=0.0)
+    return {row: f / top for row, f in freq.items()} if top > 0 else {}
+
+
+def _personal_candidates(anchor: int, complements: ComplementView, personal: Mapping[int, float]
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The anchor's stored list plus the shopper's items, best first by the personal mix: (rows, mix score,
+    support = stored baskets containing both, 0 off the list)."""
+    rows, _, supports = complements.of(anchor)
+    listed = rows.tolist()
+    n = max(len(listed), 1)
+    score = {r: (1.0 - PERSONAL_WEIGHT) * (1.0 - i / n) for i, r in enumerate(listed)}
+    for r, a in personal.items():
+        score[r] = score.get(r, 0.0) + PERSONAL_WEIGHT * a
+    support = dict(zip(listed, supports.tolist(), strict=True))
+    order = sorted(score, key=lambda r: (-score[r], r))
+    out = np.asarray(order, dtype=np.int64)
+    return (out, np.asarray([score[r] for r in order], dtype=np.float64),
+            np.asarray([support.get(r, 0) for r in order], dtype=np.int64))
+
+
+def reason_for(complements: Sequence[tuple[int, float, int]], personal: Mapping[int, float] | None = None) -> str:
+    if personal and any(row in personal for row, _, _ in complements):
+        support = max((s for _, _, s in complements), default=0)
+        return f"{PERSONAL_REASON}; bought together in {support} baskets" if support > 0 else PERSONAL_REASON
     if not complements:
         return "top match for the query"
     support = complements[0][2]
@@ -52,9 +100,12 @@ def make_bundle(
     bonus: float,
     min_strength: float = 0.0,
     anchor_allowed: bool | None = None,
+    personal: Mapping[int, float] | None = None,
 ) -> BundleOut | None:
-    """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``), within the
-    price cap. None if the anchor is not allowed (``anchor_allowed``: already known, e.g. checked in bulk)."""
+    """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``, or the single best
+    allowed one when all are weaker), within the price cap. None if the anchor is not allowed
+    (``anchor_allowed``: already known, e.g. checked in bulk). ``personal``: the shopper's
+    :func:`shopper_affinity` (repeat-aware candidates and order, no strength cut)."""
     if not (allowed.allows_anchor(anchor.row) if anchor_allowed is None else anchor_allowed):
         return None
     anchor_price = catalog.prices[anchor.row]
@@ -64,11 +115,18 @@ def make_bundle(
     chosen: list[tuple[int, float, int]] = []
     seen = {anchor.row}
     if items_per_bundle > 1:
-        rows, strengths, supports = complements.of(anchor.row)
+        if personal:
+            rows, strengths, supports = _personal_candidates(anchor.row, complements, personal)
+            min_strength = 0.0
+        else:
+            rows, strengths, supports = complements.of(anchor.row)
         ok = allowed.items(rows).tolist()
+        weak = False  # below min_strength: only the best allowed one, and only while the bundle is empty
         for row, strength, support, row_ok in zip(rows.tolist(), strengths.tolist(), supports.tolist(), ok, strict=True):
             if strength < min_strength:
-                break  # complements are stored strongest first
+                if chosen:
+                    break  # complements are stored strongest first
+                weak = True
             if row in seen or not row_ok:
                 continue
             if anchor_cat and catalog.category_lower[row] == anchor_cat:
@@ -82,7 +140,7 @@ def make_bundle(
                 all_priced = False
             seen.add(row)
             chosen.append((row, strength, support))
-            if len(chosen) == items_per_bundle - 1:
+            if weak or len(chosen) == items_per_bundle - 1:
                 break
     gain = bonus * sum(s for _, s, _ in chosen) / (items_per_bundle - 1) if items_per_bundle > 1 else 0.0
     items = (BundleItemOut(anchor.row, True, anchor.score),) + tuple(
@@ -92,7 +150,7 @@ def make_bundle(
         score=float(anchor.score * (1.0 + gain)),
         items=items,
         total_price=round(total, 2) if all_priced else None,
-        reason=reason_for(chosen),
+        reason=reason_for(chosen, personal),
     )
 
 
@@ -105,14 +163,17 @@ def rank_bundles(
     items_per_bundle: int,
     bonus: float,
     min_strength: float = 0.0,
+    personal: Mapping[int, float] | None = None,
 ) -> list[BundleOut]:
     """Bundles for the anchors, best first (ties keep retrieval order), at most ``max_bundles``.
 
-    ``anchors`` must come best-first. A bundle scores at most ``anchor.score x (1 + bonus)``, so once
+    ``anchors`` must come best-first. With ``items_per_bundle > 1`` one-item bundles (anchors left without a
+    complement) are returned only when no anchor yields a bundle with one. A bundle scores at most ``anchor.score x (1 + bonus)``, so once
     ``max_bundles`` bundles are built and the next anchor cannot beat the weakest of them even with
     perfect complements, the remaining anchors are skipped (same result, less work).
     """
     bundles: list[BundleOut] = []
+    singles: list[BundleOut] = []  # anchors left without a complement: the answer only when nothing else is
     best: list[float] = []  # min-heap of the max_bundles best scores so far
     anchor_ok = allowed.anchors(np.fromiter((a.row for a in anchors), dtype=np.int64, count=len(anchors))).tolist()
     for anchor, ok in zip(anchors, anchor_ok, strict=True):
@@ -121,14 +182,19 @@ def rank_bundles(
         if len(best) == max_bundles:
             if anchor.score * (1.0 + bonus) < best[0]:
                 break  # no later anchor can beat the weakest kept bundle
-            if anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
+            if not personal and anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
                 continue  # not even this anchor's strongest complement would lift it enough
-        bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength, anchor_allowed=True)
-        if bundle is not None:
+        bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength,
+                             anchor_allowed=True, personal=personal)
+        if bundle is not None and items_per_bundle > 1 and len(bundle.items) == 1:
+            if len(singles) < max_bundles:
+                singles.append(bundle)
+        elif bundle is not None:
             bundles.append(bundle)
             if len(best) < max_bundles:
                 heapq.heappush(best, bundle.score)
             elif bundle.score > best[0]:
                 heapq.heapreplace(best, bundle.score)
+    bundles = bundles or singles
     bundles.sort(key=lambda b: -b.score)
     return bundles[:max_bundles]

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import artifact as A
 from . import tracing
-from .bundling import rank_bundles
+from .bundling import rank_bundles, shopper_affinity
 from .catalog import Catalog
 from .domain import BundleOut, Filters, Hit, Mode, Personalization, RecommendQuery, SearchQuery
 from .encoder import CUDA, Encoder
@@ -237,17 +237,21 @@ class Engine:
     def search(self, q: SearchQuery, vec: np.ndarray | None) -> list[Hit]:
         return self.retrieve(q.query, vec, q.k, self.allow(q.filters), self.mode_for(q.mode))
 
-    def recommend(self, q: RecommendQuery, vec: np.ndarray | None) -> list[BundleOut]:
-        """Anchors retrieved under the request's filters, then bundled under the same (resolved once)."""
+    def recommend(self, q: RecommendQuery, vec: np.ndarray | None, history: Sequence[str] = ()) -> list[BundleOut]:
+        """Anchors retrieved under the request's filters, then bundled under the same (resolved once); a known
+        shopper's ``recent_item_ids`` and recorded ``history`` (newest first) make the complements repeat-aware."""
         mode = self.mode_for(q.mode)
         allowed = self.allow(q.filters)
         pool = max(self.settings.anchor_pool, q.max_bundles * 2)
         with tracing.span("retrieve"):
             anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
         with tracing.span("bundle"):
+            rows_of = self.catalog.row_of.get
+            personal = shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
+                                        [r for r in map(rows_of, history) if r is not None])
             return rank_bundles(
                 anchors, self.catalog, self.complements, allowed, q.max_bundles, q.items_per_bundle,
-                self.settings.complement_bonus, self.settings.min_complement_strength,
+                self.settings.complement_bonus, self.settings.min_complement_strength, personal=personal or None,
             )
 
     def info(self) -> dict[str, Any]:

@@ -146,7 +146,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         except OutOfTime:
             return [], Personalization(), Stop.DEADLINE
         else:
-            return serving.engine.recommend(q, vec), info, None
+            return serving.engine.recommend(q, vec, history), info, None
 
     @observed
     async def Recommend(self, request: pb.RecommendRequest, context: Context) -> AsyncIterator[pb.RecommendResponse]:
