@@ -13,7 +13,7 @@ CLIENT_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' client/pyproject.t
 NODE := clients/node
 NODE_DEPS := $(NODE)/node_modules/.package-lock.json
 
-.PHONY: capacity profile install proto dist node-stubs node-test demo serve artifacts test test-all lint bench eval soak overload clean
+.PHONY: capacity profile eval-bundles install proto dist node-stubs node-test demo serve artifacts test test-all lint bench eval soak overload clean
 
 install: $(STAMP)
 
@@ -106,3 +106,9 @@ capacity: $(STAMP)
 # py-spy flame graph of the server at 100 RPS for 15 s (docs/performance.md)
 profile: $(STAMP) $(STUBS) artifacts/demo/manifest.json
 	PYTHON=$(PYTHON) bash benchmarks/profile.sh docs/img/flame-after.svg 100 15
+
+# bundle quality offline (user-level and by-order views, tuned baselines, bootstrap intervals); JSON + plot
+eval-bundles: $(STAMP)
+	$(PYTHON) -m benchmarks.bundle_quality --data-dir $(DATA)/instacart --views user --json runs/bq_user.json
+	$(PYTHON) -m benchmarks.bundle_quality --data-dir $(DATA)/instacart --views order --json runs/bq_order.json
+	$(PYTHON) -m benchmarks.bundle_quality --from-json runs/bq_user.json runs/bq_order.json --json docs/results/bundle-quality.json --plot docs/img/bundle-quality.png --markdown runs/bq.md
