@@ -40,8 +40,8 @@ from benchmarks.bundle_quality import (
     bootstrap_weights,
     load_instacart,
     mean_ci,
-    paired_ratio,
     pair_records,
+    paired_ratio,
     popularity_ranker,
     prepare,
 )
@@ -89,7 +89,7 @@ def content_fallback(emb: np.ndarray, aisles: Sequence[str], anchors: np.ndarray
         rows = anchors[s : s + 512]
         cos = emb[rows] @ emb.T
         cos[(cos < band[0]) | (cos > band[1])] = -np.inf
-        cos[codes[rows][:, None] == codes[None, :]] = -np.inf
+        cos[(codes[rows][:, None] == codes[None, :]) & (codes[None, :] >= 0)] = -np.inf
         cos[np.arange(len(rows)), rows] = -np.inf
         top = np.argsort(-cos, axis=1)[:, :KMAX]
         for r, row in enumerate(rows.tolist()):
@@ -113,14 +113,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test = [pr.baskets[i] for i in split.test]
     counts = np.zeros(n)
     for b in train:
-        counts[np.unique(b)] += 1
+        counts[np.unique(np.asarray(b, dtype=np.int64))] += 1
     anchors = np.unique([r for b in test for r in b if cold[r]])
     logger_info(f"{n} products, {cold.sum()} cold, {len(train)} train / {len(test)} test baskets, "
                 f"{len(anchors)} cold anchors in test")
-    cfg = cs.TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed)
+    common = {"dim": args.dim, "epochs": args.epochs, "seed": args.seed, "lr": args.lr,
+              "anchor_power": args.anchor_power, "min_support": args.min_support}
+    cfg = cs.TrainConfig(**common)
     model, meta = cs.train_cold_start(emb, train, pr.aisles, cfg, progress=True)
     logger_info(f"model trained in {meta['seconds']} s, loss {meta['loss'][0]} -> {meta['loss'][-1]}")
-    pcfg = cs.TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, use_popularity=True)
+    pcfg = cs.TrainConfig(**common, use_popularity=True)
     pmodel, pmeta = cs.train_cold_start(emb, train, pr.aisles, pcfg)
     logger_info(f"popularity-prior model: gamma {pmodel.gamma:.3f}")
     t1 = time.perf_counter()
@@ -129,10 +131,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     comp_nocat = cs.cold_start_complements(emb, None, pr.titles, model, top_k=KMAX, anchors=anchors)
     comp_pop = cs.cold_start_complements(emb, pr.aisles, pr.titles, pmodel, top_k=KMAX, anchors=anchors,
                                          popularity=counts)
+    aisle_prior = cs.group_prior_from_orders(train, pr.aisles)
+    comp_pop_aisle = cs.cold_start_complements(emb, pr.aisles, pr.titles, pmodel, top_k=KMAX, anchors=anchors,
+                                               popularity=counts, group_prior=aisle_prior)
+    zero = np.zeros((emb.shape[1], 1), np.float32)
+    backoff = cs.ColdStartModel(zero, zero, np.zeros(emb.shape[1], np.float32), gamma=1.0)  # no content at all
+    comp_backoff = cs.cold_start_complements(emb, pr.aisles, pr.titles, backoff, top_k=KMAX, anchors=anchors,
+                                             popularity=counts, group_prior=aisle_prior)
     rankers = {
         "cold_start": csr_rank(comp),
         "cold_start_no_categories": csr_rank(comp_nocat),
         "cold_start_pop": csr_rank(comp_pop),
+        "cold_start_pop_aisle_prior": csr_rank(comp_pop_aisle),
+        "aisle_backoff": csr_rank(comp_backoff),
         "popularity": popularity_ranker(counts, None, pr.aisles, True, KMAX),
         "content_fallback": content_fallback(emb, pr.aisles, anchors),
     }
@@ -177,6 +188,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _names(data_dir: str) -> list[str]:
     with open(Path(data_dir) / "products.csv", newline="", encoding="utf-8-sig") as fh:
         return [row["product_name"] for row in csv.DictReader(fh)]
+
+
+def _catalog_titles(name: str, root: Path) -> dict[str, str]:
+    if name == "homedepot":
+        with open(root / "homedepot" / "products.csv", newline="", encoding="utf-8-sig") as fh:
+            return {r["product_id"]: r["title"] for r in csv.DictReader(fh)}
+    with open(root / "icecat" / "products.jsonl", encoding="utf-8") as fh:
+        return {str(r["id"]): r["title"] for r in map(json.loads, fh)}
 
 
 def _comp_of(rank, n: int, anchors: np.ndarray):
@@ -243,6 +262,51 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def train_full(args: argparse.Namespace) -> dict[str, Any]:
+    """The shipped model: content-only, trained on ALL Instacart orders and products (aisles as categories)."""
+    data = load_instacart(args.data_dir)
+    pr = prepare(data)
+    full = np.asarray(embed_titles(_names(args.data_dir), Path(args.embed_model), Path(args.embeddings)))
+    rows = catalog_rows(Path(args.data_dir) / "products.csv")
+    emb = full[[rows[p] for p in pr.ids]]
+    cfg = cs.TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, lr=args.lr,
+                         anchor_power=args.anchor_power, min_support=args.min_support)
+    model, meta = cs.train_cold_start(emb, pr.baskets, pr.aisles, cfg, progress=True)
+    model.meta.update({"trained_on": "instacart: all orders, products that appear in an order",
+                       "encoder": "sentence-transformers/all-MiniLM-L6-v2 (fp32 ONNX, mean pooled, normalised)",
+                       "command": "python -m benchmarks.cold_start_eval --save-model " + str(args.save_model)})
+    args.save_model.parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.save_model)
+    return meta
+
+
+def catalog_samples(name: str, path: Path, titles_of: dict[str, str], model: cs.ColdStartModel, n_anchors: int = 50,
+                    seed: int = 0, top: int = 3) -> dict[str, Any]:
+    """``path`` = ``.npz`` (emb, ids) of a catalog (or a seeded sample of it); 50 seeded anchors -> top 3, the
+    content fallback's top 3 beside them, and substitute shares (categories unknown: title clusters)."""
+    z = np.load(path)
+    emb, ids = z["emb"], [str(i) for i in z["ids"]]
+    titles = [titles_of[i] for i in ids]
+    t0 = time.perf_counter()
+    anchors = np.sort(np.random.default_rng(seed).choice(len(ids), size=min(n_anchors, len(ids)), replace=False))
+    comp = cs.cold_start_complements(emb, None, titles, model, top_k=KMAX, anchors=anchors)
+    seconds = time.perf_counter() - t0
+    groups = cs.substitute_groups(emb, None)
+    fine = cs.substitute_groups(emb, None, cluster_size=50)
+    nocat = [""] * len(ids)
+    fallback = _comp_of(content_fallback(emb, nocat, anchors), len(ids), anchors)
+    shares = {}
+    for label, c in (("cold_start", comp), ("content_fallback", fallback)):
+        shares[label] = {
+            "rule (cluster ~250 or cos >= 0.8 or Jaccard >= 0.5)": cs.substitute_share(c, groups, emb, titles, anchors, k=top),
+            "stricter (cluster ~50 or cos >= 0.7 or Jaccard >= 0.4)": cs.substitute_share(
+                c, fine, emb, titles, anchors, k=top, dup_cosine=0.7, dup_jaccard=0.4)}
+    rows = [{"anchor": titles[a], "cold_start": [titles[c] for c in comp.of(int(a))[0][:top].tolist()],
+             "content_fallback": [titles[c] for c in fallback.of(int(a))[0][:top].tolist()]} for a in anchors.tolist()]
+    return {"catalog": name, "items": len(ids), "anchors": len(anchors), "seconds": round(seconds, 2),
+            "substitute_share_top3": shares, "rows": rows}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="../shared/data/instacart")
@@ -251,11 +315,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cold-pct", type=float, default=20.0)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--anchor-power", type=float, default=0.5)
+    p.add_argument("--min-support", type=int, default=2)
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--save-model", type=Path, help="train the shipped model on all orders and save it here")
+    p.add_argument("--samples", nargs=2, action="append", metavar=("NAME", "NPZ"), default=[],
+                   help="catalog sample (homedepot|icecat, .npz with emb + ids): 50 anchors -> top 3")
+    p.add_argument("--model", type=Path, default=cs.MODEL_FILE)
     args = p.parse_args(argv)
+    if args.save_model:
+        print(json.dumps(train_full(args), indent=1))
+        return 0
+    if args.samples:
+        model = cs.ColdStartModel.load(args.model)
+        res = {"samples": [catalog_samples(name, Path(npz), _catalog_titles(name, Path(args.data_dir).parent), model) for name, npz in args.samples]}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=1))
+        print(json.dumps([{k: v for k, v in s.items() if k != "rows"} for s in res["samples"]], indent=1))
+        return 0
     res = run(args)
     print(markdown(res))
     if args.json:

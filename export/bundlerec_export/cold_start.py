@@ -239,6 +239,38 @@ def train_cold_start(embeddings: np.ndarray, baskets: Sequence[Sequence[int]], c
 # ------------------------------------------------------------------------------------------------ serving
 
 
+@dataclass
+class GroupPrior:
+    """Category-level complementarity: ``log_p[g, h]`` = log P(category h | category g) of cross-category
+    co-purchases (add-``alpha`` smoothed), added ``weight`` times to score(a, c) where both categories are known."""
+
+    codes: np.ndarray  # group per item, -1 unknown
+    log_p: np.ndarray  # (groups, groups)
+    weight: float = 1.0
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        ga = self.codes[rows]
+        out = self.log_p[np.maximum(ga, 0)][:, np.maximum(self.codes, 0)] * np.float32(self.weight)
+        out[(ga < 0)[:, None] | (self.codes < 0)[None, :]] = 0.0
+        return out.astype(np.float32)
+
+
+def group_prior_from_orders(baskets: Sequence[Sequence[int]], categories: Sequence[str], alpha: float = 1.0,
+                            weight: float = 1.0) -> GroupPrior:
+    codes = category_codes(categories, len(categories))
+    g = int(codes.max(initial=-1)) + 1
+    t = cooccurrence_targets(baskets, len(categories), categories, min_support=1).tocoo()
+    ga, gb = codes[t.row], codes[t.col]
+    ok = (ga >= 0) & (gb >= 0)
+    m = np.zeros((g, g))
+    np.add.at(m, (ga[ok], gb[ok]), t.data[ok])
+    m += alpha
+    np.fill_diagonal(m, 0.0)
+    p = m / np.maximum(m.sum(axis=1, keepdims=True), 1e-12)
+    return GroupPrior(codes, np.log(np.maximum(p, 1e-12)).astype(np.float32), weight)
+
+
+
 def spherical_kmeans(emb: np.ndarray, k: int, seed: int = 0, iters: int = 15) -> np.ndarray:
     """Cluster label per row (cosine k-means, seeded k-means++-lite init: random distinct rows)."""
     x = np.asarray(emb, dtype=np.float32)
@@ -282,7 +314,8 @@ def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | None, titles: Sequence[str],
                            model: ColdStartModel, top_k: int = 20, exclude_substitutes: bool = True, *,
                            anchors: np.ndarray | None = None, candidates: np.ndarray | None = None,
-                           popularity: np.ndarray | None = None, dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
+                           popularity: np.ndarray | None = None, group_prior: GroupPrior | None = None,
+                           dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
                            cluster_size: int = 250, seed: int = 0, pool: int = 200, batch: int = 1024) -> Complements:
     """Complements CSR (``artifact.Complements``) from the cold-start model, for ``anchors`` (boolean mask or
     row array; default every item) — other rows get empty lists. ``candidates`` (boolean mask) limits the
@@ -313,6 +346,8 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
     for s in range(0, len(rows_all), batch):
         rows = rows_all[s : s + batch]
         sc = u[rows] @ v.T + prior[None, :]
+        if group_prior is not None:
+            sc += group_prior.of(rows)
         sc[np.arange(len(rows)), rows] = -np.inf
         if groups is not None:
             sc[groups[rows][:, None] == groups[None, :]] = -np.inf
