@@ -120,10 +120,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common = {"dim": args.dim, "epochs": args.epochs, "seed": args.seed, "lr": args.lr,
               "anchor_power": args.anchor_power, "min_support": args.min_support}
     cfg = cs.TrainConfig(**common)
-    model, meta = cs.train_cold_start(emb, train, pr.aisles, cfg, progress=True)
+    model, meta = _cached_train(emb, train, pr.aisles, cfg, args)
     logger_info(f"model trained in {meta['seconds']} s, loss {meta['loss'][0]} -> {meta['loss'][-1]}")
     pcfg = cs.TrainConfig(**common, use_popularity=True)
-    pmodel, pmeta = cs.train_cold_start(emb, train, pr.aisles, pcfg)
+    pmodel, pmeta = _cached_train(emb, train, pr.aisles, pcfg, args)
     logger_info(f"popularity-prior model: gamma {pmodel.gamma:.3f}")
     t1 = time.perf_counter()
     comp = cs.cold_start_complements(emb, pr.aisles, pr.titles, model, top_k=KMAX, anchors=anchors)
@@ -183,6 +183,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": samples,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _cached_train(emb: np.ndarray, train: list[list[int]], aisles: Sequence[str], cfg: cs.TrainConfig,
+                  args: argparse.Namespace) -> tuple[cs.ColdStartModel, dict[str, Any]]:
+    """Trains (or reloads from ``--cache-dir``, keyed by the config and the split) the eval's model."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([cfg.__dict__, args.cold_pct, args.seed, len(train)], sort_keys=True).encode())
+    path = Path(args.cache_dir) / f"cold_start_eval_{key.hexdigest()[:12]}.npz"
+    if path.is_file():
+        model = cs.ColdStartModel.load(path)
+        return model, model.meta
+    model, meta = cs.train_cold_start(emb, train, aisles, cfg, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return model, meta
 
 
 def _names(data_dir: str) -> list[str]:
@@ -322,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--cache-dir", default="runs", help="trained eval models are cached here")
     p.add_argument("--save-model", type=Path, help="train the shipped model on all orders and save it here")
     p.add_argument("--samples", nargs=2, action="append", metavar=("NAME", "NPZ"), default=[],
                    help="catalog sample (homedepot|icecat, .npz with emb + ids): 50 anchors -> top 3")

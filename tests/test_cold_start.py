@@ -151,3 +151,18 @@ def test_rejects_mismatched_inputs():
         cs.cold_start_complements(emb, cats, titles[:-1], model)
     with pytest.raises(ValueError):
         cs.cold_start_complements(emb[:, :8], cats, titles, model)
+
+
+def test_group_prior_from_orders_favours_the_co_purchased_category():
+    emb, cats, titles, baskets, _ = _synthetic()
+    prior = cs.group_prior_from_orders(baskets, cats)
+    chips, salsa, soap = (prior.codes[k] for k in (0, 10, 20))
+    assert prior.log_p[chips, salsa] > prior.log_p[chips, soap]
+    assert np.isclose(np.exp(prior.log_p[chips]).sum(), 1.0)
+    # a content-blind model (all scores equal) follows the prior: chips -> salsa first
+    zero = np.zeros((DIM, 1), np.float32)
+    flat = cs.ColdStartModel(zero, zero, np.zeros(DIM, np.float32))
+    comp = cs.cold_start_complements(emb, cats, titles, flat, top_k=10, group_prior=prior)
+    assert all(10 <= c < 20 for c in comp.of(0)[0].tolist())
+    unknown = cs.GroupPrior(np.full(len(emb), -1), prior.log_p)
+    assert not unknown.of(np.arange(3)).any()
