@@ -166,3 +166,19 @@ def test_group_prior_from_orders_favours_the_co_purchased_category():
     assert all(10 <= c < 20 for c in comp.of(0)[0].tolist())
     unknown = cs.GroupPrior(np.full(len(emb), -1), prior.log_p)
     assert not unknown.of(np.arange(3)).any()
+
+
+def test_fill_empty_rows_keeps_mined_lists_and_fills_the_rest():
+    from bundlerec_server.artifact import Complements
+
+    mined = Complements(np.array([0, 2, 2, 3]), np.array([1, 2, 0], np.int32), np.array([1, .5, 1], np.float32),
+                        np.array([7, 3, 2], np.int32))
+    cold = Complements(np.array([0, 1, 3, 4]), np.array([2, 0, 2, 1], np.int32), np.array([1, 1, .2, 1], np.float32),
+                       np.zeros(4, np.int32))
+    out, filled = cs.fill_empty_rows(mined, cold)
+    assert filled.tolist() == [False, True, False]
+    assert out.indptr.tolist() == [0, 2, 4, 5]
+    assert out.indices.tolist() == [1, 2, 0, 2, 0] and out.support.tolist() == [7, 3, 0, 0, 2]
+    with pytest.raises(ValueError):
+        cs.fill_empty_rows(mined, Complements(np.array([0, 0]), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                                              np.zeros(0, np.int32)))

@@ -374,6 +374,27 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
     return Complements(indptr, idx.astype(np.int32), strength.astype(np.float32), np.zeros(len(idx), dtype=np.int32))
 
 
+def fill_empty_rows(primary: Complements, fallback: Complements) -> tuple[Complements, np.ndarray]:
+    """``primary``'s lists where it has any, else ``fallback``'s (same catalog); also the mask of filled rows.
+    The build: mined/learned complements first, cold-start lists for the items without order evidence."""
+    if len(primary.indptr) != len(fallback.indptr):
+        raise ValueError("primary and fallback must cover the same catalog")
+    use = np.diff(primary.indptr) == 0
+    use &= np.diff(fallback.indptr) > 0
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    counts = np.zeros(len(use), dtype=np.int64)
+    for row in range(len(use)):
+        part = (fallback if use[row] else primary).of(row)
+        counts[row] = len(part[0])
+        parts.append(part)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def cat(k: int, dtype: type) -> np.ndarray:
+        return np.concatenate([p[k] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
+
+    return Complements(indptr, cat(0, np.int32), cat(1, np.float32), cat(2, np.int32)), use
+
+
 def substitute_share(comp: Complements, groups: np.ndarray, embeddings: np.ndarray, titles: Sequence[str],
                      rows: Sequence[int], k: int = 5, dup_cosine: float = 0.8, dup_jaccard: float = 0.5) -> dict[str, Any]:
     """Share of the first ``k`` complements of ``rows`` that are substitutes: same group, or near-duplicate title."""
