@@ -134,6 +134,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     aisle_prior = cs.group_prior_from_orders(train, pr.aisles)
     comp_pop_aisle = cs.cold_start_complements(emb, pr.aisles, pr.titles, pmodel, top_k=KMAX, anchors=anchors,
                                                popularity=counts, group_prior=aisle_prior)
+    # popularity weight for the content model, tuned on VALIDATION baskets (each shopper's latest train order)
+    # with a cold anchor: cold anchors never enter training, so those pairs are unseen by the model
+    val = [pr.baskets[i] for i in split.val]
+    val_anchors = np.unique([r for b in val for r in b if cold[r]])
+    grid: dict[str, float] = {}
+    for lam in args.pop_grid:
+        tuned = cs.ColdStartModel(model.w_anchor, model.w_comp, model.w_bias, model.b0, lam, model.meta)
+        vcomp = cs.cold_start_complements(emb, pr.aisles, pr.titles, tuned, top_k=KMAX, anchors=val_anchors,
+                                          popularity=counts)
+        vrec = pair_records(val, other_aisle(csr_rank(vcomp), pr.aisles), pr.aisles, "other_aisle")
+        grid[str(lam)] = float(vrec["r5"][np.isin(vrec["anchor"], val_anchors)].mean())
+    best = float(max(grid, key=lambda k: grid[k]))
+    logger_info(f"validation R@5 by popularity weight: {grid} -> {best}")
+    tuned = cs.ColdStartModel(model.w_anchor, model.w_comp, model.w_bias, model.b0, best, model.meta)
+    comp_tuned = cs.cold_start_complements(emb, pr.aisles, pr.titles, tuned, top_k=KMAX, anchors=anchors,
+                                           popularity=counts)
     zero = np.zeros((emb.shape[1], 1), np.float32)
     backoff = cs.ColdStartModel(zero, zero, np.zeros(emb.shape[1], np.float32), gamma=1.0)  # no content at all
     comp_backoff = cs.cold_start_complements(emb, pr.aisles, pr.titles, backoff, top_k=KMAX, anchors=anchors,
@@ -143,6 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cold_start_no_categories": csr_rank(comp_nocat),
         "cold_start_pop": csr_rank(comp_pop),
         "cold_start_pop_aisle_prior": csr_rank(comp_pop_aisle),
+        "cold_start_pop_tuned": csr_rank(comp_tuned),
         "aisle_backoff": csr_rank(comp_backoff),
         "popularity": popularity_ranker(counts, None, pr.aisles, True, KMAX),
         "content_fallback": content_fallback(emb, pr.aisles, anchors),
@@ -178,6 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "targets": "other-aisle items of the test basket", "lists": "other aisles, top 20"},
         "model": {k: v for k, v in meta.items()},
         "popularity_model": {"gamma": pmodel.gamma, "seconds": pmeta["seconds"]},
+        "popularity_weight_validation": {"val_cold_anchors": int(len(val_anchors)), "r5_by_weight": grid,
+                                         "chosen": best},
         "list_seconds": round(list_s, 2),
         "methods": methods,
         "samples": samples,
@@ -334,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--anchor-power", type=float, default=0.5)
     p.add_argument("--min-support", type=int, default=2)
+    p.add_argument("--pop-grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0])
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
