@@ -272,7 +272,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     bars = axes[2].barh(names, sub, color="#d8743b")
     axes[2].bar_label(bars, fmt="%.3f", fontsize=7)
     axes[2].axvline(0.10, color="r", ls="--", lw=0.8)
-    axes[2].set_title("substitute share of the top 5 (same aisle or near-duplicate)", fontsize=9)
+    axes[2].set_title("substitutes in top 5 (same aisle or near-dup.)", fontsize=9)
     axes[2].invert_yaxis()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
