@@ -147,9 +147,9 @@ class TrainConfig:
     dim: int = 64
     epochs: int = 40
     batch: int = 256
-    lr: float = 0.01
+    lr: float = 0.03
     l2: float = 1e-5
-    anchor_power: float = 0.5  # anchor row weight = (co-purchase support) ** power
+    anchor_power: float = 1.0  # anchor row weight = (co-purchase support) ** power
     min_support: int = 2
     use_popularity: bool = False  # learn gamma on log1p(orders) of the candidate
     seed: int = 0
