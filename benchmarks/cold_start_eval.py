@@ -1,0 +1,389 @@
+"""Cold-start complements on Instacart with the anchors' orders hidden (split by product), on held-out baskets.
+
+    python -m benchmarks.cold_start_eval --data-dir ../shared/data/instacart \
+        --embeddings runs/emb_instacart.npy --json docs/results/cold-start.json --plot docs/img/cold-start.png
+
+Protocol
+* Orders: the user-level split (``splits.user_level_split``): TEST = each shopper's latest order, TRAIN = the rest.
+* Cold products: a seeded random ``--cold-pct`` (20 %) of the catalog (products that appear in an order). ALL
+  their order lines are removed from TRAIN: the model, popularity and every count see no order of them.
+* Pairs: every (TEST basket, cold anchor in it) with >= 1 target; targets = the basket's other items in
+  another aisle; every list is restricted to other aisles and cut at 20 (the served rule).
+* Methods, on the same pairs: ``cold_start`` (content-only two-tower model, what a catalog without orders
+  gets; aisles as categories), ``cold_start_no_categories`` (same model, categories unknown: substitutes by
+  title clusters, as for Home Depot / Icecat), ``cold_start_pop`` (the model with a popularity prior on
+  the candidates that have TRAIN orders: new items in a catalog with orders), ``popularity`` (global, other
+  aisles), ``content_fallback`` (today: ``complements.related_from_index``'s rule, exact: cosine band
+  0.45-0.85, other aisles, best by cosine).
+* Recall@5/10/20 means over pairs, 95 % intervals from ``--draws`` bootstrap resamples of test baskets,
+  paired ratio to popularity. Substitute share of the top 5 (before the other-aisle cut): same aisle, or a
+  near-duplicate title (cosine >= 0.8 or token Jaccard >= 0.5).
+
+Embeddings: ``--embeddings`` (rows = ``products.csv`` order, the MiniLM fp32 ONNX encoder of the build; made
+with ``--embed-model DIR`` holding ``fp32.onnx`` + ``tokenizer.json`` when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bundle_quality import (
+    bootstrap_weights,
+    load_instacart,
+    mean_ci,
+    pair_records,
+    paired_ratio,
+    popularity_ranker,
+    prepare,
+)
+from bundlerec_export import cold_start as cs
+from bundlerec_export.splits import user_level_split
+
+KMAX = 20
+
+
+def embed_titles(titles: Sequence[str], model_dir: Path, cache: Path) -> np.ndarray:
+    """Title embeddings with the build's encoder (mean-pooled, normalised), cached as ``.npy``."""
+    if cache.is_file():
+        return np.load(cache)
+    from bundlerec_server.encoder import Encoder
+
+    enc = Encoder(model_dir / "fp32.onnx", model_dir / "tokenizer.json", max_length=128, provider="cpu")
+    emb = enc.encode_many(list(titles), batch_size=64).astype(np.float32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, emb)
+    return emb
+
+
+def catalog_rows(products_csv: Path) -> dict[str, int]:
+    with open(products_csv, newline="", encoding="utf-8-sig") as fh:
+        return {row["product_id"].strip(): k for k, row in enumerate(csv.DictReader(fh))}
+
+
+def other_aisle(rank, aisles: Sequence[str]):
+    def ranked(anchor: int) -> list[int]:
+        return [int(r) for r in rank(anchor) if aisles[int(r)] != aisles[anchor]][:KMAX]
+    return ranked
+
+
+def csr_rank(comp):
+    def ranked(anchor: int) -> list[int]:
+        return comp.of(anchor)[0].tolist()
+    return ranked
+
+
+def content_fallback(emb: np.ndarray, aisles: Sequence[str], anchors: np.ndarray, band=(0.45, 0.85)):
+    """``related_from_index``'s rule, exact: neighbours with lo <= cos <= hi, other aisles, best by cosine."""
+    codes = cs.category_codes(aisles, len(emb))
+    lists: dict[int, list[int]] = {}
+    for s in range(0, len(anchors), 512):
+        rows = anchors[s : s + 512]
+        cos = emb[rows] @ emb.T
+        cos[(cos < band[0]) | (cos > band[1])] = -np.inf
+        cos[(codes[rows][:, None] == codes[None, :]) & (codes[None, :] >= 0)] = -np.inf
+        cos[np.arange(len(rows)), rows] = -np.inf
+        top = np.argsort(-cos, axis=1)[:, :KMAX]
+        for r, row in enumerate(rows.tolist()):
+            lists[row] = [int(c) for c in top[r] if np.isfinite(cos[r, c])]
+    return lambda anchor: lists.get(anchor, [])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    data = load_instacart(args.data_dir)
+    pr = prepare(data)
+    n = len(pr.ids)
+    full = np.asarray(embed_titles([r for r in _names(args.data_dir)], Path(args.embed_model), Path(args.embeddings)))
+    rows = catalog_rows(Path(args.data_dir) / "products.csv")
+    emb = full[[rows[p] for p in pr.ids]]
+    split = user_level_split(pr.users, pr.numbers)
+    rng = np.random.default_rng(args.seed)
+    cold = np.zeros(n, dtype=bool)
+    cold[rng.choice(n, size=int(round(args.cold_pct / 100 * n)), replace=False)] = True
+    train = [[r for r in pr.baskets[i] if not cold[r]] for i in split.train]
+    test = [pr.baskets[i] for i in split.test]
+    counts = np.zeros(n)
+    for b in train:
+        counts[np.unique(np.asarray(b, dtype=np.int64))] += 1
+    anchors = np.unique([r for b in test for r in b if cold[r]])
+    logger_info(f"{n} products, {cold.sum()} cold, {len(train)} train / {len(test)} test baskets, "
+                f"{len(anchors)} cold anchors in test")
+    common = {"dim": args.dim, "epochs": args.epochs, "seed": args.seed, "lr": args.lr,
+              "anchor_power": args.anchor_power, "min_support": args.min_support}
+    cfg = cs.TrainConfig(**common)
+    model, meta = _cached_train(emb, train, pr.aisles, cfg, args)
+    logger_info(f"model trained in {meta['seconds']} s, loss {meta['loss'][0]} -> {meta['loss'][-1]}")
+    pcfg = cs.TrainConfig(**common, use_popularity=True)
+    pmodel, pmeta = _cached_train(emb, train, pr.aisles, pcfg, args)
+    logger_info(f"popularity-prior model: gamma {pmodel.gamma:.3f}")
+    t1 = time.perf_counter()
+    comp = cs.cold_start_complements(emb, pr.aisles, pr.titles, model, top_k=KMAX, anchors=anchors)
+    list_s = time.perf_counter() - t1
+    comp_nocat = cs.cold_start_complements(emb, None, pr.titles, model, top_k=KMAX, anchors=anchors)
+    comp_pop = cs.cold_start_complements(emb, pr.aisles, pr.titles, pmodel, top_k=KMAX, anchors=anchors,
+                                         popularity=counts)
+    aisle_prior = cs.group_prior_from_orders(train, pr.aisles)
+    comp_pop_aisle = cs.cold_start_complements(emb, pr.aisles, pr.titles, pmodel, top_k=KMAX, anchors=anchors,
+                                               popularity=counts, group_prior=aisle_prior)
+    # popularity weight for the content model, tuned on VALIDATION baskets (each shopper's latest train order)
+    # with a cold anchor: cold anchors never enter training, so those pairs are unseen by the model
+    val = [pr.baskets[i] for i in split.val]
+    val_anchors = np.unique([r for b in val for r in b if cold[r]])
+    grid: dict[str, float] = {}
+    for lam in args.pop_grid:
+        tuned = cs.ColdStartModel(model.w_anchor, model.w_comp, model.w_bias, model.b0, lam, model.meta)
+        vcomp = cs.cold_start_complements(emb, pr.aisles, pr.titles, tuned, top_k=KMAX, anchors=val_anchors,
+                                          popularity=counts)
+        vrec = pair_records(val, other_aisle(csr_rank(vcomp), pr.aisles), pr.aisles, "other_aisle")
+        grid[str(lam)] = float(vrec["r5"][np.isin(vrec["anchor"], val_anchors)].mean())
+    best = float(max(grid, key=lambda k: grid[k]))
+    logger_info(f"validation R@5 by popularity weight: {grid} -> {best}")
+    tuned = cs.ColdStartModel(model.w_anchor, model.w_comp, model.w_bias, model.b0, best, model.meta)
+    comp_tuned = cs.cold_start_complements(emb, pr.aisles, pr.titles, tuned, top_k=KMAX, anchors=anchors,
+                                           popularity=counts)
+    zero = np.zeros((emb.shape[1], 1), np.float32)
+    backoff = cs.ColdStartModel(zero, zero, np.zeros(emb.shape[1], np.float32), gamma=1.0)  # no content at all
+    comp_backoff = cs.cold_start_complements(emb, pr.aisles, pr.titles, backoff, top_k=KMAX, anchors=anchors,
+                                             popularity=counts, group_prior=aisle_prior)
+    rankers = {
+        "cold_start": csr_rank(comp),
+        "cold_start_no_categories": csr_rank(comp_nocat),
+        "cold_start_pop": csr_rank(comp_pop),
+        "cold_start_pop_aisle_prior": csr_rank(comp_pop_aisle),
+        "cold_start_pop_tuned": csr_rank(comp_tuned),
+        "aisle_backoff": csr_rank(comp_backoff),
+        "popularity": popularity_ranker(counts, None, pr.aisles, True, KMAX),
+        "content_fallback": content_fallback(emb, pr.aisles, anchors),
+    }
+    weights = bootstrap_weights(len(test), args.draws, seed=args.seed)
+    groups_aisle = cs.category_codes(pr.aisles, n)
+    methods: dict[str, Any] = {}
+    ref = None
+    cold_set = set(anchors.tolist())
+    recs = {}
+    for name, rank in rankers.items():
+        rec = pair_records(test, other_aisle(lambda a, rank=rank: rank(a) if a in cold_set else [], pr.aisles),
+                           pr.aisles, "other_aisle")
+        keep = np.isin(rec["anchor"], anchors)
+        recs[name] = {k: v[keep] for k, v in rec.items()}
+    ref = recs["popularity"]
+    for name, rec in recs.items():
+        sub = cs.substitute_share(_comp_of(rankers[name], n, anchors), groups_aisle, emb, pr.titles, anchors, k=5)
+        methods[name] = {
+            **{f"r{k}": mean_ci(rec[f"r{k}"], rec["basket"], weights) for k in (5, 10, 20)},
+            "ratio_vs_popularity": {f"r{k}": paired_ratio(rec[f"r{k}"], ref[f"r{k}"], rec["basket"], weights)
+                                    for k in (5, 10)},
+            "substitute_share_top5": sub,
+            "empty_pairs": float(rec["empty"].mean()) if len(rec["empty"]) else None,
+        }
+    samples = {pr.titles[a]: [pr.titles[c] for c in comp.of(int(a))[0][:3].tolist()]
+               for a in rng.choice(anchors, size=min(12, len(anchors)), replace=False).tolist()}
+    return {
+        "protocol": {"split": "user-level (test = latest order per shopper)", "cold_pct": args.cold_pct,
+                     "seed": args.seed, "products": n, "cold_products": int(cold.sum()),
+                     "cold_anchors_in_test": int(len(anchors)), "pairs": int(len(ref["r5"])),
+                     "train_baskets": len(train), "test_baskets": len(test), "draws": args.draws, "kmax": KMAX,
+                     "targets": "other-aisle items of the test basket", "lists": "other aisles, top 20"},
+        "model": {k: v for k, v in meta.items()},
+        "popularity_model": {"gamma": pmodel.gamma, "seconds": pmeta["seconds"]},
+        "popularity_weight_validation": {"val_cold_anchors": int(len(val_anchors)), "r5_by_weight": grid,
+                                         "chosen": best},
+        "list_seconds": round(list_s, 2),
+        "methods": methods,
+        "samples": samples,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _cached_train(emb: np.ndarray, train: list[list[int]], aisles: Sequence[str], cfg: cs.TrainConfig,
+                  args: argparse.Namespace) -> tuple[cs.ColdStartModel, dict[str, Any]]:
+    """Trains (or reloads from ``--cache-dir``, keyed by the config and the split) the eval's model."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([cfg.__dict__, args.cold_pct, args.seed, len(train)], sort_keys=True).encode())
+    path = Path(args.cache_dir) / f"cold_start_eval_{key.hexdigest()[:12]}.npz"
+    if path.is_file():
+        model = cs.ColdStartModel.load(path)
+        return model, model.meta
+    model, meta = cs.train_cold_start(emb, train, aisles, cfg, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return model, meta
+
+
+def _names(data_dir: str) -> list[str]:
+    with open(Path(data_dir) / "products.csv", newline="", encoding="utf-8-sig") as fh:
+        return [row["product_name"] for row in csv.DictReader(fh)]
+
+
+def _catalog_titles(name: str, root: Path) -> dict[str, str]:
+    if name == "homedepot":
+        with open(root / "homedepot" / "products.csv", newline="", encoding="utf-8-sig") as fh:
+            return {r["product_id"]: r["title"] for r in csv.DictReader(fh)}
+    with open(root / "icecat" / "products.jsonl", encoding="utf-8") as fh:
+        return {str(r["id"]): r["title"] for r in map(json.loads, fh)}
+
+
+def _comp_of(rank, n: int, anchors: np.ndarray):
+    """A ranker's lists for ``anchors`` as a Complements-like object (for :func:`cold_start.substitute_share`)."""
+    from bundlerec_server.artifact import Complements
+
+    counts = np.zeros(n, dtype=np.int64)
+    cols = []
+    for a in anchors.tolist():
+        lst = [int(c) for c in rank(a)][:KMAX]
+        counts[a] = len(lst)
+        cols.extend(lst)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Complements(indptr, np.asarray(cols, np.int32), np.ones(len(cols), np.float32), np.zeros(len(cols), np.int32))
+
+
+def logger_info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["methods"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key in zip(axes[:2], ("r5", "r10")):
+        stats = [res["methods"][m][key] for m in names]
+        vals = [s["mean"] for s in stats]
+        err = np.asarray([[v - s["ci95"][0] for v, s in zip(vals, stats)], [s["ci95"][1] - v for v, s in zip(vals, stats)]])
+        bars = ax.barh(names, vals, xerr=err, capsize=2,
+                       color=["#3b7dd8" if m.startswith("cold") else "#999999" for m in names])
+        ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=8)
+        ax.set_title(f"cold anchors: Recall@{key[1:]} (other aisles), 95 % CI", fontsize=9)
+        ax.invert_yaxis()
+    sub = [res["methods"][m]["substitute_share_top5"]["substitute"] or 0 for m in names]
+    bars = axes[2].barh(names, sub, color="#d8743b")
+    axes[2].bar_label(bars, fmt="%.3f", fontsize=7)
+    axes[2].axvline(0.10, color="r", ls="--", lw=0.8)
+    axes[2].set_title("substitutes in top 5 (same aisle or near-dup.)", fontsize=9)
+    axes[2].invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["| method | R@5 | × popularity (R@5) | R@10 | × popularity (R@10) | R@20 | substitutes in top 5 |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ci(s: dict[str, Any]) -> str:
+        return f"{s['mean']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
+
+    def rt(s: dict[str, Any]) -> str:
+        return f"{s['ratio']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
+
+    for name, m in res["methods"].items():
+        lines.append(f"| {name} | {ci(m['r5'])} | {rt(m['ratio_vs_popularity']['r5'])} | {ci(m['r10'])} | "
+                     f"{rt(m['ratio_vs_popularity']['r10'])} | {ci(m['r20'])} | "
+                     f"{m['substitute_share_top5']['substitute']:.3f} |")
+    return "\n".join(lines)
+
+
+def train_full(args: argparse.Namespace) -> dict[str, Any]:
+    """The shipped model: content-only, trained on ALL Instacart orders and products (aisles as categories)."""
+    data = load_instacart(args.data_dir)
+    pr = prepare(data)
+    full = np.asarray(embed_titles(_names(args.data_dir), Path(args.embed_model), Path(args.embeddings)))
+    rows = catalog_rows(Path(args.data_dir) / "products.csv")
+    emb = full[[rows[p] for p in pr.ids]]
+    cfg = cs.TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, lr=args.lr,
+                         anchor_power=args.anchor_power, min_support=args.min_support)
+    model, meta = cs.train_cold_start(emb, pr.baskets, pr.aisles, cfg, progress=True)
+    model.meta.update({"trained_on": "instacart: all orders, products that appear in an order",
+                       "encoder": "sentence-transformers/all-MiniLM-L6-v2 (fp32 ONNX, mean pooled, normalised)",
+                       "command": "python -m benchmarks.cold_start_eval --save-model " + str(args.save_model)})
+    args.save_model.parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.save_model)
+    return meta
+
+
+def catalog_samples(name: str, path: Path, titles_of: dict[str, str], model: cs.ColdStartModel, n_anchors: int = 50,
+                    seed: int = 0, top: int = 3) -> dict[str, Any]:
+    """``path`` = ``.npz`` (emb, ids) of a catalog (or a seeded sample of it); 50 seeded anchors -> top 3, the
+    content fallback's top 3 beside them, and substitute shares (categories unknown: title clusters)."""
+    z = np.load(path)
+    emb, ids = z["emb"], [str(i) for i in z["ids"]]
+    titles = [titles_of[i] for i in ids]
+    t0 = time.perf_counter()
+    anchors = np.sort(np.random.default_rng(seed).choice(len(ids), size=min(n_anchors, len(ids)), replace=False))
+    comp = cs.cold_start_complements(emb, None, titles, model, top_k=KMAX, anchors=anchors)
+    seconds = time.perf_counter() - t0
+    groups = cs.substitute_groups(emb, None)
+    fine = cs.substitute_groups(emb, None, cluster_size=50)
+    nocat = [""] * len(ids)
+    fallback = _comp_of(content_fallback(emb, nocat, anchors), len(ids), anchors)
+    shares = {}
+    for label, c in (("cold_start", comp), ("content_fallback", fallback)):
+        shares[label] = {
+            "rule (cluster ~250 or cos >= 0.8 or Jaccard >= 0.5)": cs.substitute_share(c, groups, emb, titles, anchors, k=top),
+            "stricter (cluster ~50 or cos >= 0.7 or Jaccard >= 0.4)": cs.substitute_share(
+                c, fine, emb, titles, anchors, k=top, dup_cosine=0.7, dup_jaccard=0.4)}
+    rows = [{"anchor": titles[a], "cold_start": [titles[c] for c in comp.of(int(a))[0][:top].tolist()],
+             "content_fallback": [titles[c] for c in fallback.of(int(a))[0][:top].tolist()]} for a in anchors.tolist()]
+    return {"catalog": name, "items": len(ids), "anchors": len(anchors), "seconds": round(seconds, 2),
+            "substitute_share_top3": shares, "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="../shared/data/instacart")
+    p.add_argument("--embeddings", default="runs/emb_instacart.npy")
+    p.add_argument("--embed-model", default="runs/model", help="folder with fp32.onnx + tokenizer.json")
+    p.add_argument("--cold-pct", type=float, default=20.0)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--anchor-power", type=float, default=1.0)
+    p.add_argument("--min-support", type=int, default=2)
+    p.add_argument("--pop-grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0])
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    p.add_argument("--cache-dir", default="runs", help="trained eval models are cached here")
+    p.add_argument("--save-model", type=Path, help="train the shipped model on all orders and save it here")
+    p.add_argument("--samples", nargs=2, action="append", metavar=("NAME", "NPZ"), default=[],
+                   help="catalog sample (homedepot|icecat, .npz with emb + ids): 50 anchors -> top 3")
+    p.add_argument("--model", type=Path, default=cs.MODEL_FILE)
+    args = p.parse_args(argv)
+    if args.save_model:
+        print(json.dumps(train_full(args), indent=1))
+        return 0
+    if args.samples:
+        model = cs.ColdStartModel.load(args.model)
+        res = {"samples": [catalog_samples(name, Path(npz), _catalog_titles(name, Path(args.data_dir).parent), model) for name, npz in args.samples]}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=1))
+        print(json.dumps([{k: v for k, v in s.items() if k != "rows"} for s in res["samples"]], indent=1))
+        return 0
+    res = run(args)
+    print(markdown(res))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+    if args.plot:
+        plot(res, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
