@@ -92,7 +92,7 @@ def test_rank_bundles_sorted_best_first_and_capped():
 
 
 def test_reason_for_content_based_fallback():
-    assert reason_for([(1, 0.5, 0)]) == "related products from other categories"
+    assert reason_for([(1, 0.5, 0)]) == "predicted complements: no order history for this pair yet"
 
 
 def test_weak_complements_are_dropped():

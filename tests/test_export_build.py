@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -271,3 +272,31 @@ def test_cli_defaults_are_build_config_defaults():
     assert (cfg.embed_batch_size, cfg.lexical, cfg.hnsw_m, cfg.related_band, cfg.progress) == (8, False, 32, (0.1, 0.9), False)
     assert cfg.finetune_judgments == Path("j.csv") and cfg.catalog == Path("c.csv")
     assert {f.name for f in fields(BuildConfig)} >= {"min_int8_cosine", "ef_search", "finetune_epochs"}
+
+
+def test_catalog_without_orders_gets_cold_start_complements_without_substitutes(tmp_path, tiny_model, monkeypatch):
+    """With the base encoder (the cold-start model's embedding space), a catalog without orders gets the cold-start
+    model's lists: never an item of the anchor's own category, support 0 (so bundles say they are predicted)."""
+    from bundlerec_export import cold_start as cs
+    from bundlerec_export import onnx_export as ox
+    from bundlerec_export.build import BuildConfig, build
+
+    dim = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
+    rng = np.random.default_rng(0)
+    model = cs.ColdStartModel(rng.normal(size=(dim, 8)).astype(np.float32), rng.normal(size=(dim, 8)).astype(np.float32),
+                              np.zeros(dim, dtype=np.float32))
+    monkeypatch.setattr(cs, "load_default_model", lambda: model)
+    monkeypatch.setattr(ox, "default_base_model", lambda: tiny_model)  # "no --base-model" = the base encoder
+    # the random tiny BERT embeds all titles alike (cosine > 0.8): only the category rule may exclude here
+    monkeypatch.setattr(cs, "cold_start_complements", functools.partial(cs.cold_start_complements, dup_cosine=1.01))
+    cats = ["pasta", "sauce", "cheese", "wine"]
+    cat = tmp_path / "catalog.csv"
+    cat.write_text("id,title,category\n" + "".join(f"{i},{cats[i % 4]} product {i},{cats[i % 4]}\n" for i in range(40)))
+    res = build(BuildConfig(dataset="csv", catalog=cat, out=tmp_path / "a", min_int8_cosine=0.0, agreement_sample=10,
+                            progress=False, lexical=False))
+    info = res.manifest["complements"]
+    assert info["method"] == "cold_start_two_tower" and info["from_orders"] is False and info["anchors"] == 40
+    comp = Complements.read(res.path / COMPLEMENTS)
+    assert len(comp.indices) > 0 and np.all(comp.support == 0) and np.all((comp.strength > 0) & (comp.strength <= 1))
+    for row in range(40):
+        assert all(int(j) % 4 != row % 4 and int(j) != row for j in comp.of(row)[0])

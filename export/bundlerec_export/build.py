@@ -42,6 +42,7 @@ from bundlerec_server.artifact import (
     write_manifest,
 )
 
+from . import cold_start as cs
 from . import complements as cmp
 from . import onnx_export as ox
 from .config import BuildConfig
@@ -201,7 +202,8 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
     index, part = index_stage(root, emb, cfg)
     stages.done("index", part)
     stages.done("ef_recall", ef_stage(root, index, emb, titles, cfg))
-    stats, part = complements_stage(root, ds, index, emb, cfg)
+    base_space = finetuned is None and cfg.base_model is None  # the default MiniLM: the cold-start model's space
+    stats, part = complements_stage(root, ds, index, emb, cfg, base_space)
     stages.done("complements", part)
     if cfg.lexical:
         stages.done("lexical", lexical_stage(root, titles, cfg))
@@ -360,19 +362,25 @@ MIN_LABEL_SHOPPERS = 20  # fewer shoppers with >= 2 orders: too few label basket
 
 
 def complements_stage(root: Path, ds: Dataset, index: hnswlib.Index, emb: np.ndarray,
-                      cfg: BuildConfig) -> tuple[ItemStats, Part]:
+                      cfg: BuildConfig, base_space: bool = False) -> tuple[ItemStats, Part]:
     """Complements + item quality: learned (LambdaRank over pair features, ``complement_ranker``) from orders
-    with shopper ids, NPMI co-occurrence from other orders (or ``cfg.complements == "npmi"``), else
-    content-based related items."""
+    with shopper ids, NPMI co-occurrence from other orders (or ``cfg.complements == "npmi"``). Items without
+    order evidence get the cold-start model's lists (``base_space``: ``emb`` is the base MiniLM's space);
+    without it, a catalog without orders gets content-based related items."""
     n = len(ds.items)
     categories = [item.category for item in ds.items]
+    titles = [item.title for item in ds.items]
+    cold_model = _cold_start_model(emb, cfg) if base_space else None
     if not ds.has_baskets:
         counts = np.zeros(n, dtype=np.int32)
-        comps, stats = cmp.related_from_index(index, emb, categories, top_k=cfg.top_k, band=cfg.related_band)
-        index.set_ef(cfg.ef_search)
-        comp_info = {"method": stats.method, "min_support": 0, "top_k": cfg.top_k,
-                     "band": list(cfg.related_band), "pairs": stats.pairs, "anchors": stats.anchors,
-                     "from_orders": False, "cross_category_only": ds.has_categories}
+        if cold_model is not None:
+            comps, comp_info = _cold_start_complements(emb, categories if ds.has_categories else None, titles, cold_model, cfg)
+        else:
+            comps, stats = cmp.related_from_index(index, emb, categories, top_k=cfg.top_k, band=cfg.related_band)
+            index.set_ef(cfg.ef_search)
+            comp_info = {"method": stats.method, "min_support": 0, "top_k": cfg.top_k,
+                         "band": list(cfg.related_band), "pairs": stats.pairs, "anchors": stats.anchors,
+                         "from_orders": False, "cross_category_only": ds.has_categories}
         comps.write(root / COMPLEMENTS)
         return ItemStats(counts, cmp.neutral_quality(n)), {
             "complements": comp_info, "quality": {"method": cmp.NEUTRAL_METHOD, "formula": "1.0 (no order data)"}}
@@ -384,9 +392,37 @@ def complements_stage(root: Path, ds: Dataset, index: hnswlib.Index, emb: np.nda
         comps, comp_info = learned
     else:
         comps, comp_info = _npmi_complements(ds, baskets, categories, cfg)
+    if cold_model is not None and not np.all(counts > 0):
+        cold, cold_info = _cold_start_complements(emb, categories if ds.has_categories else None, titles, cold_model,
+                                                  cfg, anchors=counts == 0, popularity=counts)
+        comps, filled = cs.fill_empty_rows(comps, cold)
+        comp_info = {**comp_info, "cold_start": {**cold_info, "rows_filled": int(filled.sum())}}
     comps.write(root / COMPLEMENTS)
     q_info = {"method": cmp.POPULARITY_METHOD, "formula": "0.6 + 0.4*log1p(n)/log1p(max n), n = baskets with the item"}
     return ItemStats(counts, cmp.popularity_quality(counts)), {"complements": comp_info, "quality": q_info}
+
+
+def _cold_start_model(emb: np.ndarray, cfg: BuildConfig) -> cs.ColdStartModel | None:
+    """The shipped cold-start model when it applies to these embeddings (else None, with the reason logged)."""
+    if not cfg.cold_start:
+        return None
+    model = cs.load_default_model()
+    if model.emb_dim != emb.shape[1]:
+        logger.info("cold-start model skipped: it reads %d-d embeddings, this encoder gives %d", model.emb_dim, emb.shape[1])
+        return None
+    return model
+
+
+def _cold_start_complements(emb: np.ndarray, categories: list[str] | None, titles: list[str], model: cs.ColdStartModel,
+                            cfg: BuildConfig, **kwargs: Any) -> tuple[Complements, dict[str, Any]]:
+    """Cold-start lists (substitutes excluded) and their manifest entry; support 0 marks them as predicted."""
+    t0 = time.perf_counter()
+    comps = cs.cold_start_complements(emb, categories, titles, model, top_k=cfg.top_k, **kwargs)
+    info = {"method": "cold_start_two_tower", "model": cs.MODEL_FILE.name, "model_meta": model.meta, "top_k": cfg.top_k,
+            "anchors": int((np.diff(comps.indptr) > 0).sum()), "from_orders": False, "substitutes_excluded": True,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    logger.info("cold-start complements for %d items in %.1f s", info["anchors"], info["seconds"])
+    return comps, info
 
 
 def _npmi_complements(ds: Dataset, baskets: list[list[int]], categories: list[str],

@@ -48,6 +48,7 @@ class ComplementView(Protocol):
 PERSONAL_WEIGHT = 0.75  # the offline mix weight (docs/bundles.md, personalization)
 HISTORY_HALF_LIFE = 20.0  # positions in a newest-first item list (~2 Instacart baskets of ~10 items)
 PERSONAL_REASON = "with items you often buy"
+PREDICTED_REASON = "predicted complements: no order history for this pair yet"  # cold-start model or content
 
 
 def shopper_affinity(*histories: Sequence[int], half_life: float = HISTORY_HALF_LIFE) -> dict[int, float]:
@@ -88,7 +89,7 @@ def reason_for(complements: Sequence[tuple[int, float, int]], personal: Mapping[
     support = complements[0][2]
     if support > 0:
         return f"bought together in {support} baskets"
-    return "related products from other categories"
+    return PREDICTED_REASON
 
 
 def make_bundle(
