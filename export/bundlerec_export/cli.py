@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-finetune", action="store_true", help="do not fine-tune (homedepot's default is to)")
     p.add_argument("--finetune-epochs", type=int, default=d["finetune_epochs"], help="fine-tuning epochs")
     p.add_argument("--finetune-cache", type=Path, help="folder of cached fine-tuned models (default <out>.work)")
+    p.add_argument("--ranker-judgments", type=Path, default=None,
+                   help="judgments CSV for the learned hybrid ranker and the serving tuning (default: the fine-tuning's)")
+    p.add_argument("--no-ranker", action="store_false", dest="ranker", default=d["ranker"],
+                   help="do not train the learned hybrid ranker (bundlerec_export.train_ranker)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -83,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
                    "agreement_sample", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
                    "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
-                   "threads", "lexical", "finetune_epochs", "finetune_cache")
+                   "threads", "lexical", "finetune_epochs", "finetune_cache", "ranker", "ranker_judgments")
 
 
 def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:
