@@ -110,10 +110,10 @@ def test_ties_are_broken_by_row(ranked):
     assert engine.ranker is not None and engine.lexical is not None
 
     class Constant:
-        def predict(self, x, num_threads=1):
+        def predict(self, x, num_iteration=-1):
             return np.zeros(len(x))
 
-    engine.ranker.booster = Constant()  # type: ignore[assignment]
+    engine.ranker._predictor = Constant()
     rows = np.array([2, 5, 9, 11], dtype=np.int64)
     c = Candidates(rows, np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32))
     hits = engine.ranker.rank(engine.lexical, "x", c, [Hit(11, 1.0), Hit(2, 0.5)], [], 3)

@@ -91,21 +91,50 @@ def parse_query_text(text: str) -> QueryText:
                      tuple(f"{a} {b}" for a, b in zip(raw, raw[1:], strict=False)), " ".join(raw))
 
 
+def _postings(sets: Sequence[frozenset[str]]) -> dict[str, np.ndarray]:
+    """token -> ascending rows whose set has it."""
+    out: dict[str, list[int]] = {}
+    for row, tokens in enumerate(sets):
+        for t in tokens:
+            out.setdefault(t, []).append(row)
+    return {t: np.array(rows, dtype=np.int64) for t, rows in out.items()}
+
+
+def _has(postings: dict[str, np.ndarray], token: str, rows: np.ndarray) -> np.ndarray:
+    """Whether each of ``rows`` has ``token`` (a binary search in its posting list)."""
+    plist = postings.get(token)
+    if plist is None:
+        return np.zeros(len(rows), dtype=bool)
+    hit: np.ndarray = plist[np.minimum(np.searchsorted(plist, rows), len(plist) - 1)] == rows
+    return hit
+
+
 class TitleFeatures:
-    """Per-title evidence, computed once per catalog (about a second for 55k titles)."""
+    """Per-title evidence, computed once per catalog (about a second for 55k titles): posting lists of words and
+    numbers-with-units, a brand code per title, the lower-cased title text for phrase matches."""
 
     def __init__(self, titles: Sequence[str]) -> None:
-        self.words = [frozenset(words_of(t)) for t in titles]
-        self.units = [units_of(t) for t in titles]
+        words = [frozenset(words_of(t)) for t in titles]
+        self.words = _postings(words)
+        self.units = _postings([units_of(t) for t in titles])
         self.text = [" ".join(_WORD.findall(t.lower())) for t in titles]  # the phrase/bigram haystack
-        self.n_words = np.array([len(w) for w in self.words], dtype=np.float32)
+        self.n_words = np.array([len(w) for w in words], dtype=np.float32)
         first = [m.group(0) if (m := re.match(r"[a-z]+", t.strip().lower())) else "" for t in titles]
-        self.brand = first
         counts: dict[str, int] = {}
         for b in first:
             if b:
                 counts[b] = counts.get(b, 0) + 1
-        self.brands = frozenset(b for b, c in counts.items() if c >= BRAND_MIN_TITLES and b not in STOPWORDS)
+        brands = sorted(b for b, c in counts.items() if c >= BRAND_MIN_TITLES and b not in STOPWORDS)
+        self.brand_code = {b: i for i, b in enumerate(brands)}
+        self.brand = np.array([self.brand_code.get(b, -1) for b in first], dtype=np.int32)  # -1: no known brand
+
+
+def _fraction(postings: dict[str, np.ndarray], tokens: Sequence[str] | frozenset[str], rows: np.ndarray) -> np.ndarray:
+    """Fraction of ``tokens`` each of ``rows`` has (0 when there are none)."""
+    out = np.zeros(len(rows), dtype=np.float32)
+    for t in tokens:
+        out += _has(postings, t, rows)
+    return out / max(len(tokens), 1)
 
 
 def _ranks(rows: np.ndarray, ranked: np.ndarray) -> np.ndarray:
@@ -128,23 +157,19 @@ def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candid
     if n == 0:
         return x
     cosine = c.cosine.astype(np.float32)
-    bm25_raw, _ = lexical.score_rows(text, rows, corrected=False)
-    cand_words = [titles.words[r] for r in rows.tolist()]
-    cand_text = [titles.text[r] for r in rows.tolist()]
-    nq = max(len(q.words), 1)
-    coverage_raw = np.fromiter((len(s.intersection(q.words)) for s in cand_words), np.float32, n) / nq
-    numbers = np.fromiter((len(s.intersection(q.numbers)) for s in cand_words), np.float32, n) / max(len(q.numbers), 1)
-    if q.units:
-        units = np.fromiter((len(q.units.intersection(titles.units[r])) for r in rows.tolist()), np.float32, n) / len(q.units)
+    corrected = lexical.query_ids(text) != lexical.query_ids(text, corrected=False)
+    bm25_raw = lexical.score_rows(text, rows, corrected=False)[0] if corrected else c.bm25
+    coverage_raw = _fraction(titles.words, q.words, rows)
+    numbers = _fraction(titles.words, q.numbers, rows)
+    units = _fraction(titles.units, q.units, rows)
+    query_brands = [titles.brand_code[w] for w in q.words if w in titles.brand_code]
+    brand = np.isin(titles.brand[rows], query_brands) if query_brands else np.zeros(n, dtype=bool)
+    if q.phrase or q.bigrams:
+        cand_text = [titles.text[r] for r in rows.tolist()]
+        phrase = np.fromiter((q.phrase in t for t in cand_text), np.float32, n)
+        bigrams = np.fromiter((sum(b in t for b in q.bigrams) for t in cand_text), np.float32, n) / max(len(q.bigrams), 1)
     else:
-        units = np.zeros(n, dtype=np.float32)
-    query_brands = titles.brands.intersection(q.words)
-    brand = np.fromiter((titles.brand[r] in query_brands for r in rows.tolist()), np.float32, n)
-    phrase = np.fromiter((q.phrase in t for t in cand_text), np.float32, n) if q.phrase else np.zeros(n, np.float32)
-    if q.bigrams:
-        bigrams = np.fromiter((sum(b in t for b in q.bigrams) for t in cand_text), np.float32, n) / len(q.bigrams)
-    else:
-        bigrams = np.zeros(n, dtype=np.float32)
+        phrase = bigrams = np.zeros(n, dtype=np.float32)
     dense_rank = _ranks(rows, dense_rows)
     lexical_rank = _ranks(rows, lexical_rows)
     columns = (
@@ -153,8 +178,7 @@ def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candid
         c.coverage, coverage_raw, (coverage_raw >= 1.0),
         numbers, units, brand, phrase, bigrams,
         titles.n_words[rows], c.quality, dense_rank, lexical_rank, (dense_rank < MISSING_RANK) & (lexical_rank < MISSING_RANK),
-        len(q.words), len(q.numbers), len(q.units), bool(query_brands),
-        lexical.query_ids(text) != lexical.query_ids(text, corrected=False),
+        len(q.words), len(q.numbers), len(q.units), bool(query_brands), corrected,
     )
     for j, col in enumerate(columns):
         x[:, j] = col
