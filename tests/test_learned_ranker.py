@@ -98,7 +98,8 @@ def test_server_serves_the_models_order(ranked):
         s = booster.predict(engine.ranker.features(engine.lexical, q, c, dense, lexical))
         order = np.lexsort((c.rows, -s))[:8]
         assert [h[0] for h in hits] == [engine.catalog.ids[c.rows[i]] for i in order], q
-        np.testing.assert_allclose([h[1] for h in hits], s[order], rtol=1e-5)
+        np.testing.assert_allclose([h[1] for h in hits], 1 / (1 + np.exp(-s[order])), rtol=1e-5)
+        assert all(0 < h[1] < 1 for h in hits)  # bundling multiplies anchor scores: never negative
         scores_order = [engine.catalog.ids[h.row] for h in engine.fuse(vec, q, dense, lexical, engine.fusion.__class__("scores"), 8)]
         differs += scores_order != [h[0] for h in hits]
     assert differs > 0  # the learned order is not the linear fusion's

@@ -54,5 +54,12 @@ class LearnedRanker:
 
     def rank(self, lexical: Lexical, text: str, c: Candidates, dense: list[Hit], lexical_hits: list[Hit],
              k: int) -> list[Hit]:
-        """Top ``k`` candidates by model score; ties broken by row (deterministic)."""
-        return top_hits(c.rows, self.scores(self.features(lexical, text, c, dense, lexical_hits)), k)
+        """Top ``k`` candidates by model score; ties broken by row (deterministic). The score returned is the
+        logistic of the model's (monotone: same order), in (0, 1) like the other fusions' scores, as bundling
+        multiplies anchor scores by a bonus and must not see negative ones."""
+        return top_hits(c.rows, positive(self.scores(self.features(lexical, text, c, dense, lexical_hits))), k)
+
+
+def positive(raw: np.ndarray) -> np.ndarray:
+    """Model scores mapped to (0, 1) by the logistic function (order kept)."""
+    return np.asarray(1.0 / (1.0 + np.exp(-raw)), dtype=np.float64)
