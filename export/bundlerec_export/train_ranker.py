@@ -112,12 +112,20 @@ def _baseline(engine: Engine, qs: QuerySet, judged: dict[str, dict[str, float]],
     return aggregate(query_metrics([ids[r] for r in top], judged[q], k) for q, top in zip(qs.queries, qs.baseline, strict=True))
 
 
+def _hash(query: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b(query.encode("utf-8"), digest_size=8).hexdigest()
+
+
 def _round(d: dict[str, Any]) -> dict[str, Any]:
     return {key: round(v, 4) if isinstance(v, float) else v for key, v in d.items()}
 
 
-def train(engine: Engine, judgments: Path, pool: int = POOL, seed: int = 0) -> tuple[str, dict[str, Any]]:
-    """(model text, the manifest's ``ranker`` entry without ``file``) trained on ``engine``'s artifact."""
+def train(engine: Engine, judgments: Path, pool: int = POOL, seed: int = 0,
+          max_train_queries: int = 0) -> tuple[str, dict[str, Any]]:
+    """(model text, the manifest's ``ranker`` entry without ``file``) trained on ``engine``'s artifact; with
+    ``max_train_queries``, on that many training queries (a deterministic sample: the first by hash)."""
     import lightgbm as lgb
 
     from bundlerec_server.ranking_features import FEATURES
@@ -125,7 +133,10 @@ def train(engine: Engine, judgments: Path, pool: int = POOL, seed: int = 0) -> t
     t0 = time.perf_counter()
     judged = read_judgments(judgments)
     split = {q: split_of(q) for q in judged}
-    train_set = collect(engine, judged, sorted(q for q in judged if split[q] == "train"), pool)
+    train_queries = sorted(q for q in judged if split[q] == "train")
+    if max_train_queries:
+        train_queries = sorted(train_queries, key=_hash)[:max_train_queries]
+    train_set = collect(engine, judged, train_queries, pool)
     dev_set = collect(engine, judged, sorted(q for q in judged if split[q] == "dev"), pool)
     t_collect = time.perf_counter() - t0
     x_tr, y_tr, g_tr = train_set.stacked(only_judged=True)
@@ -170,18 +181,20 @@ def train(engine: Engine, judgments: Path, pool: int = POOL, seed: int = 0) -> t
     return text, entry
 
 
-def ranker_part(root: Path, engine: Engine, judgments: Path, pool: int = POOL) -> dict[str, Any]:
+def ranker_part(root: Path, engine: Engine, judgments: Path, pool: int = POOL,
+                max_train_queries: int = 0) -> dict[str, Any]:
     """Trains on ``engine`` and writes ``root/ranker/model.txt``; returns the manifest part ``{"ranker": ...}``."""
     from bundlerec_server.learned_ranker import RANKER_MODEL
 
-    text, entry = train(engine, judgments, pool)
+    text, entry = train(engine, judgments, pool, max_train_queries=max_train_queries)
     path = Path(root) / RANKER_MODEL
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return {"ranker": {"file": RANKER_MODEL, **entry}}
 
 
-def add_ranker(artifact: Path, judgments: Path, pool: int = POOL, retune: bool = True) -> dict[str, Any]:
+def add_ranker(artifact: Path, judgments: Path, pool: int = POOL, retune: bool = True,
+               max_train_queries: int = 0) -> dict[str, Any]:
     """Trains a ranker for an existing artifact, rewrites its manifest (checksums included) and, with
     ``retune``, re-chooses the serving configuration on dev with the learned fusion among the candidates."""
     from bundlerec_server import artifact as A
@@ -189,7 +202,7 @@ def add_ranker(artifact: Path, judgments: Path, pool: int = POOL, retune: bool =
     from .tune import engine_for, tune_serving
 
     manifest = A.read_manifest(artifact, verify=False)
-    part = ranker_part(artifact, engine_for(artifact), judgments, pool)
+    part = ranker_part(artifact, engine_for(artifact), judgments, pool, max_train_queries)
     manifest.update(part)
     _write(artifact, manifest)
     if retune:
@@ -211,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--judgments", type=Path, required=True)
     p.add_argument("--pool", type=int, default=POOL, help="candidates per list (the server's anchor_pool)")
+    p.add_argument("--max-train-queries", type=int, default=0, help="train on this many training queries (0: all)")
     p.add_argument("--no-retune", action="store_true", help="keep the artifact's serving choice as it is")
     args = p.parse_args(argv)
     ensure_offline()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    entry = add_ranker(args.artifact, args.judgments, args.pool, retune=not args.no_retune)
+    entry = add_ranker(args.artifact, args.judgments, args.pool, retune=not args.no_retune,
+                       max_train_queries=args.max_train_queries)
     print(json.dumps({k: entry[k] for k in ("params", "trained_on", "dev", "feature_gain")}, indent=2))
     return 0
 
