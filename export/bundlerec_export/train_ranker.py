@@ -78,7 +78,9 @@ def collect(engine: Engine, judged: dict[str, dict[str, float]], queries: Iterab
     ids = engine.catalog.ids
     scores = engine.fusion if engine.fusion.method == "scores" else Fusion("scores", alpha=0.6, coverage=0.5)
     out = QuerySet()
-    for q in queries:
+    for i, q in enumerate(queries):
+        if i and i % 1000 == 0:
+            logger.info("ranker candidates: %d queries", i)
         vec = engine.encoder.encode([q])[0]
         dense, lexical = engine.dense(vec, pool, Filters()), engine.lexical_hits(q, pool, Filters())
         cands = engine.candidates(vec, q, dense, lexical)
