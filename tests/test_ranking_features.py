@@ -31,7 +31,7 @@ def _features(lexical: Lexical, query: str) -> dict[str, np.ndarray]:
     bm25, coverage = lexical.score_rows(query, rows)
     c = Candidates(rows, np.array([0.5, 0.2, 0.8], np.float32), bm25, coverage, np.array([1.0, 0.9, 1.1], np.float32))
     x = feature_matrix(TitleFeatures(TITLES), lexical, query, c, np.array([2, 0]), np.array([0, 1]))
-    assert x.shape == (3, len(FEATURES)) and x.dtype == np.float32
+    assert x.shape == (3, len(FEATURES)) and x.dtype == np.float64
     return {name: x[:, j] for j, name in enumerate(FEATURES)}
 
 

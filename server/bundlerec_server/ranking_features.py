@@ -148,12 +148,13 @@ def _ranks(rows: np.ndarray, ranked: np.ndarray) -> np.ndarray:
 
 def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candidates, dense_rows: np.ndarray,
                    lexical_rows: np.ndarray) -> np.ndarray:
-    """(candidates, len(FEATURES)) float32 matrix, columns in :data:`FEATURES` order; ``dense_rows`` and
-    ``lexical_rows`` are the two candidate lists best first (every one of them in ``c.rows``)."""
+    """(candidates, len(FEATURES)) matrix, columns in :data:`FEATURES` order (float64: what LightGBM scores
+    without a copy; values computed in float32); ``dense_rows`` and ``lexical_rows`` are the two candidate lists
+    best first (every one of them in ``c.rows``)."""
     q = parse_query_text(text)
     rows = c.rows
     n = len(rows)
-    x = np.zeros((n, len(FEATURES)), dtype=np.float32)
+    x = np.zeros((n, len(FEATURES)), dtype=np.float64)
     if n == 0:
         return x
     cosine = c.cosine.astype(np.float32)
