@@ -51,6 +51,7 @@ async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], m
 
     sem = asyncio.Semaphore(concurrency)
     rankings: list[list[str]] = [[] for _ in queries]
+    titles: list[list[str]] = [[] for _ in queries]
     codes: list[str] = ["OK"] * len(queries)
     latencies: list[float] = [float("nan")] * len(queries)
     async with grpc.aio.insecure_channel(target) as channel:
@@ -64,6 +65,7 @@ async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], m
                     resp = await stub.Search(pb.SearchRequest(query=query[:512], k=k, retrieval_mode=mode),
                                              timeout=timeout)
                     rankings[i] = [h.item_id for h in resp.hits]
+                    titles[i] = [h.title for h in resp.hits]
                 except grpc.aio.AioRpcError as exc:
                     codes[i] = exc.code().name
                 latencies[i] = (time.perf_counter() - t) * 1e3
@@ -71,12 +73,50 @@ async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], m
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, q) for i, (q, _) in enumerate(queries)))
         elapsed = time.perf_counter() - t0
-    return {"rankings": rankings, "codes": codes, "latencies_ms": latencies, "elapsed_s": elapsed}
+    return {"rankings": rankings, "titles": titles, "codes": codes, "latencies_ms": latencies, "elapsed_s": elapsed}
 
 
 def evaluate(queries: list[tuple[str, dict[str, float]]], rankings: list[list[str]], k: int) -> tuple[dict, list]:
     per_query = [metrics.query_metrics(r, judged, k) for (_, judged), r in zip(queries, rankings, strict=True)]
     return metrics.aggregate(per_query), per_query
+
+
+def losses(queries: list[tuple[str, dict[str, float]]], worse: dict[str, Any], better: dict[str, Any], n: int,
+           k: int, catalog: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The ``n`` queries where run ``worse`` loses most NDCG@k to run ``better`` (ties by query), with both
+    rankings' titles and the query's best-judged products."""
+    out = []
+    for i, (query, judged) in enumerate(queries):
+        a, b = worse["per_query_ndcg"][i], better["per_query_ndcg"][i]
+        if a is None or b is None or b <= a:
+            continue
+        best = sorted(judged.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        out.append({"query": query, "ndcg": round(a, 4), "ndcg_other": round(b, 4), "loss": round(b - a, 4),
+                    "ranking": [f"{pid} [{judged.get(pid, '-')}] {t}" for pid, t in zip(worse["rankings"][i], worse["titles"][i], strict=True)],
+                    "ranking_other": [f"{pid} [{judged.get(pid, '-')}] {t}" for pid, t in zip(better["rankings"][i], better["titles"][i], strict=True)],
+                    "judged_best": [f"{pid} [{rel}] {(catalog or {}).get(pid, '')}" for pid, rel in best]})
+    out.sort(key=lambda r: (-r["loss"], r["query"]))
+    return out[:n]
+
+
+def write_losses(path: Path, rows: list[dict[str, Any]], worse: str, better: str, k: int) -> None:
+    lines = [f"# {len(rows)} queries where '{worse}' loses most NDCG@{k} to '{better}'", ""]
+    for r in rows:
+        lines += [f"## {r['query']!r}: NDCG@{k} {r['ndcg']:.3f} vs {r['ndcg_other']:.3f} (-{r['loss']:.3f})",
+                  f"{worse}:", *(f"  {t}" for t in r["ranking"][:5]), f"{better}:",
+                  *(f"  {t}" for t in r["ranking_other"][:5]), "best judged:", *(f"  {t}" for t in r["judged_best"]), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    path.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _read_catalog(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {row["product_id"]: row["title"] for row in csv.DictReader(fh)}
 
 
 def _f(v: Any) -> str:
@@ -137,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N queries of the split")
     p.add_argument("--health-timeout", type=float, default=60.0)
     p.add_argument("--per-query", action="store_true", help="include per-query metrics in the JSON")
+    p.add_argument("--losses", type=Path, help="write the queries where --losses-of loses most to --losses-vs here "
+                                               "(text, and JSON next to it)")
+    p.add_argument("--losses-of", default="", help="run name that loses (default: the first 'default' mode run)")
+    p.add_argument("--losses-vs", default="", help="run name it loses to (default: the first 'lexical' mode run)")
+    p.add_argument("--losses-n", type=int, default=30)
+    p.add_argument("--catalog", type=Path, help="products CSV product_id,title: titles of the judged products")
     p.add_argument("--json", required=True, type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -178,11 +224,26 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 agg, per_query = evaluate(queries, res["rankings"], args.k)
                 run["aggregate"] = agg
+                run["per_query_ndcg"] = [m["ndcg"] for m in per_query]
+                run["rankings"], run["titles"] = res["rankings"], res["titles"]
                 if args.per_query:
                     run["per_query"] = [{"query": q, **m} for (q, _), m in zip(queries, per_query, strict=True)]
             runs.append(run)
     print()
     print_table(runs, args.k)
+    if args.losses:
+        ok = [r for r in runs if "aggregate" in r]
+        worse = next((r for r in ok if r["run"] == args.losses_of or (not args.losses_of and r["mode"] == "default")), None)
+        better = next((r for r in ok if r["run"] == args.losses_vs or (not args.losses_vs and r["mode"] == "lexical")), None)
+        if worse is None or better is None:
+            print("error: --losses needs both runs (see --losses-of / --losses-vs)", file=sys.stderr)
+            return 2
+        rows = losses(queries, worse, better, args.losses_n, args.k, _read_catalog(args.catalog))
+        write_losses(args.losses, rows, worse["run"], better["run"], args.k)
+        print(f"wrote {args.losses}: {len(rows)} queries where {worse['run']} loses most to {better['run']}")
+    for r in runs:  # the JSON keeps per-query figures only with --per-query
+        for key in ("per_query_ndcg", "rankings", "titles"):
+            r.pop(key, None)
     out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "n_queries": len(queries), "metric_notes": metrics.__doc__, "machine": machine_info(), "runs": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -240,7 +240,7 @@ def test_each_stage_returns_its_part_and_the_manifest_is_written_once_with_tunin
     assert m["serving"]["tuned_on"]["split"] == "dev" and m["serving"]["tuned_on"]["queries"] > 0
 
     assert list(parts) == ["load", "export_fp32", "quantize_int8", "quantize_int8_pertoken", "convert_fp16",
-                           "agreement", "embed", "index", "ef_recall", "complements", "lexical", "write", "tune"]
+                           "agreement", "embed", "index", "ef_recall", "complements", "lexical", "write", "ranker", "tune"]
     assert set(m["timings_s"]) == set(parts) | {"total"}
     for name in ("load", "embed", "complements", "lexical", "tune"):
         assert parts[name] and all(m[key] == value for key, value in parts[name].items()), name

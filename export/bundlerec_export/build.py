@@ -4,7 +4,7 @@ One function per stage, each returning its part of the manifest (top-level keys;
 filled by several stages) and timed into ``manifest["timings_s"]``:
 
     load -> [finetune] -> export_fp32 -> quantize_int8 -> quantize_int8_pertoken -> convert_fp16 -> agreement
-    -> embed -> index -> ef_recall -> complements -> lexical -> write -> [tune] -> manifest (written once)
+    -> embed -> index -> ef_recall -> complements -> lexical -> write -> [ranker] -> [tune] -> manifest (written once)
 
 Fine-tuning runs when ``finetune_judgments`` is set and ``base_model`` is not (cached in
 ``<out>.work/finetuned-<key>``); tuning (``tune``) then chooses the served retrieval mode on the dev split.
@@ -213,8 +213,10 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
     stages.add(encoder_part(root, cfg, base_model, finetuned))
     stages.add(version_part(root, ds))  # content hash: every file is written by now
     stages.add({"build_config": cfg.as_manifest()})
-    if cfg.finetune_judgments is not None and cfg.lexical:
-        stages.done("tune", tune_stage(root, stages.manifest, cfg.finetune_judgments, cfg.progress))
+    if cfg.judgments is not None and cfg.lexical:
+        if cfg.ranker:
+            stages.done("ranker", ranker_stage(root, stages.manifest, cfg.judgments))
+        stages.done("tune", tune_stage(root, stages.manifest, cfg.judgments, cfg.progress))
     return stages.finish()
 
 
@@ -558,6 +560,16 @@ def tune_stage(root: Path, manifest: dict[str, Any], judgments: Path, progress: 
     from .tune import serving_for_build
 
     return {"serving": serving_for_build(root, manifest, judgments, progress=progress)}
+
+
+def ranker_stage(root: Path, manifest: dict[str, Any], judgments: Path) -> Part:
+    """The learned hybrid ranker (LambdaRank over the served candidates' features), trained on the TRAIN split,
+    early-stopped on DEV; ``ranker/model.txt`` and ``manifest["ranker"]``."""
+    from .train_ranker import ranker_part
+    from .tune import engine_view
+
+    with engine_view(root, manifest) as engine:
+        return ranker_part(root, engine, judgments)
 
 
 def _content_hash(root: Path) -> str:

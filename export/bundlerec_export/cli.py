@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--publish-milvus", default=d["publish_milvus"], metavar="URI",
                    help="after the build, publish the vectors to Milvus (milvus://host:port[?alias=NAME]) and point "
                         "the alias at the new version's collection (see bundlerec_export.milvus_publish)")
+    p.add_argument("--ranker-judgments", type=Path, default=None,
+                   help="judgments CSV for the learned hybrid ranker and the serving tuning (default: the fine-tuning's)")
+    p.add_argument("--no-ranker", action="store_false", dest="ranker", default=d["ranker"],
+                   help="do not train the learned hybrid ranker (bundlerec_export.train_ranker)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -89,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
                    "agreement_sample", "complements", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
                    "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
-                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus")
+                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus", "ranker", "ranker_judgments")
 
 
 def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COMPLEMENT_METHODS = ("learned", "npmi")
-_PATH_FIELDS = ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache")
+_PATH_FIELDS = ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache", "ranker_judgments")
 
 
 @dataclass
@@ -57,9 +57,18 @@ class BuildConfig:
     finetune_epochs: int = 2
     finetune_cache: Path | None = None  # default: <out>.work next to the artifact
     finetune_options: dict[str, Any] = field(default_factory=dict)  # other FinetuneConfig fields
+    # learned hybrid ranker (bundlerec_export.train_ranker): trained when judgments exist (ranker_judgments, else
+    # finetune_judgments) and the artifact has a lexical index; off with ranker=False
+    ranker: bool = True
+    ranker_judgments: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # after the build: publish the vectors to Milvus (milvus://host:port[?alias=NAME]; '' = no)
     publish_milvus: str = ""
+
+    @property
+    def judgments(self) -> Path | None:
+        """The judgments the ranker and the serving tuning use (None: neither runs)."""
+        return self.ranker_judgments or self.finetune_judgments
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

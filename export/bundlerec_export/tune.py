@@ -12,10 +12,11 @@ command) re-tunes an existing artifact and rewrites its manifest. The test split
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ def tune_serving(artifact: Path, judgments: Path, split: str = "dev", k: int = 1
     """Tunes an existing artifact and rewrites its manifest with the ``serving`` choice; returns that choice."""
     from bundlerec_server import artifact as A
 
-    serving = choose_serving(_engine(artifact), judgments, split, k, progress)
+    serving = choose_serving(engine_for(artifact), judgments, split, k, progress)
     manifest = A.read_manifest(artifact, verify=False)
     manifest["serving"] = serving
     manifest.pop("files", None)
@@ -55,6 +56,14 @@ def serving_for_build(root: Path, manifest: dict[str, Any], judgments: Path, spl
     The engine loads from a scratch view of ``root`` (a symbolic link per entry plus ``manifest``), so the
     artifact's own manifest is written once, by the build, with this choice in it.
     """
+    with engine_view(root, manifest) as engine:
+        return choose_serving(engine, judgments, split, k, progress)
+
+
+@contextlib.contextmanager
+def engine_view(root: Path, manifest: dict[str, Any]) -> Iterator[Engine]:
+    """The serving engine of an artifact being built in ``root`` whose manifest is not written yet: it loads
+    from a scratch view of ``root`` (a symbolic link per entry plus ``manifest``)."""
     from bundlerec_server import artifact as A
 
     with tempfile.TemporaryDirectory(prefix="bundlerec-tune-") as tmp:
@@ -62,10 +71,10 @@ def serving_for_build(root: Path, manifest: dict[str, Any], judgments: Path, spl
         for entry in Path(root).resolve().iterdir():
             (view / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
         (view / A.MANIFEST).write_text(json.dumps({**manifest, "format_version": A.FORMAT_VERSION}))
-        return choose_serving(_engine(view), judgments, split, k, progress)
+        yield engine_for(view)
 
 
-def _engine(artifact: Path) -> Engine:
+def engine_for(artifact: Path) -> Engine:
     from bundlerec_server.engine import Engine
     from bundlerec_server.settings import Settings
 
@@ -76,7 +85,7 @@ def _engine(artifact: Path) -> Engine:
     return engine
 
 
-def _configs() -> dict[str, tuple[Mode, Fusion | None]]:
+def _configs(learned: Fusion | None = None) -> dict[str, tuple[Mode, Fusion | None]]:
     from bundlerec_server.domain import Mode
     from bundlerec_server.engine import Fusion
 
@@ -88,6 +97,8 @@ def _configs() -> dict[str, tuple[Mode, Fusion | None]]:
     for a in SCORE_ALPHAS:
         for g in COVERAGE_WEIGHTS:
             configs[f"scores alpha={a} coverage={g}"] = (Mode.HYBRID, Fusion("scores", alpha=a, coverage=g))
+    if learned is not None:
+        configs["learned"] = (Mode.HYBRID, learned)
     return configs
 
 
@@ -96,7 +107,7 @@ def choose_serving(engine: Engine, judgments: Path, split: str = "dev", k: int =
     """Scores every configuration of ``_configs`` by NDCG@k on the ``split`` queries; returns the manifest's
     ``serving`` (the best mode, the best hybrid fusion, every score)."""
     from bundlerec_server.domain import Filters, Mode
-    from bundlerec_server.engine import fuse, fuse_scores
+    from bundlerec_server.fusion import Fusion
 
     judged = {q: j for q, j in read_judgments(judgments).items() if split_of(q) == split}
     ids = engine.catalog.ids
@@ -110,24 +121,29 @@ def choose_serving(engine: Engine, judgments: Path, split: str = "dev", k: int =
     for q in query_iter:
         vec = engine.encoder.encode([q])[0]
         dense, lexical = engine.dense(vec, POOL, Filters()), engine.lexical_hits(q, POOL, Filters())
-        lists[q] = (dense, lexical, engine.candidates(vec, q, dense, lexical))
-    configs = _configs()
+        lists[q] = (vec, dense, lexical)
+    configs = _configs(Fusion("learned") if engine.ranker is not None else None)
     scores: dict[str, float] = {}
     for name, (mode, fusion) in configs.items():
         per_query = []
         for q in queries:
-            dense, lexical, cands = lists[q]
+            vec, dense, lexical = lists[q]
             if fusion is None:
                 hits = dense[:k] if mode is Mode.DENSE else lexical[:k]
             else:
-                hits = fuse_scores(cands, fusion, k) if fusion.method == "scores" else fuse(dense, lexical, fusion, k)
+                hits = engine.fuse(vec, q, dense, lexical, fusion, k)
             per_query.append(query_metrics([ids[h.row] for h in hits], judged[q], k))
         scores[name] = aggregate(per_query)["ndcg"] or 0.0
     best = max(scores, key=lambda n: scores[n])
     hybrid_best = max((n for n in scores if configs[n][0] is Mode.HYBRID), key=lambda n: scores[n])
+    chosen = vars(configs[hybrid_best][1]).copy()
+    if chosen["method"] == "learned":  # keep the best linear fusion's weights for --fusion scores
+        best_scores = configs[max((n for n in scores if n.startswith("scores")), key=lambda n: scores[n])][1]
+        assert best_scores is not None
+        chosen.update(alpha=best_scores.alpha, coverage=best_scores.coverage)
     serving = {
         "default_retrieval_mode": configs[best][0].value,
-        "fusion": vars(configs[hybrid_best][1]).copy(),
+        "fusion": chosen,
         "tuned_on": {"judgments": str(judgments), "split": split, "queries": len(queries), "metric": f"ndcg@{k}",
                      "pool": POOL, "ndcg": {n: round(v, 4) for n, v in scores.items()}, "best": best},
     }

@@ -24,6 +24,7 @@ from .encoder import CUDA, Encoder
 from .errors import InvalidRequest, Unsupported, Violation
 from .filters import RowFilter
 from .fusion import Candidates, Fusion, fuse, fuse_scores, top_hits
+from .learned_ranker import LearnedRanker
 from .lexical import Lexical
 from .settings import Settings
 from .vectors import VectorIndex, open_vectors
@@ -89,6 +90,12 @@ class Engine:
         self.modes = [Mode.DENSE] + ([Mode.LEXICAL, Mode.HYBRID] if self.lexical else [])
         serving = m.get("serving", {})
         self.fusion = Fusion.from_dict({**serving.get("fusion", {}), **settings.fusion_overrides()})
+        self.ranker: LearnedRanker | None = None
+        if m.get("ranker") and self.lexical is not None:
+            self.ranker = LearnedRanker(self.root, m["ranker"], self.catalog)
+        if self.fusion.method == "learned" and self.ranker is None:
+            raise A.ArtifactError(f"{self.root}: fusion 'learned' needs a ranker model (and a lexical index), which "
+                                  "this artifact lacks; add one with python -m bundlerec_export.train_ranker")
         wanted = settings.retrieval_mode or serving.get("default_retrieval_mode", "dense")
         self.default_mode = Mode(wanted) if Mode(wanted) in self.modes else Mode.DENSE
         logger.info(
@@ -190,14 +197,22 @@ class Engine:
         return self._ranked(rows[keep], scores[keep], k)
 
     def hybrid(self, vec: np.ndarray, text: str, k: int, filters: Filters | RowFilter, floor: float = -1.0) -> list[Hit]:
-        """Fusion of the dense and lexical candidates (:func:`fuse` or :func:`fuse_scores`, as the artifact's
-        tuning chose)."""
+        """Fusion of the dense and lexical candidates (:func:`fuse`, :func:`fuse_scores` or the learned ranker, as
+        the artifact's tuning chose or the ``fusion`` setting says)."""
         allowed = self.allow(filters)
         pool = max(k, self.settings.anchor_pool)
         dense, lexical = self.dense(vec, pool, allowed, floor), self.lexical_hits(text, pool, allowed)
-        if self.fusion.method == "scores":
-            return fuse_scores(self.candidates(vec, text, dense, lexical), self.fusion, k)
-        return fuse(dense, lexical, self.fusion, k)
+        return self.fuse(vec, text, dense, lexical, self.fusion, k)
+
+    def fuse(self, vec: np.ndarray, text: str, dense: list[Hit], lexical: list[Hit], fusion: Fusion, k: int) -> list[Hit]:
+        """The top ``k`` of two candidate lists under ``fusion``."""
+        if fusion.method == "learned":
+            if self.ranker is None or self.lexical is None:
+                raise Unsupported("this artifact has no learned ranker")
+            return self.ranker.rank(self.lexical, text, self.candidates(vec, text, dense, lexical), dense, lexical, k)
+        if fusion.method == "scores":
+            return fuse_scores(self.candidates(vec, text, dense, lexical), fusion, k)
+        return fuse(dense, lexical, fusion, k)
 
     def candidates(self, vec: np.ndarray, text: str, dense: list[Hit], lexical: list[Hit]) -> Candidates:
         """Exact cosine, BM25 and word coverage for the union of two candidate lists."""

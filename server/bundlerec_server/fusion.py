@@ -11,7 +11,7 @@ from .artifact import ArtifactError
 from .domain import Hit
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
-FUSION_METHODS = ("rrf", "blend", "scores")
+FUSION_METHODS = ("rrf", "blend", "scores", "learned")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class Fusion:
     after min-max normalising each list's scores (an item missing from a list gets 0 for it). ``scores``: every
     candidate of either list gets its exact cosine and its exact BM25 score (not 0 when the other list missed
     it), each min-max normalised over the candidates, blended with alpha, plus ``coverage`` x the fraction of
-    the query's words the title contains (:func:`fuse_scores`).
+    the query's words the title contains (:func:`fuse_scores`). ``learned``: the artifact's LambdaRank model over
+    the same candidates' features (:mod:`learned_ranker`; ``alpha`` and ``coverage`` are kept for ``scores``).
     """
 
     method: str = "rrf"

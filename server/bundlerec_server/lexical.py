@@ -57,9 +57,12 @@ class Lexical:
         # search and score_rows of one request (and repeated queries) tokenise once; per instance, so a reload
         # frees it. The cached function must not hold ``self`` (a cycle): the heap is frozen out of the cyclic
         # GC after a load, so an engine must be freed by reference counting alone.
+        options = {"lower": self.lower, "stopwords": self.stopwords, "stemmer": self.stemmer, "token_pattern": self.token_pattern}
         self._query = functools.lru_cache(maxsize=4096)(functools.partial(
-            parse_query, bm25s.tokenize, self.speller, self.retriever.vocab_dict,
-            {"lower": self.lower, "stopwords": self.stopwords, "stemmer": self.stemmer, "token_pattern": self.token_pattern}))
+            parse_query, bm25s.tokenize, self.speller, self.retriever.vocab_dict, options))
+        # the query as typed (no spelling correction): a feature of the learned ranker
+        self._raw_query = functools.lru_cache(maxsize=4096)(functools.partial(
+            parse_query, bm25s.tokenize, None, self.retriever.vocab_dict, options))
 
     def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` rows by BM25 (score > 0), best first, ties by row."""
@@ -73,10 +76,15 @@ class Lexical:
         top = top[scores[top] > 0]
         return top.astype(np.int64), scores[top].astype(np.float32)
 
-    def score_rows(self, text: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def query_ids(self, text: str, corrected: bool = True) -> list[int]:
+        """The query's distinct vocabulary ids, spelling-corrected or as typed."""
+        return (self._query if corrected else self._raw_query)(text)[0]
+
+    def score_rows(self, text: str, rows: np.ndarray, corrected: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Exact BM25 score of each of ``rows`` (ascending) and the fraction of the query's distinct words its
-        title has: per query word, a binary search of ``rows`` in the word's posting list."""
-        ids, n_words = self._query(text)
+        title has: per query word, a binary search of ``rows`` in the word's posting list. ``corrected=False``
+        scores the query as typed (no spelling correction)."""
+        ids, n_words = (self._query if corrected else self._raw_query)(text)
         bm25 = np.zeros(len(rows), dtype=np.float32)
         matched = np.zeros(len(rows), dtype=np.float32)
         index = self.retriever.scores

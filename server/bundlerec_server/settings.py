@@ -71,7 +71,7 @@ class Settings:
     complement_bonus: float = field(default=0.25, metadata={"help": "bundle score = anchor score x (1 + bonus x mean complement strength)"})
     ef_search: int = field(default=0, metadata={"help": "HNSW ef at query time (0 = the artifact's recorded value)"})
     retrieval_mode: str = field(default="", metadata={"help": "default retrieval: dense, lexical or hybrid ('' = the artifact's recommendation)"})
-    fusion: str = field(default="", metadata={"help": "hybrid fusion: rrf, blend or scores ('' = the artifact's tuned choice)"})
+    fusion: str = field(default="", metadata={"help": "hybrid fusion: rrf, blend, scores or learned (the artifact's LambdaRank model) ('' = the artifact's tuned choice)"})
     fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     fusion_coverage: float = field(default=-1.0, metadata={"help": "scores fusion: weight of query-word coverage (-1 = the artifact's tuned value)"})
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
@@ -159,8 +159,8 @@ class Settings:
             problems.append(f"retrieval_mode {self.retrieval_mode!r} is not dense, lexical or hybrid")
         if self.model_variant not in ("", "fp32", "int8", "int8_pertoken", "fp16"):
             problems.append(f"model_variant {self.model_variant!r} is not fp32, int8, int8_pertoken or fp16")
-        if self.fusion not in ("", "rrf", "blend", "scores"):
-            problems.append(f"fusion {self.fusion!r} is not rrf, blend or scores")
+        if self.fusion not in ("", "rrf", "blend", "scores", "learned"):
+            problems.append(f"fusion {self.fusion!r} is not rrf, blend, scores or learned")
         if self.fusion_alpha > 1.0:
             problems.append("fusion_alpha must be <= 1")
         if not -1.0 <= self.min_relevance <= 1.0:

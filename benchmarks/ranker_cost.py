@@ -1,0 +1,83 @@
+"""Serving cost of the learned hybrid ranker: features + model over one query's candidates, in-process.
+
+    python -m benchmarks.ranker_cost --artifact runs/hd-zeroshot --judgments ../shared/data/homedepot/judgments.csv \
+        [--queries 300] [--repeat 3] [--json runs/ranker_cost.json]
+
+For dev queries (``evaluation.split_of``), the dense and lexical lists are retrieved once (the server's
+``anchor_pool``); then, timed, per query: the ``scores`` fusion (exact cosine + BM25 + coverage of the union),
+and the ``learned`` fusion (the same candidates, plus the features and the LightGBM model). Reports the
+median / p90 / p99 milliseconds of each and of their difference, the candidates per query, and the load average
+(the machine is shared: compare figures taken under similar load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ranker_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--judgments", type=Path, required=True)
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from bundlerec_export.evaluation import read_judgments, split_of
+    from bundlerec_server.domain import Filters
+    from bundlerec_server.engine import Engine
+    from bundlerec_server.fusion import Fusion
+    from bundlerec_server.settings import Settings
+
+    engine = Engine(args.artifact, Settings(artifact=args.artifact, provider="cpu", intra_op_threads=1))
+    if engine.ranker is None:
+        print(f"{args.artifact}: no learned ranker", file=sys.stderr)
+        return 2
+    queries = sorted(q for q in read_judgments(args.judgments) if split_of(q) == "dev")[: args.queries]
+    pool = engine.settings.anchor_pool
+    lists = []
+    for q in queries:
+        vec = engine.encoder.encode([q])[0]
+        lists.append((q, vec, engine.dense(vec, pool, Filters()), engine.lexical_hits(q, pool, Filters())))
+    learned, scores = Fusion("learned"), Fusion("scores", alpha=engine.fusion.alpha, coverage=engine.fusion.coverage)
+    for q, vec, dense, lexical in lists[:20]:  # warm caches (query parsing is cached per query, as in the server)
+        engine.fuse(vec, q, dense, lexical, learned, 10)
+    t_scores, t_learned, n_cands = [], [], []
+    for _ in range(args.repeat):
+        for q, vec, dense, lexical in lists:
+            t0 = time.perf_counter()
+            engine.fuse(vec, q, dense, lexical, scores, 10)
+            t1 = time.perf_counter()
+            engine.fuse(vec, q, dense, lexical, learned, 10)
+            t2 = time.perf_counter()
+            t_scores.append((t1 - t0) * 1e3)
+            t_learned.append((t2 - t1) * 1e3)
+            n_cands.append(len({h.row for h in (*dense, *lexical)}))
+    a, b = np.array(t_scores), np.array(t_learned)
+    diff = b - a
+
+    def pct(x: np.ndarray) -> dict[str, float]:
+        return {f"p{q}": round(float(np.percentile(x, q)), 4) for q in (50, 90, 99)} | {"mean": round(float(x.mean()), 4)}
+
+    out = {"artifact": str(args.artifact), "queries": len(lists), "repeat": args.repeat, "pool": pool,
+           "candidates": {"mean": round(float(np.mean(n_cands)), 1), "max": int(np.max(n_cands))},
+           "scores_fusion_ms": pct(a), "learned_fusion_ms": pct(b), "learned_extra_ms": pct(diff),
+           "learned_extra_ms_per_100_candidates": round(float(np.median(diff / np.array(n_cands) * 100)), 4),
+           "loadavg": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

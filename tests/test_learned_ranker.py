@@ -1,0 +1,143 @@
+"""The learned hybrid ranker: trained by the build on judgments, shipped in the artifact, served by a real server
+with fusion ``learned`` in the model's order, deterministically."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ServerThread, build_tiny_artifact, server_settings
+
+from bundlerec import Client
+from bundlerec_server.artifact import ArtifactError, read_manifest
+from bundlerec_server.domain import Filters, Hit
+from bundlerec_server.engine import Engine
+from bundlerec_server.fusion import Candidates
+from bundlerec_server.learned_ranker import RANKER_MODEL, LearnedRanker
+from bundlerec_server.ranking_features import FEATURES
+
+
+def _judgments(items: list[dict], path: Path) -> Path:
+    """Synthetic graded judgments: the title's first two words find the item (3); its third word alone, if any,
+    finds it less well (2); one unrelated item per query is judged irrelevant (1)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["query", "product_id", "relevance"])
+        for i, it in enumerate(items):
+            words = it["title"].lower().split()
+            w.writerow([" ".join(words[:2]), it["id"], 3.0])
+            w.writerow([" ".join(words[:2]), items[(i * 7 + 3) % len(items)]["id"], 1.0])
+            if len(words) > 2:
+                w.writerow([words[2], it["id"], 2.0])
+    return path
+
+
+@pytest.fixture(scope="module")
+def ranked(artifact_root, tmp_path_factory) -> tuple[Path, Path]:
+    """(artifact built with a ranker stage, its judgments)."""
+    plain = build_tiny_artifact(artifact_root, name="tiny-ltr-plain", lexical=True)
+    items = [json.loads(line) for line in (plain / "items.jsonl").read_text().splitlines()]
+    judgments = _judgments(items, tmp_path_factory.mktemp("ltr") / "judgments.csv")
+    return build_tiny_artifact(artifact_root, name="tiny-ltr", ranker_judgments=judgments), judgments
+
+
+def _search(target: str, queries: list[str], k: int = 8) -> list[list[tuple[str, float]]]:
+    with Client(target) as c:
+        return [[(h.item_id, h.score) for h in c.search(q, k=k, retrieval_mode="hybrid")] for q in queries]
+
+
+def _queries(judgments: Path) -> list[str]:
+    with open(judgments, newline="") as fh:
+        return sorted({row["query"] for row in csv.DictReader(fh) if row["query"][:1].isalpha()})[:40]
+
+
+def test_build_ships_a_checksummed_ranker_chosen_on_dev(ranked):
+    art, judgments = ranked
+    m = read_manifest(art, verify=True)
+    r = m["ranker"]
+    assert r["file"] == RANKER_MODEL and RANKER_MODEL in m["files"]
+    assert r["features"] == list(FEATURES)
+    assert r["trained_on"]["split"] == "train" and r["trained_on"]["early_stopped_on"] == "dev"
+    assert r["dev"]["queries"] > 0 and 0.0 <= r["dev"]["learned"]["ndcg"] <= 1.0
+    assert "learned" in m["serving"]["tuned_on"]["ndcg"]  # tune compares it with the linear fusions on dev
+    assert sum(r["feature_gain"].values()) > 0
+    (art / RANKER_MODEL).write_text((art / RANKER_MODEL).read_text() + "\n")  # a changed model fails the checksum
+    try:
+        with pytest.raises(ArtifactError):
+            read_manifest(art, verify=True)
+    finally:
+        (art / RANKER_MODEL).write_text((art / RANKER_MODEL).read_text()[:-1])
+
+
+def test_server_serves_the_models_order(ranked):
+    import lightgbm as lgb
+
+    art, judgments = ranked
+    queries = _queries(judgments)
+    srv = ServerThread(server_settings(art, fusion="learned", retrieval_mode="hybrid")).start()
+    try:
+        assert srv.app.runtime.engine().fusion.method == "learned"
+        served = _search(srv.target, queries)
+        again = _search(srv.target, queries)
+    finally:
+        srv.stop()
+    assert served == again  # deterministic
+    # expected: the model file scored directly (not through LearnedRanker.scores), ties by row
+    engine = Engine(art, server_settings(art))
+    booster = lgb.Booster(model_file=str(art / RANKER_MODEL))
+    assert engine.ranker is not None and engine.lexical is not None
+    differs = 0
+    for q, hits in zip(queries, served, strict=True):
+        vec = engine.encoder.encode([q])[0]
+        pool = engine.settings.anchor_pool
+        dense, lexical = engine.dense(vec, pool, Filters()), engine.lexical_hits(q, pool, Filters())
+        c = engine.candidates(vec, q, dense, lexical)
+        s = booster.predict(engine.ranker.features(engine.lexical, q, c, dense, lexical))
+        order = np.lexsort((c.rows, -s))[:8]
+        assert [h[0] for h in hits] == [engine.catalog.ids[c.rows[i]] for i in order], q
+        np.testing.assert_allclose([h[1] for h in hits], 1 / (1 + np.exp(-s[order])), rtol=1e-5)
+        assert all(0 < h[1] < 1 for h in hits)  # bundling multiplies anchor scores: never negative
+        scores_order = [engine.catalog.ids[h.row] for h in engine.fuse(vec, q, dense, lexical, engine.fusion.__class__("scores"), 8)]
+        differs += scores_order != [h[0] for h in hits]
+    assert differs > 0  # the learned order is not the linear fusion's
+
+
+def test_ties_are_broken_by_row(ranked):
+    art, _ = ranked
+    engine = Engine(art, server_settings(art))
+    assert engine.ranker is not None and engine.lexical is not None
+
+    class Constant:
+        def predict(self, x, num_iteration=-1):
+            return np.zeros(len(x))
+
+    engine.ranker._predictor = Constant()
+    rows = np.array([2, 5, 9, 11], dtype=np.int64)
+    c = Candidates(rows, np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32))
+    hits = engine.ranker.rank(engine.lexical, "x", c, [Hit(11, 1.0), Hit(2, 0.5)], [], 3)
+    assert [h.row for h in hits] == [2, 5, 9]
+
+
+def test_learned_fusion_needs_a_ranker(tiny_artifact, ranked):
+    with pytest.raises(ArtifactError, match="ranker"):
+        Engine(tiny_artifact, server_settings(tiny_artifact, fusion="learned"))
+    art, _ = ranked
+    m = json.loads((art / "manifest.json").read_text())
+    with pytest.raises(ArtifactError, match="features"):
+        LearnedRanker(art, {**m["ranker"], "features": list(FEATURES)[:-1]}, Engine(art, server_settings(art)).catalog)
+
+
+def test_standalone_adds_a_ranker_to_an_existing_artifact(artifact_root, ranked):
+    from bundlerec_export.train_ranker import add_ranker
+
+    _, judgments = ranked
+    art = build_tiny_artifact(artifact_root, name="tiny-ltr-add")
+    assert "ranker" not in read_manifest(art)
+    entry = add_ranker(art, judgments)
+    m = read_manifest(art, verify=True)
+    assert m["ranker"] == entry and (art / RANKER_MODEL).is_file()
+    assert "learned" in m["serving"]["tuned_on"]["ndcg"]
+    Engine(art, server_settings(art, fusion="learned"))
