@@ -5,7 +5,8 @@
 
 For dev queries (``evaluation.split_of``), the dense and lexical lists are retrieved once (the server's
 ``anchor_pool``); then, timed, per query: the ``scores`` fusion (exact cosine + BM25 + coverage of the union),
-and the ``learned`` fusion (the same candidates, plus the features and the LightGBM model). Reports the
+the ``learned`` fusion as served (the same candidates, the features, the LightGBM model over the scores fusion's
+best ``SCORED_CANDIDATES``), and the model over every candidate (the previous serving path). Reports the
 median / p90 / p99 milliseconds of each and of their difference, the candidates per query, and the load average
 (the machine is shared: compare figures taken under similar load).
 """
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from bundlerec_server.domain import Filters
     from bundlerec_server.engine import Engine
     from bundlerec_server.fusion import Fusion
+    from bundlerec_server.learned_ranker import SCORED_CANDIDATES
     from bundlerec_server.settings import Settings
 
     engine = Engine(args.artifact, Settings(artifact=args.artifact, provider="cpu", intra_op_threads=1))
@@ -47,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     for q in queries:
         vec = engine.encoder.encode([q])[0]
         lists.append((q, vec, engine.dense(vec, pool, Filters()), engine.lexical_hits(q, pool, Filters())))
-    learned, scores = Fusion("learned"), Fusion("scores", alpha=engine.fusion.alpha, coverage=engine.fusion.coverage)
+    learned = Fusion("learned", alpha=engine.fusion.alpha, coverage=engine.fusion.coverage)
+    scores = Fusion("scores", alpha=engine.fusion.alpha, coverage=engine.fusion.coverage)
+    ranker, lex = engine.ranker, engine.lexical
     for q, vec, dense, lexical in lists[:20]:  # warm caches (query parsing is cached per query, as in the server)
         engine.fuse(vec, q, dense, lexical, learned, 10)
-    t_scores, t_learned, n_cands = [], [], []
+    t_scores, t_learned, t_all, n_cands = [], [], [], []
     for _ in range(args.repeat):
         for q, vec, dense, lexical in lists:
             t0 = time.perf_counter()
@@ -58,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             engine.fuse(vec, q, dense, lexical, learned, 10)
             t2 = time.perf_counter()
+            ranker.rank(lex, q, engine.candidates(vec, q, dense, lexical), dense, lexical, 10)  # no prefilter
+            t3 = time.perf_counter()
             t_scores.append((t1 - t0) * 1e3)
             t_learned.append((t2 - t1) * 1e3)
+            t_all.append((t3 - t2) * 1e3)
             n_cands.append(len({h.row for h in (*dense, *lexical)}))
-    a, b = np.array(t_scores), np.array(t_learned)
+    a, b, every = np.array(t_scores), np.array(t_learned), np.array(t_all)
     diff = b - a
 
     def pct(x: np.ndarray) -> dict[str, float]:
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"artifact": str(args.artifact), "queries": len(lists), "repeat": args.repeat, "pool": pool,
            "candidates": {"mean": round(float(np.mean(n_cands)), 1), "max": int(np.max(n_cands))},
            "scores_fusion_ms": pct(a), "learned_fusion_ms": pct(b), "learned_extra_ms": pct(diff),
+           "learned_all_candidates_ms": pct(every), "learned_all_candidates_extra_ms": pct(every - a),
+           "scored_candidates": SCORED_CANDIDATES,
            "learned_extra_ms_per_100_candidates": round(float(np.median(diff / np.array(n_cands) * 100)), 4),
            "loadavg": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}
     print(json.dumps(out, indent=2))

@@ -15,8 +15,8 @@ from bundlerec import Client
 from bundlerec_server.artifact import ArtifactError, read_manifest
 from bundlerec_server.domain import Filters, Hit
 from bundlerec_server.engine import Engine
-from bundlerec_server.fusion import Candidates
-from bundlerec_server.learned_ranker import RANKER_MODEL, LearnedRanker
+from bundlerec_server.fusion import Candidates, Fusion, fused_scores
+from bundlerec_server.learned_ranker import RANKER_MODEL, SCORED_CANDIDATES, LearnedRanker
 from bundlerec_server.ranking_features import FEATURES
 
 
@@ -96,6 +96,10 @@ def test_server_serves_the_models_order(ranked):
         dense, lexical = engine.dense(vec, pool, Filters()), engine.lexical_hits(q, pool, Filters())
         c = engine.candidates(vec, q, dense, lexical)
         s = booster.predict(engine.ranker.features(engine.lexical, q, c, dense, lexical))
+        # the model ranks the scores fusion's best SCORED_CANDIDATES (its features computed among all candidates)
+        pre = Fusion("scores", alpha=engine.fusion.alpha, coverage=engine.fusion.coverage)
+        scored = np.argsort(-fused_scores(c, pre), kind="stable")[:SCORED_CANDIDATES]
+        s[np.setdiff1d(np.arange(len(s)), scored)] = -np.inf
         order = np.lexsort((c.rows, -s))[:8]
         assert [h[0] for h in hits] == [engine.catalog.ids[c.rows[i]] for i in order], q
         np.testing.assert_allclose([h[1] for h in hits], 1 / (1 + np.exp(-s[order])), rtol=1e-5)
@@ -141,3 +145,37 @@ def test_standalone_adds_a_ranker_to_an_existing_artifact(artifact_root, ranked)
     assert m["ranker"] == entry and (art / RANKER_MODEL).is_file()
     assert "learned" in m["serving"]["tuned_on"]["ndcg"]
     Engine(art, server_settings(art, fusion="learned"))
+
+
+def test_prefilter_scores_only_the_best_by_the_scores_fusion(ranked, monkeypatch):
+    """With a prefilter, the model sees only the scores fusion's best max(SCORED_CANDIDATES, k) candidates, and
+    ranks them exactly as it ranks them among all."""
+    import bundlerec_server.learned_ranker as lr
+
+    art, _ = ranked
+    engine = Engine(art, server_settings(art))
+    assert engine.ranker is not None and engine.lexical is not None
+    seen: list[int] = []
+    predict = engine.ranker._predictor.predict
+
+    class Counting:
+        def predict(self, x, num_iteration=-1):
+            seen.append(len(x))
+            return predict(x, num_iteration=num_iteration)
+
+    engine.ranker._predictor = Counting()
+    monkeypatch.setattr(lr, "SCORED_CANDIDATES", 3)
+    q = "husky socket"
+    vec = engine.encoder.encode([q])[0]
+    dense, lexical = engine.dense(vec, 8, engine.allow(Filters())), engine.lexical_hits(q, 8, engine.allow(Filters()))
+    c = engine.candidates(vec, q, dense, lexical)
+    assert len(c.rows) > 3
+    pre = Fusion("scores", alpha=0.5, coverage=1.0)
+    hits = engine.ranker.rank(engine.lexical, q, c, dense, lexical, 2, prefilter=pre)
+    assert seen == [3]
+    best = set(np.argsort(-fused_scores(c, pre), kind="stable")[:3].tolist())
+    full = engine.ranker.scores(engine.ranker.features(engine.lexical, q, c, dense, lexical))
+    expected = sorted(best, key=lambda i: (-full[i], i))[:2]
+    assert [h.row for h in hits] == [int(c.rows[i]) for i in expected]
+    seen.clear()
+    assert len(engine.ranker.rank(engine.lexical, q, c, dense, lexical, 5, prefilter=pre)) == 5 and seen == [5]

@@ -85,3 +85,17 @@ def test_no_candidates(lexical):
     empty = np.zeros(0, dtype=np.int64)
     c = Candidates(empty, np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
     assert feature_matrix(TitleFeatures(TITLES), lexical, "husky", c, empty, empty).shape == (0, len(FEATURES))
+
+
+@pytest.mark.parametrize("query", ['Husky 1/2" socket', "tool chest", "huskyy socket"])
+@pytest.mark.parametrize("keep", [[0], [1, 2], [0, 2], [0, 1, 2]])
+def test_kept_rows_equal_the_full_matrix(lexical, query, keep):
+    """Scoring a subset of the candidates (the learned ranker's prefilter) must not change any feature: set-level
+    features (scaling, gap to the best, ranks) still see every candidate."""
+    rows = np.array([0, 1, 2], dtype=np.int64)
+    bm25, coverage = lexical.score_rows(query, rows)
+    c = Candidates(rows, np.array([0.5, 0.2, 0.8], np.float32), bm25, coverage, np.array([1.0, 0.9, 1.1], np.float32))
+    args = (TitleFeatures(TITLES), lexical, query, c, np.array([2, 0]), np.array([0, 1]))
+    full = feature_matrix(*args)
+    part = feature_matrix(*args, keep=np.array(keep, dtype=np.int64))
+    np.testing.assert_array_equal(part, full[keep])

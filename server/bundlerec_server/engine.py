@@ -209,7 +209,8 @@ class Engine:
         if fusion.method == "learned":
             if self.ranker is None or self.lexical is None:
                 raise Unsupported("this artifact has no learned ranker")
-            return self.ranker.rank(self.lexical, text, self.candidates(vec, text, dense, lexical), dense, lexical, k)
+            return self.ranker.rank(self.lexical, text, self.candidates(vec, text, dense, lexical), dense, lexical, k,
+                                   prefilter=Fusion("scores", alpha=fusion.alpha, coverage=fusion.coverage))
         if fusion.method == "scores":
             return fuse_scores(self.candidates(vec, text, dense, lexical), fusion, k)
         return fuse(dense, lexical, fusion, k)

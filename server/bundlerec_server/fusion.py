@@ -63,14 +63,19 @@ def min_max(x: np.ndarray) -> np.ndarray:
     return (x - lo) / span if span > 0 else np.ones_like(x)
 
 
+def fused_scores(c: Candidates, fusion: Fusion) -> np.ndarray:
+    """(alpha x scaled cosine + (1 - alpha) x scaled BM25 + coverage weight x coverage) x quality, per candidate
+    (at least one candidate)."""
+    fused = fusion.alpha * min_max(c.cosine.astype(np.float64)) + (1.0 - fusion.alpha) * min_max(c.bm25.astype(np.float64))
+    out: np.ndarray = (fused + fusion.coverage * c.coverage) * c.quality
+    return out
+
+
 def fuse_scores(c: Candidates, fusion: Fusion, k: int) -> list[Hit]:
-    """Top ``k`` candidates by (alpha x scaled cosine + (1 - alpha) x scaled BM25 + coverage weight x coverage)
-    x quality; ties broken by row."""
+    """Top ``k`` candidates by :func:`fused_scores`; ties broken by row."""
     if len(c.rows) == 0:
         return []
-    fused = fusion.alpha * min_max(c.cosine.astype(np.float64)) + (1.0 - fusion.alpha) * min_max(c.bm25.astype(np.float64))
-    fused = (fused + fusion.coverage * c.coverage) * c.quality
-    return top_hits(c.rows, fused, k)
+    return top_hits(c.rows, fused_scores(c, fusion), k)
 
 
 def _min_max_hits(hits: list[Hit]) -> dict[int, float]:

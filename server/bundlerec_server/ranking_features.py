@@ -147,19 +147,25 @@ def _ranks(rows: np.ndarray, ranked: np.ndarray) -> np.ndarray:
 
 
 def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candidates, dense_rows: np.ndarray,
-                   lexical_rows: np.ndarray) -> np.ndarray:
+                   lexical_rows: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
     """(candidates, len(FEATURES)) matrix, columns in :data:`FEATURES` order (float64: what LightGBM scores
     without a copy; values computed in float32); ``dense_rows`` and ``lexical_rows`` are the two candidate lists
-    best first (every one of them in ``c.rows``)."""
+    best first (every one of them in ``c.rows``). With ``keep`` (ascending positions in ``c.rows``), only those
+    candidates' rows, equal to the full matrix's rows ``keep``: set-level features (min-max scaling, the gap to
+    the best cosine, ranks) still see every candidate; per-title evidence is computed for the kept ones only."""
     q = parse_query_text(text)
-    rows = c.rows
+    n_all = len(c.rows)
+    sel = np.arange(n_all) if keep is None else keep
+    rows = c.rows[sel]
     n = len(rows)
     x = np.zeros((n, len(FEATURES)), dtype=np.float64)
     if n == 0:
         return x
-    cosine = c.cosine.astype(np.float32)
+    cosine_all = c.cosine.astype(np.float32)
+    cosine = cosine_all[sel]
     corrected = lexical.query_ids(text) != lexical.query_ids(text, corrected=False)
-    bm25_raw = lexical.score_rows(text, rows, corrected=False)[0] if corrected else c.bm25
+    bm25 = c.bm25[sel]
+    bm25_raw = lexical.score_rows(text, rows, corrected=False)[0] if corrected else bm25
     coverage_raw = _fraction(titles.words, q.words, rows)
     numbers = _fraction(titles.words, q.numbers, rows)
     units = _fraction(titles.units, q.units, rows)
@@ -171,14 +177,14 @@ def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candid
         bigrams = np.fromiter((sum(b in t for b in q.bigrams) for t in cand_text), np.float32, n) / max(len(q.bigrams), 1)
     else:
         phrase = bigrams = np.zeros(n, dtype=np.float32)
-    dense_rank = _ranks(rows, dense_rows)
-    lexical_rank = _ranks(rows, lexical_rows)
+    dense_rank = _ranks(c.rows, dense_rows)[sel]
+    lexical_rank = _ranks(c.rows, lexical_rows)[sel]
     columns = (
-        cosine, min_max(cosine), cosine - cosine.max(),
-        c.bm25, min_max(c.bm25), bm25_raw,
-        c.coverage, coverage_raw, (coverage_raw >= 1.0),
+        cosine, min_max(cosine_all)[sel], cosine - cosine_all.max(),
+        bm25, min_max(c.bm25)[sel], bm25_raw,
+        c.coverage[sel], coverage_raw, (coverage_raw >= 1.0),
         numbers, units, brand, phrase, bigrams,
-        titles.n_words[rows], c.quality, dense_rank, lexical_rank, (dense_rank < MISSING_RANK) & (lexical_rank < MISSING_RANK),
+        titles.n_words[rows], c.quality[sel], dense_rank, lexical_rank, (dense_rank < MISSING_RANK) & (lexical_rank < MISSING_RANK),
         len(q.words), len(q.numbers), len(q.units), bool(query_brands), corrected,
     )
     for j, col in enumerate(columns):
