@@ -31,12 +31,13 @@ def pythonpath(tree: Path) -> str:
     return os.pathsep.join(str(tree / p) for p in ("server", "export", "client", "."))
 
 
-def one_round(name: str, tree: Path, args: argparse.Namespace, queries: list[str], log_dir: Path) -> list[dict[str, Any]]:
+def one_round(name: str, tree: Path, extra: list[str], args: argparse.Namespace, queries: list[str],
+              log_dir: Path) -> list[dict[str, Any]]:
     port = free_port()
     target = f"127.0.0.1:{port}"
     metrics_port = free_port()
     argv = [sys.executable, "-m", "bundlerec_server", "--artifact", args.artifact, "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", str(metrics_port), "--query-cache-size", "0", *args.server_arg]
+            "--port", str(port), "--metrics-port", str(metrics_port), "--query-cache-size", "0", *args.server_arg, *extra]
     out = []
     with ServerProcess(argv, log_dir / f"{name}.log", target=target, name=name,
                        env={"PYTHONPATH": pythonpath(tree)}) as server:
@@ -88,22 +89,32 @@ def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before", type=Path, required=True, help="code tree of the 'before' server (a checkout)")
+    p.add_argument("--before", type=Path, help="code tree of the 'before' server (a checkout)")
     p.add_argument("--after", type=Path, default=Path("."))
     p.add_argument("--artifact", default="artifacts/demo")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[100.0])
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--generator", type=lambda s: s.split(","), default=["python", "h2load"])
-    p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra server flag for every variant (repeatable)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=TREE[ SERVER FLAGS...] (repeatable): run these instead of --before/--after")
     p.add_argument("--json", type=Path, default=Path("runs/ab/ab.json"))
     args = p.parse_args(argv)
     queries = load_queries(None)
     records: list[dict[str, Any]] = []
-    trees = [("before", args.before), ("after", args.after)]
+    trees: list[tuple[str, Path, list[str]]] = [("before", args.before, []), ("after", args.after, [])]
+    if args.variant:
+        trees = []
+        for v in args.variant:
+            name, rest = v.split("=", 1)
+            tree, *extra = rest.split()
+            trees.append((name, Path(tree), extra))
+    elif args.before is None:
+        p.error("--before or --variant is required")
     for i in range(args.rounds):
-        for name, tree in trees if i % 2 == 0 else trees[::-1]:
-            records += one_round(name, tree, args, queries, args.json.parent)
+        for name, tree, extra in trees if i % 2 == 0 else trees[::-1]:
+            records += one_round(name, tree, extra, args, queries, args.json.parent)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"records": records, "summary": summary(records)}, indent=2) + "\n")
     for row in summary(records):
