@@ -7,18 +7,21 @@ atomically, and calls that already took the old pair finish on it (old engine, o
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from . import metrics
+from . import metrics, tracing
 from .admission import Admission
-from .batching import MicroBatcher
+from .batching import MicroBatcher, Then
 from .engine import Engine
 from .errors import NotReady, OutOfTime
 from .events import EventStore
@@ -26,6 +29,23 @@ from .query_cache import QueryCache, for_engine
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
+
+TimeLeft = Callable[[], float | None]
+
+
+def _filling(cache: QueryCache, text: str, then: Then | None) -> Then:
+    """``then`` after storing the encoder's vector in ``cache`` (``then`` gets the cached, read-only copy)."""
+    if then is None:
+        return functools.partial(cache.put, text)
+    return lambda vec: then(cache.put(text, vec))
+
+
+async def _none() -> None:
+    return None
+
+
+async def _value(vec: np.ndarray) -> np.ndarray:
+    return vec
 
 
 def settle_heap() -> None:
@@ -94,29 +114,48 @@ class Runtime:
             logger.warning("encoder graph %s is not batch-exact: micro-batching disabled (one query per run)", engine.variant)
         return old.engine if old is not None else None
 
-    async def encode(self, serving: Serving, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
+    async def encode(self, serving: Serving, text: str, time_left: TimeLeft | None) -> np.ndarray:
         """Embeds one query: from the snapshot's query cache, else through its micro-batcher (then cached);
         OutOfTime if the deadline comes first (the query is then dropped from the queue if its batch has not
         started: no encoder work). With the cache on, the vector is read-only, and a hit is returned even when
-        the encoding budget is spent (it costs no encoder work; the stream's pacing still honours the deadline)."""
+        the encoding budget is spent (it costs no encoder work)."""
         cache = serving.cache
-        if cache is None:
-            return await self._encode(serving.batcher, text, time_left)
-        vec = cache.get(text)
-        if vec is None:
-            vec = cache.put(text, await self._encode(serving.batcher, text, time_left))
-        return vec
+        if cache is not None:
+            vec = cache.get(text)
+            if vec is not None:
+                return vec
+        return await self.call(serving, text, None, time_left, lookup=False)  # type: ignore[no-any-return]
 
-    async def _encode(self, batcher: MicroBatcher, text: str, time_left: Callable[[], float | None] | None) -> np.ndarray:
+    async def call(self, serving: Serving, text: str | None, then: Then | None, time_left: TimeLeft | None,
+                   *, lookup: bool = True) -> Any:
+        """``then(vector of text)`` in an encode worker, right after the batch that encodes ``text`` (one hop
+        per call; ``text`` None: ``then(None)``, no encoding). The vector comes from the snapshot's query cache
+        when it holds the text (``then`` then runs in a worker without encoding), and a miss fills it. OutOfTime
+        if the deadline (less the margin) comes before the result; the job is then dropped if its batch has not
+        started, and its ``then`` skipped if it has not run yet."""
+        batcher, cache = serving.batcher, serving.cache
+        if then is not None and tracing.enabled():  # spans started in the worker are children of the call's
+            then = functools.partial(contextvars.copy_context().run, then)  # type: ignore[call-arg]
+        if text is None:
+            job = batcher.run(None, then) if then is not None else _none()
+        elif cache is None:
+            job = batcher.submit(text, then)
+        else:
+            vec = cache.get(text) if lookup else None
+            if vec is not None:
+                job = batcher.run(vec, then) if then is not None else _value(vec)
+            else:
+                job = batcher.submit(text, _filling(cache, text, then))
         left = time_left() if time_left else None
         if left is None:
-            return await batcher.submit(text)
+            return await job
         budget = left - self.settings.deadline_margin_ms / 1000.0
         if budget <= 0:
+            job.close()
             raise OutOfTime()
         try:
             async with asyncio.timeout(budget):  # no extra task, unlike wait_for
-                return await batcher.submit(text)
+                return await job
         except TimeoutError:
             raise OutOfTime() from None
 

@@ -21,7 +21,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from . import __version__, convert, metrics, tracing
-from .domain import BundleOut, Personalization, RecommendQuery, Stop
+from .domain import Personalization, RecommendQuery, Stop
 from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
 from .events import EventRecord
 from .runtime import Runtime, Serving
@@ -125,28 +125,31 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         self.rt = runtime
         self.settings = runtime.settings
 
-    async def _query_vector(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft,
-                            history: list[str]) -> tuple[np.ndarray | None, Personalization]:
-        """The (personalised) query vector; None for lexical retrieval, which needs none."""
-        engine = serving.engine
-        if not engine.needs_vector(engine.mode_for(q.mode)):
-            return None, Personalization()
-        with tracing.span("encode"):
-            vec = await self.rt.encode(serving, q.query, time_left)
-        return engine.personalize(vec, q.recent_item_ids, history)
-
     async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
-                       ) -> tuple[list[BundleOut], Personalization, Stop | None]:
+                       ) -> tuple[list[pb.RecommendResponse], Personalization, Stop | None]:
+        """The call's bundle messages, best first (built in the encode worker, right after its encode), and how
+        the query was personalised; Stop.DEADLINE (no bundles) when the deadline comes first."""
         history: list[str] = []
         if q.user_id and self.rt.events is not None:
             with tracing.span("history"):
                 history = await self.rt.events.recent_items(q.user_id)
+        engine = serving.engine
+        encoded = engine.needs_vector(engine.mode_for(q.mode))
+        began = time.time_ns()
+
+        def work(vec: np.ndarray | None) -> tuple[list[pb.RecommendResponse], Personalization]:  # in a worker
+            info = Personalization()
+            if vec is not None:
+                tracing.record("encode", began)
+                vec, info = engine.personalize(vec, q.recent_item_ids, history)
+            bundles = engine.recommend(q, vec, history)
+            return [convert.bundle_message(b, rank, engine.catalog) for rank, b in enumerate(bundles, start=1)], info
+
         try:
-            vec, info = await self._query_vector(serving, q, time_left, history)
+            messages, info = await self.rt.call(serving, q.query if encoded else None, work, time_left)
         except OutOfTime:
             return [], Personalization(), Stop.DEADLINE
-        else:
-            return serving.engine.recommend(q, vec, history), info, None
+        return messages, info, None
 
     @observed
     async def Recommend(self, request: pb.RecommendRequest, context: Context) -> AsyncIterator[pb.RecommendResponse]:
@@ -158,13 +161,13 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         # the slot is taken before tokenising (shedding is cheap) and held until the summary is sent
         async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
-            bundles, info, stop = await self._bundles(serving, q, time_left)
-            paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
+            messages, info, stop = await self._bundles(serving, q, time_left)
+            paced = Paced(messages, time_left, self.settings.deadline_margin_ms / 1000.0)
             with tracing.open_span("stream") as span:  # not current: the block yields
-                for rank, bundle in enumerate(paced, start=1):
-                    if rank == 1:
+                for message in paced:
+                    if paced.sent == 1:
                         metrics.FIRST_BUNDLE.observe(time.perf_counter() - t0)
-                    yield convert.bundle_message(bundle, rank, engine.catalog)
+                    yield message
                 stop = stop or paced.stop
                 assert stop is not None  # Paced says why it ended once its iteration is over
                 span.set_attribute("bundlerec.bundles_sent", paced.sent)
@@ -191,13 +194,20 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         engine = serving.engine
         async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
-            vec = None
-            if engine.needs_vector(engine.mode_for(q.mode)):
-                with tracing.span("encode"):
-                    vec = await self.rt.encode(serving, q.query, context.time_remaining)
-            with tracing.span("retrieve"):
-                hits = engine.search(q, vec)
-        return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version)
+            encoded = engine.needs_vector(engine.mode_for(q.mode))
+            began = time.time_ns()
+
+            def work(vec: np.ndarray | None) -> pb.SearchResponse:  # in a worker, right after the encode
+                if vec is not None:
+                    tracing.record("encode", began)
+                with tracing.span("retrieve"):
+                    hits = engine.search(q, vec)
+                return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits],
+                                         artifact_version=engine.version)
+
+            response: pb.SearchResponse = await self.rt.call(serving, q.query if encoded else None, work,
+                                                              context.time_remaining)
+        return response
 
     @observed
     async def RecordEvents(self, request_iterator: AsyncIterable[pb.Event], context: Context) -> pb.RecordEventsResponse:

@@ -66,6 +66,13 @@ def span(name: str) -> contextlib.AbstractContextManager[Any]:
     return _tracer.start_as_current_span(name)
 
 
+def record(name: str, start_ns: int) -> None:
+    """A child span of the current one that began at ``start_ns`` (``time.time_ns()``) and ends now: a step that
+    began on the event loop and ended in a worker (the encode of a call whose retrieval follows in that worker)."""
+    if _tracer is not None:
+        _tracer.start_span(name, start_time=start_ns).end()
+
+
 def server_span(service: str, method: str, context: Any) -> Any:
     """The span of one RPC (started, not current: see :func:`current` and :func:`steps`), child of the caller's
     ``traceparent`` when the call's invocation metadata carries one; ``context`` is the servicer context, read
