@@ -1,0 +1,76 @@
+"""CPU per query of each encoder graph of an artifact, alone and in small batches, in-process:
+
+    python -m benchmarks.encoder_cost --artifact artifacts/demo [--queries 200] [--batches 1,4] [--optimized]
+
+Thread CPU time (``time.thread_time``) around ``Encoder.encode``, one intra-op thread as served; each graph's
+agreement with fp32 (minimum cosine) and batch-exactness (largest difference between a text encoded alone and
+in a batch). ``--optimized`` adds the fp32 graph rewritten by ``onnxruntime.transformers.optimizer`` (fused BERT
+operators), to tell graph-node overhead from arithmetic and memory traffic (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.encoder_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--queries-file", type=Path, default=Path(__file__).parent / "queries" / "instacart.txt")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--variants", default="fp32,int8_pertoken,int8")
+    p.add_argument("--optimized", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from bundlerec_server.encoder import Encoder
+
+    model = args.artifact / "model"
+    queries = [q.strip() for q in args.queries_file.read_text().splitlines() if q.strip()][: args.queries]
+    graphs = {v: model / f"{v}.onnx" for v in args.variants.split(",")}
+    tmp = tempfile.TemporaryDirectory()
+    if args.optimized:
+        from onnxruntime.transformers import optimizer
+
+        fused = optimizer.optimize_model(str(model / "fp32.onnx"), model_type="bert", opt_level=1)
+        graphs["fp32_fused"] = Path(tmp.name) / "fp32_fused.onnx"
+        fused.save_model_to_file(str(graphs["fp32_fused"]))
+    tok = model / "tokenizer.json"
+    reference = Encoder(model / "fp32.onnx", tok, provider="cpu", intra_op_threads=1).encode_many(queries)
+    rows = []
+    for name, path in graphs.items():
+        enc = Encoder(path, tok, provider="cpu", intra_op_threads=1)
+        enc.warmup()
+        alone = np.concatenate([enc.encode([q]) for q in queries])
+        for bs in (int(b) for b in args.batches.split(",")):
+            batched = np.concatenate([enc.encode(queries[i : i + bs]) for i in range(0, len(queries), bs)])
+            per_query = []
+            for _ in range(2):
+                for i in range(0, len(queries), bs):
+                    t = time.thread_time()
+                    enc.encode(queries[i : i + bs])
+                    per_query.append((time.thread_time() - t) / len(queries[i : i + bs]) * 1e3)
+            rows.append({"graph": name, "batch": bs, "cpu_ms_per_query_p50": round(float(np.median(per_query)), 3),
+                         "cpu_ms_per_query_mean": round(float(np.mean(per_query)), 3),
+                         "min_cosine_vs_fp32": round(float((alone * reference).sum(1).min()), 4),
+                         "batch_exact_max_diff": float(np.abs(alone - batched).max())})
+            print(json.dumps(rows[-1]))
+    out = {"artifact": str(args.artifact), "queries": len(queries), "rows": rows,
+           "loadavg": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
