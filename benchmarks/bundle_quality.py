@@ -96,6 +96,7 @@ class Order:
     user_id: str
     order_number: int
     items: list[str]  # product ids, add_to_cart order, distinct
+    days_since_prior: float | None = None  # orders.csv days_since_prior_order (None: first order / unknown)
 
 
 @dataclass
@@ -115,10 +116,12 @@ def load_instacart(data_dir: str | Path) -> Data:
             if name:
                 catalog[row["product_id"].strip()] = (name, (row.get("aisle") or "").strip(),
                                                       (row.get("department") or "").strip())
-    meta: dict[str, tuple[str, int]] = {}
+    meta: dict[str, tuple[str, int, float | None]] = {}
     with open(data_dir / "orders.csv", newline="", encoding="utf-8-sig") as fh:
         for row in csv.DictReader(fh):
-            meta[row["order_id"].strip()] = (row["user_id"].strip(), int(row.get("order_number") or 0))
+            days = (row.get("days_since_prior_order") or "").strip()
+            meta[row["order_id"].strip()] = (row["user_id"].strip(), int(row.get("order_number") or 0),
+                                             float(days) if days else None)
     lines: dict[str, list[tuple[int, str]]] = {}
     dropped = 0
     with open(data_dir / "order_items.csv", newline="", encoding="utf-8-sig") as fh:
@@ -130,8 +133,8 @@ def load_instacart(data_dir: str | Path) -> Data:
             lines.setdefault(row["order_id"].strip(), []).append((int(row.get("add_to_cart_order") or 0), pid))
     orders = []
     for oid, its in lines.items():
-        user, number = meta.get(oid, ("", 0))
-        orders.append(Order(oid, user, number, list(dict.fromkeys(p for _, p in sorted(its, key=lambda t: t[0])))))
+        user, number, days = meta.get(oid, ("", 0, None))
+        orders.append(Order(oid, user, number, list(dict.fromkeys(p for _, p in sorted(its, key=lambda t: t[0]))), days))
     used = {p for o in orders for p in o.items}
     products = {p: v for p, v in catalog.items() if p in used}
     return Data(products, orders, len(catalog), dropped)

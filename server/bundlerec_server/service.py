@@ -21,7 +21,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from . import __version__, convert, metrics, tracing
-from .domain import BundleOut, Personalization, RecommendQuery, Stop
+from .domain import BundleOut, History, Personalization, RecommendQuery, Stop
 from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
 from .events import EventRecord
 from .runtime import Runtime, Serving
@@ -126,21 +126,22 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         self.settings = runtime.settings
 
     async def _query_vector(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft,
-                            history: list[str]) -> tuple[np.ndarray | None, Personalization]:
+                            history: History) -> tuple[np.ndarray | None, Personalization]:
         """The (personalised) query vector; None for lexical retrieval, which needs none."""
         engine = serving.engine
         if not engine.needs_vector(engine.mode_for(q.mode)):
             return None, Personalization()
         with tracing.span("encode"):
             vec = await self.rt.encode(serving, q.query, time_left)
-        return engine.personalize(vec, q.recent_item_ids, history)
+        request_ids = (*q.recent_item_ids, *(c.item_id for c in q.recent_item_counts))
+        return engine.personalize(vec, request_ids, history.recent)
 
     async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
                        ) -> tuple[list[BundleOut], Personalization, Stop | None]:
-        history: list[str] = []
+        history = History()
         if q.user_id and self.rt.events is not None:
             with tracing.span("history"):
-                history = await self.rt.events.recent_items(q.user_id)
+                history = await self.rt.events.history(q.user_id)
         try:
             vec, info = await self._query_vector(serving, q, time_left, history)
         except OutOfTime:
