@@ -18,7 +18,7 @@ Known shoppers get repeat-aware complements (P-TopFreq / TIFU-KNN style, docs/bu
 their affinity in (0, 1]: :func:`count_affinity` of per-item purchase counts (recency-decayed) when there are
 any, else :func:`shopper_affinity` of their recent items (position-decayed presence). The candidates are the
 anchor's stored list plus the shopper's own items, scored ``w x affinity + (1 - w) x (1 - rank / len(list))``
-(``personal_weight`` w; an item outside the list has rank term 0); the score is the complement's strength, so
+(``personal_weight`` w, tuned separately for counts and for presence; an item outside the list has rank term 0); the score is the complement's strength, so
 bundles of the shopper's habitual items also rank higher, and the reason says so.
 """
 
@@ -46,7 +46,8 @@ class ComplementView(Protocol):
     def top_strength(self, row: int) -> float: ...
 
 
-PERSONAL_WEIGHT = 0.85  # mix weight, tuned on validation baskets of training orders (docs/bundles.md)
+PERSONAL_WEIGHT = 0.85  # mix weight for purchase counts, tuned on validation baskets of training orders
+PRESENCE_WEIGHT = 0.75  # mix weight for recent ids only (presence), tuned likewise (docs/bundles.md)
 HISTORY_HALF_LIFE = 20.0  # positions in a newest-first item list (~2 Instacart baskets of ~10 items)
 COUNT_HALF_LIFE_DAYS = 45.0  # recency half-life of purchase counts, tuned with PERSONAL_WEIGHT
 DAY_MS = 86_400_000

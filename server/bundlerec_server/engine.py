@@ -253,10 +253,11 @@ class Engine:
     def search(self, q: SearchQuery, vec: np.ndarray | None) -> list[Hit]:
         return self.retrieve(q.query, vec, q.k, self.allow(q.filters), self.mode_for(q.mode))
 
-    def affinity(self, q: RecommendQuery, history: History, now_ms: int) -> dict[int, float]:
-        """A known shopper's affinity per catalog row: recency-decayed purchase counts (the request's
-        ``recent_item_counts``, else the recorded ones) when any is in the catalog, else the position-decayed
-        presence of ``recent_item_ids`` and the recorded recent items. Empty for an unknown shopper."""
+    def affinity(self, q: RecommendQuery, history: History, now_ms: int) -> tuple[dict[int, float], float]:
+        """A known shopper's affinity per catalog row and its mix weight: recency-decayed purchase counts (the
+        request's ``recent_item_counts``, else the recorded ones; ``personal_weight``) when any is in the
+        catalog, else the position-decayed presence of ``recent_item_ids`` and the recorded recent items
+        (``presence_weight``). Empty for an unknown shopper."""
         rows_of = self.catalog.row_of.get
         counts: Sequence[ItemCount] = q.recent_item_counts or history.counts
         hl = self.settings.count_half_life_days
@@ -264,8 +265,10 @@ class Engine:
             (row, decayed_count(c.count, c.first_ms, c.last_ms, now_ms, hl))
             for c in counts if (row := rows_of(c.item_id)) is not None
         )
-        return personal or shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
-                                            [r for r in map(rows_of, history.recent) if r is not None])
+        if personal:
+            return personal, self.settings.personal_weight
+        return shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
+                                [r for r in map(rows_of, history.recent) if r is not None]), self.settings.presence_weight
 
     def recommend(self, q: RecommendQuery, vec: np.ndarray | None, history: History | Sequence[str] = (),
                   now_ms: int | None = None) -> list[BundleOut]:
@@ -281,11 +284,11 @@ class Engine:
         with tracing.span("retrieve"):
             anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
         with tracing.span("bundle"):
-            personal = self.affinity(q, history, now_ms)
+            personal, weight = self.affinity(q, history, now_ms)
             return rank_bundles(
                 anchors, self.catalog, self.complements, allowed, q.max_bundles, q.items_per_bundle,
                 self.settings.complement_bonus, self.settings.min_complement_strength, personal=personal or None,
-                personal_weight=self.settings.personal_weight,
+                personal_weight=weight,
             )
 
     def info(self) -> dict[str, Any]:

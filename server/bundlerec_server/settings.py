@@ -68,7 +68,8 @@ class Settings:
     # --- ranking
     anchor_pool: int = field(default=64, metadata={"help": "anchors retrieved before filtering and bundling"})
     history_weight: float = field(default=0.3, metadata={"help": "weight of the history vector in the query blend"})
-    personal_weight: float = field(default=0.85, metadata={"help": "weight of a known shopper's own items (affinity) against the anchor's stored list when choosing complements, in [0, 1]"})
+    personal_weight: float = field(default=0.85, metadata={"help": "weight of a known shopper's purchase counts (decayed affinity) against the anchor's stored list when choosing complements, in [0, 1]"})
+    presence_weight: float = field(default=0.75, metadata={"help": "the same weight when the shopper's history is only recent item ids (no counts), in [0, 1]"})
     count_half_life_days: float = field(default=45.0, metadata={"help": "recency half-life of purchase counts in days (<= 0: plain counts)"})
     min_relevance: float = field(default=0.3, metadata={"help": "dense anchors need at least this cosine to the query; below it nothing matched"})
     min_complement_strength: float = field(default=0.1, metadata={"help": "weakest complement association kept in a bundle, in [0, 1]"})
@@ -195,8 +196,8 @@ class Settings:
             problems.append("target_latency_ms must be >= 0")
         if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
             problems.append("max_connection_age_s and max_connection_age_grace_s must be >= 0")
-        if not 0.0 <= self.personal_weight <= 1.0:
-            problems.append("personal_weight must be in [0, 1]")
+        if not (0.0 <= self.personal_weight <= 1.0 and 0.0 <= self.presence_weight <= 1.0):
+            problems.append("personal_weight and presence_weight must be in [0, 1]")
         if self.purchase_counts_per_user < 0 or self.max_recent_item_counts < 0:
             problems.append("purchase_counts_per_user and max_recent_item_counts must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
