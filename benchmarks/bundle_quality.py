@@ -907,6 +907,17 @@ TUNE_WEIGHTS = (0.65, 0.75, 0.85, 0.9, 0.95)
 TUNE_HALF_LIVES = (15.0, 30.0, 45.0, 60.0, 90.0)
 
 
+def history_validation_split(data: Data, min_orders: int = 3) -> tuple[dict[str, Order], dict[str, Order], list[Order]]:
+    """(test basket per shopper, validation basket per shopper, orders to mine) for :func:`tune_history`: for every
+    shopper with >= ``min_orders`` orders the last one is the RPC test basket (left out of the artifact by
+    :func:`prepare_artifact_data`) and the one before it the validation basket; neither is mined."""
+    users = next_basket_users(data.orders, min_orders)
+    test = {u: os_[-1] for u, os_ in users.items()}
+    val = {u: os_[-2] for u, os_ in users.items()}
+    held = {o.order_id for o in (*test.values(), *val.values())}
+    return test, val, [o for o in data.orders if o.order_id not in held]
+
+
 def tune_history(data: Data, min_orders: int = 3, kmax: int = 20, history_cap: int = 50) -> dict[str, Any]:
     """The served personal mix tuned on VALIDATION baskets carved from training orders only: for every shopper
     with >= ``min_orders`` orders the last order (the RPC test basket) is set aside, the one before it is the
@@ -917,16 +928,16 @@ def tune_history(data: Data, min_orders: int = 3, kmax: int = 20, history_cap: i
     from bundlerec_server.bundling import DAY_MS, count_affinity, decayed_count, shopper_affinity
 
     users = next_basket_users(data.orders, min_orders)
-    held = {o.order_id for os_ in users.values() for o in os_[-2:]}
+    _, val_of, mined = history_validation_split(data, min_orders)
     ids = sorted(data.products)
     row = {p: i for i, p in enumerate(ids)}
     aisles = [data.products[p][1] for p in ids]
-    baskets = [[row[p] for p in o.items] for o in data.orders if o.order_id not in held]
+    baskets = [[row[p] for p in o.items] for o in mined]
     counts = np.bincount(np.asarray([i for b in baskets for i in b], dtype=np.int64), minlength=len(ids))
     base = cooccurrence_ranker(baskets, counts, aisles, True, kmax)
     cases = []
-    for os_ in users.values():
-        hist, val = os_[:-2], os_[-2]
+    for u, os_ in users.items():
+        hist, val = os_[:-2], val_of[u]
         ages = [a + (val.days_since_prior or 0.0) for a in order_ages(hist)]
         recent: list[int] = []
         for o in reversed(hist):
@@ -1000,11 +1011,39 @@ def request_counts(case: dict[str, Any], now_s: float, limit: int = 200) -> list
             for p, (n, first, last) in ranked[:limit]]
 
 
+EVENTS_USER_PREFIX = "bq:"
+
+
+async def record_histories(target: str, data: Data, cases: list[dict[str, Any]], timeout: float) -> int:
+    """Records every case's earlier orders as PURCHASE events of user ``bq:<user_id>`` (one event per order line,
+    timestamped by the order's age before now), so Recommend with only the user id reads them back."""
+    from google.protobuf import timestamp_pb2
+
+    from bundlerec import AsyncClient, pb
+
+    users = next_basket_users(data.orders)
+    now = time.time()
+    events = []
+    for c in cases:
+        orders = users[c["user_id"]][:-1]
+        ages = [a + (users[c["user_id"]][-1].days_since_prior or 0.0) for a in order_ages(orders)]
+        for o, age in zip(orders, ages, strict=True):
+            ts = timestamp_pb2.Timestamp()
+            ts.FromNanoseconds(int((now - age * 86400.0) * 1e9))
+            events += [pb.Event(user_id=EVENTS_USER_PREFIX + c["user_id"], item_id=p, type=pb.EVENT_TYPE_PURCHASE,
+                                timestamp=ts) for p in o.items]
+    async with AsyncClient(target, timeout=max(timeout, 60.0)) as client:
+        accepted = 0
+        for i in range(0, len(events), 5000):
+            accepted += (await client.record_events(events[i:i + 5000])).accepted
+    return accepted
+
+
 async def served_complements(target: str, cases: list[dict[str, Any]], history: bool | str, items_per_bundle: int,
                              concurrency: int, timeout: float) -> list[list[str] | None]:
     """The complements of the served bundle anchored on each case's item ([] when no bundle is anchored on
-    it; None on an error), without history (False), with the shopper's ``recent_item_ids`` (True or "ids")
-    or with their ``recent_item_counts`` ("counts")."""
+    it; None on an error), without history (False), with the shopper's ``recent_item_ids`` (True or "ids"),
+    with their ``recent_item_counts`` ("counts") or with only their user id ("events": :func:`record_histories`)."""
     from bundlerec import AsyncClient, BundleRecError
 
     sem = asyncio.Semaphore(concurrency)
@@ -1016,6 +1055,7 @@ async def served_complements(target: str, cases: list[dict[str, Any]], history: 
             async with sem:
                 try:
                     stream = client.recommend(c["query"], recent_item_ids=c["recent"] if history in (True, "ids") else [],
+                                              user_id=EVENTS_USER_PREFIX + c["user_id"] if history == "events" else "",
                                               recent_item_counts=request_counts(c, time.time()) if history == "counts" else [],
                                               max_bundles=10, max_items_per_bundle=items_per_bundle)
                     bundles = [b async for b in stream]
@@ -1029,7 +1069,7 @@ async def served_complements(target: str, cases: list[dict[str, Any]], history: 
 
 
 def run_complements_rpc(target: str, data: Data, max_users: int, concurrency: int = 4, timeout: float = 10.0,
-                        draws: int = 1000, k: int = 5) -> dict[str, Any]:
+                        draws: int = 1000, k: int = 5, events: bool = False) -> dict[str, Any]:
     """Complements' Recall@k through Recommend (query = an item of the shopper's held-out basket, the bundle
     anchored on it, k complements asked) without and with history, against the offline baselines on the same
     anchors; all / repeat (bought before) / explore targets; paired bootstrap over shoppers."""
@@ -1038,6 +1078,10 @@ def run_complements_rpc(target: str, data: Data, max_users: int, concurrency: in
     lists["served"] = asyncio.run(served_complements(target, cases, False, k + 1, concurrency, timeout))
     lists["served_history"] = asyncio.run(served_complements(target, cases, "ids", k + 1, concurrency, timeout))
     lists["served_counts"] = asyncio.run(served_complements(target, cases, "counts", k + 1, concurrency, timeout))
+    recorded = None
+    if events:
+        recorded = asyncio.run(record_histories(target, data, cases, timeout))
+        lists["served_events"] = asyncio.run(served_complements(target, cases, "events", k + 1, concurrency, timeout))
     ok = [i for i in range(len(cases)) if all(v[i] is not None for v in lists.values())]
     groups = np.arange(len(ok))
     weights = bootstrap_weights(len(ok), draws, seed=2)
@@ -1063,6 +1107,7 @@ def run_complements_rpc(target: str, data: Data, max_users: int, concurrency: in
             r["r5_found"], rec["personal_cooccurrence"]["r5_found"], groups, weights)
     found = np.mean([bool(lists["served"][i]) for i in ok]) if ok else None
     return {"cases": len(cases), "scored": len(ok), "k": k, "anchor_bundle_found": float(found) if ok else None,
+            "events_recorded": recorded,
             "personal_baseline": {"weight": PERSONAL_BASELINE[0], "decay": PERSONAL_BASELINE[1]},
             "methods": methods,
             "target": {"rule": "served R@5 with history >= 1.1 x personal_cooccurrence",
@@ -1242,6 +1287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="complements' Recall@5 through Recommend (bundle anchored on a held-out basket item), "
                         "without and with history, vs co-occurrence (+ the shopper's purchase counts)")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--record-events", action="store_true",
+                   help="with --complements-target: also record each shopper's earlier orders as PURCHASE events "
+                        "(the server needs --events-db) and score Recommend with only the user id")
     p.add_argument("--tune-history", action="store_true",
                    help="only tune the served personal mix (weight, count half-life) on validation baskets of "
                         "training orders, print the grid (and --json), then exit")
@@ -1269,7 +1317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.complements_target:
         t0 = time.perf_counter()
         out = run_complements_rpc(args.complements_target, data, args.max_users, args.concurrency, args.timeout,
-                                  args.draws)
+                                  args.draws, events=args.record_events)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         print(json.dumps({n: {k: v["mean"] for k, v in m.items() if "mean" in v} for n, m in out["methods"].items()},
                          indent=1))
