@@ -217,3 +217,35 @@ def test_recorded_purchase_counts_personalize_served_complements(tiny_artifact, 
             assert _first_complement(c, query, anchor, user_id="s1", recent_item_counts={x: 3})[0] == x
     finally:
         srv.stop()
+
+
+def test_personal_shortlist_gives_the_same_bundles(tiny_artifact):
+    """Each anchor looks only at the first items of the shopper it could take (PersonalOrder): same bundles as
+    scoring all of them, over random shoppers, anchors, sizes and filters."""
+    import random
+
+    from bundlerec_server import artifact as A
+    from bundlerec_server.bundling import PersonalOrder, make_bundle
+    from bundlerec_server.catalog import Catalog
+    from bundlerec_server.domain import Filters, Hit
+    from bundlerec_server.filters import RowFilter
+
+    cat = Catalog.from_table(A.ItemTable.read(tiny_artifact / A.ITEMS))
+    comp = A.Complements.read(tiny_artifact / A.COMPLEMENTS)
+    rng = random.Random(3)
+    n = len(cat)
+    compared = 0
+    for trial in range(200):
+        personal = {r: rng.random() for r in rng.sample(range(n), rng.randint(1, 60))}
+        excluded = frozenset(cat.ids[r] for r in rng.sample(range(n), 5)) if trial % 2 else frozenset()
+        allowed = RowFilter.resolve(Filters(exclude_ids=excluded), cat)
+        weight = rng.choice([0.0, 0.5, 0.85, 1.0])
+        order = PersonalOrder(personal, weight, allowed)
+        anchor = Hit(rng.randrange(n), 0.5)
+        items = rng.randint(2, 6)
+        full = make_bundle(anchor, cat, comp, allowed, items, 0.25, personal=personal, personal_weight=weight)
+        short = make_bundle(anchor, cat, comp, allowed, items, 0.25, personal=personal, personal_weight=weight,
+                            personal_order=order)
+        assert short == full
+        compared += full is not None and len(full.items) > 1
+    assert compared > 100

@@ -93,21 +93,48 @@ def count_affinity(entries: Iterable[tuple[int, float]]) -> dict[int, float]:
     return {row: f / top for row, f in freq.items()} if top > 0 else {}
 
 
+class PersonalOrder:
+    """A shopper's items once per request, best first by their score off the anchor's list (``weight x
+    affinity``; ties by row), with :meth:`RowFilter.items` precomputed: lets each anchor look only at the few
+    items it can use (see :func:`_personal_candidates`)."""
+
+    def __init__(self, personal: Mapping[int, float], weight: float, allowed: RowFilter) -> None:
+        self.rows = sorted(personal, key=lambda r: (-weight * personal[r], r))
+        self.ok = allowed.items(np.asarray(self.rows, dtype=np.int64)).tolist() if self.rows else []
+
+
 def _personal_candidates(anchor: int, complements: ComplementView, personal: Mapping[int, float],
-                         weight: float = PERSONAL_WEIGHT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         weight: float = PERSONAL_WEIGHT, order: PersonalOrder | None = None, need: int = 0,
+                         categories: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The anchor's stored list plus the shopper's items, best first by the personal mix: (rows, mix score,
-    support = stored baskets containing both, 0 off the list)."""
+    support = stored baskets containing both, 0 off the list).
+
+    With ``order`` and ``need`` > 0, of the shopper's items off the list only the first ``need`` that the bundle
+    could take (allowed, not the anchor, not in its category) are candidates: the others score lower than
+    those and cannot be chosen when eligibility does not depend on earlier choices (no price cap)."""
     rows, _, supports = complements.of(anchor)
     listed = rows.tolist()
     n = max(len(listed), 1)
     score = {r: (1.0 - weight) * (1.0 - i / n) for i, r in enumerate(listed)}
-    for r, a in personal.items():
-        score[r] = score.get(r, 0.0) + weight * a
+    if order is not None and need > 0:
+        for r in listed:
+            if r in personal:
+                score[r] += weight * personal[r]
+        cat = categories[anchor] if categories else ""
+        taken = 0
+        for r, ok in zip(order.rows, order.ok, strict=True):
+            if taken == need:
+                break
+            if ok and r not in score and r != anchor and not (cat and categories[r] == cat):
+                score[r] = weight * personal[r]
+                taken += 1
+    else:
+        for r, a in personal.items():
+            score[r] = score.get(r, 0.0) + weight * a
     support = dict(zip(listed, supports.tolist(), strict=True))
-    order = sorted(score, key=lambda r: (-score[r], r))
-    out = np.asarray(order, dtype=np.int64)
-    return (out, np.asarray([score[r] for r in order], dtype=np.float64),
-            np.asarray([support.get(r, 0) for r in order], dtype=np.int64))
+    best = sorted(score, key=lambda r: (-score[r], r))
+    return (np.asarray(best, dtype=np.int64), np.asarray([score[r] for r in best], dtype=np.float64),
+            np.asarray([support.get(r, 0) for r in best], dtype=np.int64))
 
 
 def reason_for(complements: Sequence[tuple[int, float, int]], personal: Mapping[int, float] | None = None) -> str:
@@ -133,11 +160,13 @@ def make_bundle(
     anchor_allowed: bool | None = None,
     personal: Mapping[int, float] | None = None,
     personal_weight: float = PERSONAL_WEIGHT,
+    personal_order: PersonalOrder | None = None,
 ) -> BundleOut | None:
     """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``, or the single best
     allowed one when all are weaker), within the price cap. None if the anchor is not allowed
     (``anchor_allowed``: already known, e.g. checked in bulk). ``personal``: the shopper's
-    affinity (repeat-aware candidates and order, no strength cut), mixed with ``personal_weight``."""
+    affinity (repeat-aware candidates and order, no strength cut), mixed with ``personal_weight``
+    (``personal_order``: its :class:`PersonalOrder`, built once per request)."""
     if not (allowed.allows_anchor(anchor.row) if anchor_allowed is None else anchor_allowed):
         return None
     anchor_price = catalog.prices[anchor.row]
@@ -148,7 +177,9 @@ def make_bundle(
     seen = {anchor.row}
     if items_per_bundle > 1:
         if personal:
-            rows, strengths, supports = _personal_candidates(anchor.row, complements, personal, personal_weight)
+            need = items_per_bundle - 1 if personal_order is not None and allowed.max_price is None else 0
+            rows, strengths, supports = _personal_candidates(anchor.row, complements, personal, personal_weight,
+                                                             personal_order, need, catalog.category_lower)
             min_strength = 0.0
         else:
             rows, strengths, supports = complements.of(anchor.row)
@@ -209,6 +240,7 @@ def rank_bundles(
     singles: list[BundleOut] = []  # anchors left without a complement: the answer only when nothing else is
     best: list[float] = []  # min-heap of the max_bundles best scores so far
     anchor_ok = allowed.anchors(np.fromiter((a.row for a in anchors), dtype=np.int64, count=len(anchors))).tolist()
+    order = PersonalOrder(personal, personal_weight, allowed) if personal else None
     for anchor, ok in zip(anchors, anchor_ok, strict=True):
         if not ok:
             continue  # make_bundle would refuse it; checked for all anchors at once
@@ -218,7 +250,8 @@ def rank_bundles(
             if not personal and anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
                 continue  # not even this anchor's strongest complement would lift it enough
         bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength,
-                             anchor_allowed=True, personal=personal, personal_weight=personal_weight)
+                             anchor_allowed=True, personal=personal, personal_weight=personal_weight,
+                             personal_order=order)
         if bundle is not None and items_per_bundle > 1 and len(bundle.items) == 1:
             if len(singles) < max_bundles:
                 singles.append(bundle)
