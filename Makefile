@@ -112,3 +112,4 @@ eval-bundles: $(STAMP)
 	$(PYTHON) -m benchmarks.bundle_quality --data-dir $(DATA)/instacart --views user --json runs/bq_user.json
 	$(PYTHON) -m benchmarks.bundle_quality --data-dir $(DATA)/instacart --views order --json runs/bq_order.json
 	$(PYTHON) -m benchmarks.bundle_quality --from-json runs/bq_user.json runs/bq_order.json --json docs/results/bundle-quality.json --plot docs/img/bundle-quality.png --markdown runs/bq.md
+	$(PYTHON) -m benchmarks.bundle_quality --data-dir $(DATA)/instacart --tune-history --json docs/results/bundle-history-tuning.json

@@ -96,6 +96,7 @@ class Order:
     user_id: str
     order_number: int
     items: list[str]  # product ids, add_to_cart order, distinct
+    days_since_prior: float | None = None  # orders.csv days_since_prior_order (None: first order / unknown)
 
 
 @dataclass
@@ -115,10 +116,12 @@ def load_instacart(data_dir: str | Path) -> Data:
             if name:
                 catalog[row["product_id"].strip()] = (name, (row.get("aisle") or "").strip(),
                                                       (row.get("department") or "").strip())
-    meta: dict[str, tuple[str, int]] = {}
+    meta: dict[str, tuple[str, int, float | None]] = {}
     with open(data_dir / "orders.csv", newline="", encoding="utf-8-sig") as fh:
         for row in csv.DictReader(fh):
-            meta[row["order_id"].strip()] = (row["user_id"].strip(), int(row.get("order_number") or 0))
+            days = (row.get("days_since_prior_order") or "").strip()
+            meta[row["order_id"].strip()] = (row["user_id"].strip(), int(row.get("order_number") or 0),
+                                             float(days) if days else None)
     lines: dict[str, list[tuple[int, str]]] = {}
     dropped = 0
     with open(data_dir / "order_items.csv", newline="", encoding="utf-8-sig") as fh:
@@ -130,8 +133,8 @@ def load_instacart(data_dir: str | Path) -> Data:
             lines.setdefault(row["order_id"].strip(), []).append((int(row.get("add_to_cart_order") or 0), pid))
     orders = []
     for oid, its in lines.items():
-        user, number = meta.get(oid, ("", 0))
-        orders.append(Order(oid, user, number, list(dict.fromkeys(p for _, p in sorted(its, key=lambda t: t[0])))))
+        user, number, days = meta.get(oid, ("", 0, None))
+        orders.append(Order(oid, user, number, list(dict.fromkeys(p for _, p in sorted(its, key=lambda t: t[0]))), days))
     used = {p for o in orders for p in o.items}
     products = {p: v for p, v in catalog.items() if p in used}
     return Data(products, orders, len(catalog), dropped)
@@ -844,14 +847,36 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
 
 # ------------------------------------------------------------------------- complements through the RPC
 
-PERSONAL_BASELINE = (0.75, 1.0)  # (weight, decay) of personal_cooccurrence chosen offline (docs/bundles.md)
+PERSONAL_BASELINE = (0.85, 1.0)  # (weight, decay) of personal_cooccurrence: tune_history's "counts" choice
+# (0.75 before the validation slice of tune_history existed; kept as a second reference row)
+PERSONAL_BASELINE_PREVIOUS = (0.75, 1.0)
+
+
+def order_ages(orders: Sequence[Order]) -> list[float]:
+    """Days from each of a shopper's orders (sorted) to their last one, from ``days_since_prior`` (0 if unknown)."""
+    ages, age = [], 0.0
+    for o in reversed(orders):
+        ages.append(age)
+        age += o.days_since_prior or 0.0
+    return ages[::-1]
+
+
+def history_counts(orders: Sequence[Sequence[str]], ages: Sequence[float]) -> dict[str, tuple[int, float, float]]:
+    """item -> (orders containing it, days since the first of them, days since the last of them)."""
+    out: dict[str, tuple[int, float, float]] = {}
+    for items, age in zip(orders, ages, strict=True):
+        for p in set(items):
+            n, first, _ = out.get(p, (0, age, age))
+            out[p] = (n + 1, max(first, age), age)
+    return out
 
 
 def complement_cases(data: Data, max_users: int, history_cap: int = 50, min_orders: int = 3,
                      salt: str = SALT) -> list[dict[str, Any]]:
     """Next-basket cases whose query is one item's full title (picked by a stable hash among the target items
     with an other-aisle target), so the bundle anchored on it can be scored: targets = the basket's other
-    items of other aisles; ``seen`` = every item of the shopper's earlier orders (repeat vs explore)."""
+    items of other aisles; ``seen`` = every item of the shopper's earlier orders (repeat vs explore);
+    ``counts`` = per item of those orders: (orders, days since the first, days since the last) before the target."""
     users = next_basket_users(data.orders, min_orders)
     chosen = sorted(users, key=lambda u: (hash_fraction(f"user:{u}", salt), u))
     cases = []
@@ -865,14 +890,90 @@ def complement_cases(data: Data, max_users: int, history_cap: int = 50, min_orde
         recent: list[str] = []
         for o in reversed(history_orders):
             recent.extend(o.items)
+        ages = [a + (target.days_since_prior or 0.0) for a in order_ages(history_orders)]
         cases.append({"user_id": u, "anchor": pick, "query": data.products[pick][0],
                       "targets": [q for q in target.items if aisle[q] != aisle[pick]],
                       "recent": list(dict.fromkeys(recent))[:history_cap],
                       "history": [list(o.items) for o in history_orders],
+                      "counts": history_counts([o.items for o in history_orders], ages),
                       "seen": sorted({q for o in history_orders for q in o.items})})
         if len(cases) == max_users:
             break
     return cases
+
+
+# weights and half-lives tried on the validation baskets (tune_history)
+TUNE_WEIGHTS = (0.65, 0.75, 0.85, 0.9, 0.95)
+TUNE_HALF_LIVES = (15.0, 30.0, 45.0, 60.0, 90.0)
+
+
+def history_validation_split(data: Data, min_orders: int = 3) -> tuple[dict[str, Order], dict[str, Order], list[Order]]:
+    """(test basket per shopper, validation basket per shopper, orders to mine) for :func:`tune_history`: for every
+    shopper with >= ``min_orders`` orders the last one is the RPC test basket (left out of the artifact by
+    :func:`prepare_artifact_data`) and the one before it the validation basket; neither is mined."""
+    users = next_basket_users(data.orders, min_orders)
+    test = {u: os_[-1] for u, os_ in users.items()}
+    val = {u: os_[-2] for u, os_ in users.items()}
+    held = {o.order_id for o in (*test.values(), *val.values())}
+    return test, val, [o for o in data.orders if o.order_id not in held]
+
+
+def tune_history(data: Data, min_orders: int = 3, kmax: int = 20, history_cap: int = 50) -> dict[str, Any]:
+    """The served personal mix tuned on VALIDATION baskets carved from training orders only: for every shopper
+    with >= ``min_orders`` orders the last order (the RPC test basket) is set aside, the one before it is the
+    validation basket, the orders before that are the history; the base lists are raw co-occurrence mined
+    from every order except the test and validation baskets. Every item of a validation basket with an
+    other-aisle target is an anchor; Recall@5 over (basket, anchor) pairs, for the served affinities
+    (``bundling.shopper_affinity`` of the id list as sent, ``count_affinity`` of plain and decayed counts)."""
+    from bundlerec_server.bundling import DAY_MS, count_affinity, decayed_count, shopper_affinity
+
+    users = next_basket_users(data.orders, min_orders)
+    _, val_of, mined = history_validation_split(data, min_orders)
+    ids = sorted(data.products)
+    row = {p: i for i, p in enumerate(ids)}
+    aisles = [data.products[p][1] for p in ids]
+    baskets = [[row[p] for p in o.items] for o in mined]
+    counts = np.bincount(np.asarray([i for b in baskets for i in b], dtype=np.int64), minlength=len(ids))
+    base = cooccurrence_ranker(baskets, counts, aisles, True, kmax)
+    cases = []
+    for u, os_ in users.items():
+        hist, val = os_[:-2], val_of[u]
+        ages = [a + (val.days_since_prior or 0.0) for a in order_ages(hist)]
+        recent: list[int] = []
+        for o in reversed(hist):
+            recent.extend(row[p] for p in o.items)
+        vb = [row[p] for p in val.items]
+        pairs = [(a, {q for q in vb if aisles[q] != aisles[a]}) for a in vb]
+        pairs = [(a, t) for a, t in pairs if t]
+        if pairs:
+            cases.append((history_counts([o.items for o in hist], ages), list(dict.fromkeys(recent))[:history_cap], pairs))
+
+    def affinity(form: str, hl: float, c: tuple) -> dict[int, float]:
+        if form == "ids":
+            return shopper_affinity(c[1])
+        now = 10_000 * DAY_MS  # any "now": ages are relative to it
+        return count_affinity((row[p], decayed_count(n, now - int(first * DAY_MS), now - int(last * DAY_MS), now,
+                                                     hl if form == "decayed" else 0.0))
+                              for p, (n, first, last) in c[0].items())
+
+    def recall(form: str, hl: float, w: float) -> float:
+        rs = []
+        for c in cases:
+            rank = personal_ranker(base, affinity(form, hl, c), w, aisles, kmax)
+            rs += [len(set(rank(a)[:5]) & t) / len(t) for a, t in c[2]]
+        return float(np.mean(rs))
+
+    grid = []
+    for form, hls in (("ids", [0.0]), ("counts", [0.0]), ("decayed", list(TUNE_HALF_LIVES))):
+        for hl in hls:
+            for w in TUNE_WEIGHTS:
+                grid.append({"form": form, "half_life_days": hl, "weight": w, "val_r5": recall(form, hl, w)})
+                print(json.dumps(grid[-1]), file=sys.stderr, flush=True)
+    best = {f: max((g for g in grid if g["form"] == f), key=lambda g: g["val_r5"]) for f in ("ids", "counts", "decayed")}
+    no_personal = float(np.mean([len(set(base(a)[:5]) & t) / len(t) for c in cases for a, t in c[2]]))
+    return {"validation_shoppers": len(cases), "pairs": sum(len(c[2]) for c in cases),
+            "base": "cooccurrence (orders minus test and validation baskets)", "no_personal_r5": no_personal,
+            "grid": grid, "best": best}
 
 
 def complement_baselines(data: Data, cases: list[dict[str, Any]], kmax: int = 20) -> dict[str, list[list[str]]]:
@@ -886,20 +987,63 @@ def complement_baselines(data: Data, cases: list[dict[str, Any]], kmax: int = 20
     baskets = [[row[p] for p in o.items] for o in data.orders if not (o.user_id in last and o.order_number == last[o.user_id])]
     counts = np.bincount(np.asarray([i for b in baskets for i in b], dtype=np.int64), minlength=len(ids))
     co = cooccurrence_ranker(baskets, counts, aisles, True, kmax)
-    w, d = PERSONAL_BASELINE
-    out: dict[str, list[list[str]]] = {"cooccurrence": [], "personal_cooccurrence": []}
+    out: dict[str, list[list[str]]] = {"cooccurrence": [], "personal_cooccurrence": [], "personal_cooccurrence_w075": []}
     for c in cases:
         a = row[c["anchor"]]
         out["cooccurrence"].append([ids[i] for i in co(a)])
-        pers = personal_ranker(co, user_frequency([[row[p] for p in o] for o in c["history"]], d), w, aisles, kmax)
-        out["personal_cooccurrence"].append([ids[i] for i in pers(a)])
+        for name, (w, d) in (("personal_cooccurrence", PERSONAL_BASELINE),
+                             ("personal_cooccurrence_w075", PERSONAL_BASELINE_PREVIOUS)):
+            pers = personal_ranker(co, user_frequency([[row[p] for p in o] for o in c["history"]], d), w, aisles, kmax)
+            out[name].append([ids[i] for i in pers(a)])
     return out
 
 
-async def served_complements(target: str, cases: list[dict[str, Any]], history: bool, items_per_bundle: int,
+def request_counts(case: dict[str, Any], now_s: float, limit: int = 200) -> list[Any]:
+    """The case's history as a caller would send it: ``recent_item_counts`` (count, first and last purchase as
+    times before ``now_s``), the ``limit`` items with the largest decayed count (the server's default half-life)."""
+    from bundlerec import item_count
+    from bundlerec_server.bundling import COUNT_HALF_LIFE_DAYS, decayed_count
+
+    day = 86400.0
+    ranked = sorted(case["counts"].items(), key=lambda kv: (-decayed_count(
+        kv[1][0], -int(kv[1][1] * 86_400_000), -int(kv[1][2] * 86_400_000), 0, COUNT_HALF_LIFE_DAYS), kv[0]))
+    return [item_count(p, n, last_seen=now_s - last * day, first_seen=now_s - first * day)
+            for p, (n, first, last) in ranked[:limit]]
+
+
+EVENTS_USER_PREFIX = "bq:"
+
+
+async def record_histories(target: str, data: Data, cases: list[dict[str, Any]], timeout: float) -> int:
+    """Records every case's earlier orders as PURCHASE events of user ``bq:<user_id>`` (one event per order line,
+    timestamped by the order's age before now), so Recommend with only the user id reads them back."""
+    from google.protobuf import timestamp_pb2
+
+    from bundlerec import AsyncClient, pb
+
+    users = next_basket_users(data.orders)
+    now = time.time()
+    events = []
+    for c in cases:
+        orders = users[c["user_id"]][:-1]
+        ages = [a + (users[c["user_id"]][-1].days_since_prior or 0.0) for a in order_ages(orders)]
+        for o, age in zip(orders, ages, strict=True):
+            ts = timestamp_pb2.Timestamp()
+            ts.FromNanoseconds(int((now - age * 86400.0) * 1e9))
+            events += [pb.Event(user_id=EVENTS_USER_PREFIX + c["user_id"], item_id=p, type=pb.EVENT_TYPE_PURCHASE,
+                                timestamp=ts) for p in o.items]
+    async with AsyncClient(target, timeout=max(timeout, 60.0)) as client:
+        accepted = 0
+        for i in range(0, len(events), 5000):
+            accepted += (await client.record_events(events[i:i + 5000])).accepted
+    return accepted
+
+
+async def served_complements(target: str, cases: list[dict[str, Any]], history: bool | str, items_per_bundle: int,
                              concurrency: int, timeout: float) -> list[list[str] | None]:
     """The complements of the served bundle anchored on each case's item ([] when no bundle is anchored on
-    it; None on an error), with or without the shopper's ``recent_item_ids``."""
+    it; None on an error), without history (False), with the shopper's ``recent_item_ids`` (True or "ids"),
+    with their ``recent_item_counts`` ("counts") or with only their user id ("events": :func:`record_histories`)."""
     from bundlerec import AsyncClient, BundleRecError
 
     sem = asyncio.Semaphore(concurrency)
@@ -910,7 +1054,9 @@ async def served_complements(target: str, cases: list[dict[str, Any]], history: 
         async def one(i: int, c: dict[str, Any]) -> None:
             async with sem:
                 try:
-                    stream = client.recommend(c["query"], recent_item_ids=c["recent"] if history else [],
+                    stream = client.recommend(c["query"], recent_item_ids=c["recent"] if history in (True, "ids") else [],
+                                              user_id=EVENTS_USER_PREFIX + c["user_id"] if history == "events" else "",
+                                              recent_item_counts=request_counts(c, time.time()) if history == "counts" else [],
                                               max_bundles=10, max_items_per_bundle=items_per_bundle)
                     bundles = [b async for b in stream]
                 except BundleRecError:
@@ -923,14 +1069,19 @@ async def served_complements(target: str, cases: list[dict[str, Any]], history: 
 
 
 def run_complements_rpc(target: str, data: Data, max_users: int, concurrency: int = 4, timeout: float = 10.0,
-                        draws: int = 1000, k: int = 5) -> dict[str, Any]:
+                        draws: int = 1000, k: int = 5, events: bool = False) -> dict[str, Any]:
     """Complements' Recall@k through Recommend (query = an item of the shopper's held-out basket, the bundle
     anchored on it, k complements asked) without and with history, against the offline baselines on the same
     anchors; all / repeat (bought before) / explore targets; paired bootstrap over shoppers."""
     cases = complement_cases(data, max_users)
     lists: dict[str, list[list[str] | None]] = dict(complement_baselines(data, cases))
     lists["served"] = asyncio.run(served_complements(target, cases, False, k + 1, concurrency, timeout))
-    lists["served_history"] = asyncio.run(served_complements(target, cases, True, k + 1, concurrency, timeout))
+    lists["served_history"] = asyncio.run(served_complements(target, cases, "ids", k + 1, concurrency, timeout))
+    lists["served_counts"] = asyncio.run(served_complements(target, cases, "counts", k + 1, concurrency, timeout))
+    recorded = None
+    if events:
+        recorded = asyncio.run(record_histories(target, data, cases, timeout))
+        lists["served_events"] = asyncio.run(served_complements(target, cases, "events", k + 1, concurrency, timeout))
     ok = [i for i in range(len(cases)) if all(v[i] is not None for v in lists.values())]
     groups = np.arange(len(ok))
     weights = bootstrap_weights(len(ok), draws, seed=2)
@@ -956,10 +1107,12 @@ def run_complements_rpc(target: str, data: Data, max_users: int, concurrency: in
             r["r5_found"], rec["personal_cooccurrence"]["r5_found"], groups, weights)
     found = np.mean([bool(lists["served"][i]) for i in ok]) if ok else None
     return {"cases": len(cases), "scored": len(ok), "k": k, "anchor_bundle_found": float(found) if ok else None,
+            "events_recorded": recorded,
             "personal_baseline": {"weight": PERSONAL_BASELINE[0], "decay": PERSONAL_BASELINE[1]},
             "methods": methods,
-            "target": {"rule": "served_history R@5 >= 1.1 x personal_cooccurrence",
-                       "ratio": methods["served_history"]["ratio_vs_personal_cooccurrence"]["ratio"]}}
+            "target": {"rule": "served R@5 with history >= 1.1 x personal_cooccurrence",
+                       "ratio_ids": methods["served_history"]["ratio_vs_personal_cooccurrence"]["ratio"],
+                       "ratio_counts": methods["served_counts"]["ratio_vs_personal_cooccurrence"]["ratio"]}}
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -1134,6 +1287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="complements' Recall@5 through Recommend (bundle anchored on a held-out basket item), "
                         "without and with history, vs co-occurrence (+ the shopper's purchase counts)")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--record-events", action="store_true",
+                   help="with --complements-target: also record each shopper's earlier orders as PURCHASE events "
+                        "(the server needs --events-db) and score Recommend with only the user id")
+    p.add_argument("--tune-history", action="store_true",
+                   help="only tune the served personal mix (weight, count half-life) on validation baskets of "
+                        "training orders, print the grid (and --json), then exit")
     p.add_argument("--prepare-artifact-data", type=Path, metavar="DIR",
                    help="only write the restricted instacart folder for the --target artifact, then exit")
     args = p.parse_args(argv)
@@ -1148,10 +1307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = prepare_artifact_data(data, args.data_dir, args.prepare_artifact_data)
         print(json.dumps(info))
         return 0
+    if args.tune_history:
+        tuned = tune_history(data)
+        print(json.dumps(tuned["best"], indent=1), f"no personalization: {tuned['no_personal_r5']:.4f}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"tune_history": tuned}, indent=2))
+        return 0
     if args.complements_target:
         t0 = time.perf_counter()
         out = run_complements_rpc(args.complements_target, data, args.max_users, args.concurrency, args.timeout,
-                                  args.draws)
+                                  args.draws, events=args.record_events)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         print(json.dumps({n: {k: v["mean"] for k, v in m.items() if "mean" in v} for n, m in out["methods"].items()},
                          indent=1))

@@ -234,3 +234,31 @@ def test_merge_results_and_from_json(tmp_path: Path):
     assert set(m["views"]) == {"user", "order"} and m["personalization"] == {"p": 1} and m["data"] == {"orders": 3}
     with pytest.raises(SystemExit):
         bq.main([])  # neither --data-dir nor --from-json
+
+
+def test_history_validation_split_never_mines_test_or_validation(tiny_instacart: Path):
+    data = bq.load_instacart(tiny_instacart)
+    test, val, mined = bq.history_validation_split(data)
+    users = bq.next_basket_users(data.orders)
+    assert set(test) == set(val) == set(users)
+    mined_ids = {o.order_id for o in mined}
+    for u, os_ in users.items():
+        assert test[u].order_id == os_[-1].order_id and val[u].order_id == os_[-2].order_id
+        assert test[u].order_id not in mined_ids and val[u].order_id not in mined_ids
+    assert len(mined) == len(data.orders) - 2 * len(users)
+    # the validation baskets are training orders: the artifact's data keeps them, the test baskets it drops
+    cases = bq.complement_cases(data, max_users=8)
+    assert {c["user_id"] for c in cases} <= set(users)
+    for c in cases:
+        assert set(c["counts"]) == set(c["seen"])  # counts come only from orders before the test basket
+    tuned = bq.tune_history(data)
+    assert set(tuned["best"]) == {"ids", "counts", "decayed"} and tuned["validation_shoppers"] > 0
+
+
+def test_order_ages_and_history_counts_by_hand():
+    orders = [bq.Order("a", "u", 1, ["x", "y"], None), bq.Order("b", "u", 2, ["x"], 10.0),
+              bq.Order("c", "u", 3, ["x", "z"], 5.0)]
+    ages = bq.order_ages(orders)
+    assert ages == [15.0, 5.0, 0.0]
+    counts = bq.history_counts([o.items for o in orders], ages)
+    assert counts == {"x": (3, 15.0, 0.0), "y": (1, 15.0, 15.0), "z": (1, 0.0, 0.0)}

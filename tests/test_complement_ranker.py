@@ -224,3 +224,28 @@ def test_leave_shopper_out_equals_mining_without_them():
                                    err_msg=f)
     # and it changes something: the shopper's own pairs count less
     assert (a[:, cf.FEATURES.index("c_ab")] < cf.pair_features(st, rows, cols)[:, cf.FEATURES.index("c_ab")]).any()
+
+
+def test_never_ordered_items_share_one_scored_list_per_aisle():
+    """Build-time lever: never-ordered anchors of an aisle are scored once (their pair features are all equal
+    but title overlap); without titles the result is exactly the per-anchor scoring's."""
+    baskets, users, nums, aisles = _synthetic()
+    n = 42  # items 30..41 never ordered, in aisles 30 % 6 .. 41 % 6 (two each), one with an unknown aisle
+    aisles = aisles + [f"aisle{i % 6}" for i in range(30, 41)] + [""]
+    base = dict(top_k=5, n_candidates=10, fill=5, max_rounds=30, early_stopping=10, min_data_in_leaf=5,
+                num_leaves=7, ease_items=30, threads=1)
+    shared, rep = cr.rank_complements(baskets, n, users=users, order_numbers=nums, aisles=aisles,
+                                      cfg=cr.RankerConfig(**base))
+    each, rep_each = cr.rank_complements(baskets, n, users=users, order_numbers=nums, aisles=aisles,
+                                         cfg=cr.RankerConfig(**base, share_unordered=False))
+    assert rep["anchors_scored"] == 30 + 7 and rep_each["anchors_scored"] == n  # 6 aisles + the unknown one
+    for attr in ("indptr", "indices", "strength", "support"):
+        assert np.array_equal(getattr(shared, attr), getattr(each, attr))
+    for a in range(30, n - 1):  # the one with an unknown aisle has no aisle backoff: empty in both
+        idx, _, support = shared.of(a)
+        assert len(idx) == 5 and not support.any() and all(aisles[j] != aisles[a] for j in idx.tolist())
+    # with titles, the two never-ordered items of an aisle get the same list
+    titles = [f"item {i}" for i in range(n)]
+    with_titles, _ = cr.rank_complements(baskets, n, users=users, order_numbers=nums, aisles=aisles, titles=titles,
+                                         cfg=cr.RankerConfig(**base))
+    assert np.array_equal(with_titles.of(30)[0], with_titles.of(36)[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,10 +29,17 @@ filters = st.builds(
     st.lists(st.text(max_size=20), max_size=3), st.lists(st.text(max_size=20), max_size=3), floats,
     st.lists(ids, max_size=5),
 )
+stamps = st.one_of(st.none(), st.builds(lambda sec, ns: timestamp_pb2.Timestamp(seconds=sec, nanos=ns),
+                                        st.one_of(st.integers(-2**40, 2**40), st.integers(1_600_000_000, 1_900_000_000)),
+                                        st.integers(0, 999_999_999)))
+item_counts = st.lists(st.builds(
+    lambda item, n, last, first: pb.ItemCount(item_id=item, count=n, **({} if last is None else {"last_seen": last}),
+                                              **({} if first is None else {"first_seen": first})),
+    ids, st.one_of(st.integers(0, 20), big), stamps, stamps), max_size=6)
 modes = st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(min_value=-5, max_value=1000))
 recommend = st.builds(
     pb.RecommendRequest, query=queries, user_id=st.one_of(st.just(""), st.text(max_size=30), st.sampled_from(["u-1", "user:42"])),
-    recent_item_ids=st.lists(ids, max_size=6), max_bundles=st.one_of(st.integers(0, 60), big),
+    recent_item_ids=st.lists(ids, max_size=6), recent_item_counts=item_counts, max_bundles=st.one_of(st.integers(0, 60), big),
     max_items_per_bundle=st.one_of(st.integers(0, 12), big), filters=filters, retrieval_mode=modes,
 )
 search = st.builds(pb.SearchRequest, query=queries, k=st.one_of(st.integers(0, 120), big), retrieval_mode=modes, filters=filters)

@@ -7,6 +7,7 @@ from .client import (
     Client,
     RecommendStream,
     RetryPolicy,
+    item_count,
     recommend_request,
     search_request,
     service_config,
@@ -16,5 +17,5 @@ from .v1 import bundlerec_pb2 as pb
 
 __all__ = [
     "AsyncClient", "AsyncRecommendStream", "BundleRecError", "Client", "FieldViolation", "RecommendStream", "RetryPolicy",
-    "TLS", "pb", "recommend_request", "search_request", "service_config",
+    "TLS", "item_count", "pb", "recommend_request", "search_request", "service_config",
 ]

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from google.protobuf import json_format
 
-from .client import TLS, Client
+from .client import TLS, Client, item_count
 from .errors import BundleRecError
 from .v1 import bundlerec_pb2 as pb
 
@@ -37,6 +37,21 @@ def print_bundle(bundle: pb.Bundle, elapsed_ms: float, out: TextIO) -> None:
     out.flush()
 
 
+def _bought(text: str) -> pb.ItemCount:
+    """``ITEM_ID:COUNT[:DAYS_AGO]`` (the id may itself contain ':'; the count and days are the last fields)."""
+    parts = text.rsplit(":", 2)
+    if len(parts) == 3 and parts[0]:
+        try:
+            return item_count(parts[0], int(parts[1]), last_seen=time.time() - float(parts[2]) * 86400.0)
+        except ValueError:
+            pass  # an id with ':' and no days
+    try:
+        item, count = text.rsplit(":", 1)
+        return item_count(item, int(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ITEM_ID:COUNT or ITEM_ID:COUNT:DAYS_AGO") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bundlerec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=os.environ.get("BUNDLEREC_TARGET", "localhost:50051"), help="server HOST:PORT, or replicas as ipv4:IP:PORT,IP:PORT or dns:///NAME:PORT (balanced round-robin; env BUNDLEREC_TARGET)")
@@ -52,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("query")
     rec.add_argument("--user", default="", help="shopper id (personalizes with their recorded events)")
     rec.add_argument("--recent", nargs="*", default=[], metavar="ITEM_ID", help="recently viewed/bought item ids")
+    rec.add_argument("--bought", action="append", default=[], type=_bought, metavar="ITEM_ID:COUNT[:DAYS_AGO]",
+                     help="purchase count of an item (and days since the last purchase); repeat for each item")
     rec.add_argument("-n", "--max-bundles", type=int, default=0)
     rec.add_argument("--items", type=int, default=0, help="items per bundle, anchor included")
     rec.add_argument("--include-category", action="append", default=[])
@@ -84,7 +101,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if args.command == "recommend":
             t0 = time.perf_counter()
             stream = client.recommend(
-                args.query, user_id=args.user, recent_item_ids=args.recent, max_bundles=args.max_bundles,
+                args.query, user_id=args.user, recent_item_ids=args.recent, recent_item_counts=args.bought,
+                max_bundles=args.max_bundles,
                 max_items_per_bundle=args.items, include_categories=args.include_category,
                 exclude_categories=args.exclude_category, exclude_item_ids=args.exclude_item,
                 max_bundle_price=args.max_price, retrieval_mode=args.mode,

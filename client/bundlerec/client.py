@@ -20,6 +20,7 @@ Every failure raises :class:`bundlerec.BundleRecError` (never a raw grpc.RpcErro
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import time
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from .errors import BundleRecError, from_rpc_error
@@ -139,11 +141,41 @@ def channel_options(config: Mapping[str, Any] | None = None) -> list[tuple[str, 
     return options
 
 
+def _timestamp(value: datetime.datetime | float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise ValueError("use a timezone-aware datetime (e.g. datetime.now(timezone.utc))")
+        ts.FromDatetime(value)
+    else:
+        ts.FromNanoseconds(int(round(float(value) * 1e9)))
+    return ts
+
+
+def item_count(item_id: str, count: int, last_seen: datetime.datetime | float | None = None,
+               first_seen: datetime.datetime | float | None = None) -> pb.ItemCount:
+    """One entry of ``recent_item_counts``: how often the shopper bought ``item_id`` and, optionally, when last
+    and first (timezone-aware datetimes or seconds since the epoch); the server decays older purchases."""
+    msg = pb.ItemCount(item_id=item_id, count=count)
+    if last_seen is not None:
+        msg.last_seen.CopyFrom(_timestamp(last_seen))
+    if first_seen is not None:
+        msg.first_seen.CopyFrom(_timestamp(first_seen))
+    return msg
+
+
+def _item_counts(values: Iterable[pb.ItemCount] | Mapping[str, int]) -> list[pb.ItemCount]:
+    if isinstance(values, Mapping):
+        return [pb.ItemCount(item_id=k, count=v) for k, v in values.items()]
+    return list(values)
+
+
 def recommend_request(
     query: str,
     *,
     user_id: str = "",
     recent_item_ids: Sequence[str] = (),
+    recent_item_counts: Iterable[pb.ItemCount] | Mapping[str, int] = (),
     max_bundles: int = 0,
     max_items_per_bundle: int = 0,
     include_categories: Sequence[str] = (),
@@ -153,7 +185,8 @@ def recommend_request(
     retrieval_mode: str | None = None,
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
-        query=query, user_id=user_id, recent_item_ids=list(recent_item_ids), max_bundles=max_bundles,
+        query=query, user_id=user_id, recent_item_ids=list(recent_item_ids),
+        recent_item_counts=_item_counts(recent_item_counts), max_bundles=max_bundles,
         max_items_per_bundle=max_items_per_bundle,
         filters=filters(include_categories, exclude_categories, max_bundle_price, exclude_item_ids),
         retrieval_mode=MODES[retrieval_mode],

@@ -71,6 +71,9 @@ class RankerConfig:
     # docs/bundles.md): the subtraction leaves the aisle backoff and EASE with the shopper's counts, so the
     # model learns to spot the shopper's own earlier purchases, a signal the served (population) lists lack
     leave_shopper_out: bool = False
+    # never-ordered anchors of one aisle share every pair feature but title overlap: score one per aisle (its
+    # title ignored) and give the others its list, instead of scoring each (build time, docs/bundles.md)
+    share_unordered: bool = True
 
 
 def _hash_pct(key: str, salt: str = "complement-ranker") -> float:
@@ -288,20 +291,51 @@ def rank_complements(
     t_fit = time.perf_counter()
     booster, val = train_ranker(fit_model, [baskets[i] for i in lab_idx], [users[i] for i in lab_idx], cfg)
     t_train = time.perf_counter()
+    counts = np.bincount(np.asarray([i for b in baskets for i in set(b)], dtype=np.int64), minlength=n_items)
+    anchors, copy_from = _anchors_to_score(counts, cf.group_codes(aisles, n_items), cfg.share_unordered)
+    if copy_from is not None and tokens is not None:  # the representatives' lists must not follow their own titles
+        tokens = [frozenset() if copy_from[r] == -2 else t for r, t in enumerate(tokens)]
     full = CandidateModel(baskets, n_items, cfg, users=users, aisles=aisles, departments=departments, tokens=tokens)
-    anchors = np.arange(n_items)  # never-ordered items too: ranked on aisle backoff and popularity
-    comp = to_complements(*score_anchors(booster, full, anchors, cfg.top_k, progress))
+    scored = score_anchors(booster, full, anchors, cfg.top_k, progress)  # never-ordered ones: aisle backoff + popularity
+    comp = to_complements(*(_copy_rows(*scored, copy_from) if copy_from is not None else scored))
     t_end = time.perf_counter()
     report = {
         "method": METHOD, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "features": list(cfg.features), "fit_baskets": int(len(fit_idx)), "label_baskets": int(len(lab_idx)),
         "validation": val, "anchors": int(np.count_nonzero(np.diff(comp.indptr))), "pairs": int(len(comp.indices)),
+        "anchors_scored": int(len(anchors)),
         "model_text": booster.model_to_string(num_iteration=val["best_iteration"]),
         "timings_s": {"mine_fit": round(t_fit - t0, 2), "train": round(t_train - t_fit, 2),
                       "mine_all_and_rank": round(t_end - t_train, 2), "total": round(t_end - t0, 2)},
     }
     logger.info("learned complements: %d pairs for %d anchors in %.1f s", report["pairs"], report["anchors"], t_end - t0)
     return comp, report
+
+
+def _anchors_to_score(counts: np.ndarray, groups: np.ndarray, share: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The anchors to score and, with ``share``, per row the row whose list it takes (-1: its own; -2: its own,
+    and it stands for the never-ordered items of its aisle group). Without never-ordered items: all, None."""
+    n = len(counts)
+    never = np.flatnonzero(counts == 0)
+    if not share or len(never) == 0:
+        return np.arange(n), None
+    uniq, first, inverse = np.unique(groups[never], return_index=True, return_inverse=True)
+    reps = never[first]
+    copy_from = np.full(n, -1, dtype=np.int64)
+    copy_from[never] = reps[inverse]
+    copy_from[reps] = -2
+    return np.sort(np.concatenate([np.flatnonzero(counts > 0), reps])), copy_from
+
+
+def _copy_rows(indptr: np.ndarray, idx: np.ndarray, score: np.ndarray, support: np.ndarray, copy_from: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR with every row whose ``copy_from`` is >= 0 replaced by that row's list."""
+    n = len(indptr) - 1
+    src = np.where(copy_from >= 0, copy_from, np.arange(n))
+    lens = np.diff(indptr)[src]
+    out_ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    take = np.arange(int(out_ptr[-1])) + np.repeat(indptr[src] - out_ptr[:-1], lens)
+    return out_ptr, idx[take], score[take], support[take]
 
 
 def _user_order_counts(users: Sequence[str]) -> dict[str, int]:

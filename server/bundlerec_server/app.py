@@ -116,7 +116,8 @@ async def create_server(settings: Settings) -> App:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     if settings.events_db:
         runtime.events = open_event_store(settings.events_db, recent_per_user=settings.recent_events_per_user,
-                                          shared=settings.shared_events)
+                                          shared=settings.shared_events, counts_per_user=settings.purchase_counts_per_user,
+                                          half_life_days=settings.count_half_life_days)
         await runtime.events.start()
     app = App(server, port, runtime, health_servicer)
     await app.set_serving(False)

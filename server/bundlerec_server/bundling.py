@@ -14,18 +14,19 @@ every stored complement that passes the filters is weaker, the best of them is k
 without any complement (none stored, or the filters drop them all) is skipped by :func:`rank_bundles` unless
 no anchor yields a bundle with a complement (then the one-item bundles are the answer rather than none).
 
-Known shoppers (``personal``: :func:`shopper_affinity` of their recent items) get repeat-aware complements
-(P-TopFreq / TIFU-KNN style, docs/bundles.md): the candidates are the anchor's stored list plus the shopper's
-own items, scored ``PERSONAL_WEIGHT x affinity + (1 - PERSONAL_WEIGHT) x (1 - rank / len(list))`` (an item
-outside the list has rank term 0); the score is the complement's strength, so bundles of the shopper's
-habitual items also rank higher, and the reason says so.
+Known shoppers get repeat-aware complements (P-TopFreq / TIFU-KNN style, docs/bundles.md). ``personal`` is
+their affinity in (0, 1]: :func:`count_affinity` of per-item purchase counts (recency-decayed) when there are
+any, else :func:`shopper_affinity` of their recent items (position-decayed presence). The candidates are the
+anchor's stored list plus the shopper's own items, scored ``w x affinity + (1 - w) x (1 - rank / len(list))``
+(``personal_weight`` w, tuned separately for counts and for presence; an item outside the list has rank term 0); the score is the complement's strength, so
+bundles of the shopper's habitual items also rank higher, and the reason says so.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -45,8 +46,11 @@ class ComplementView(Protocol):
     def top_strength(self, row: int) -> float: ...
 
 
-PERSONAL_WEIGHT = 0.75  # the offline mix weight (docs/bundles.md, personalization)
+PERSONAL_WEIGHT = 0.85  # mix weight for purchase counts, tuned on validation baskets of training orders
+PRESENCE_WEIGHT = 0.75  # mix weight for recent ids only (presence), tuned likewise (docs/bundles.md)
 HISTORY_HALF_LIFE = 20.0  # positions in a newest-first item list (~2 Instacart baskets of ~10 items)
+COUNT_HALF_LIFE_DAYS = 45.0  # recency half-life of purchase counts, tuned with PERSONAL_WEIGHT
+DAY_MS = 86_400_000
 PERSONAL_REASON = "with items you often buy"
 PREDICTED_REASON = "predicted complements: no order history for this pair yet"  # cold-start model or content
 
@@ -63,21 +67,74 @@ def shopper_affinity(*histories: Sequence[int], half_life: float = HISTORY_HALF_
     return {row: f / top for row, f in freq.items()} if top > 0 else {}
 
 
-def _personal_candidates(anchor: int, complements: ComplementView, personal: Mapping[int, float]
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decayed_count(count: int, first_ms: int | None, last_ms: int | None, now_ms: int,
+                  half_life_days: float = COUNT_HALF_LIFE_DAYS) -> float:
+    """TIFU-style decayed frequency from aggregates: the ``count`` purchases are taken as evenly spaced between
+    ``first_ms`` and ``last_ms`` and each weighs ``0.5 ** (age / half_life)``. Without ``last_ms`` (or a
+    half-life <= 0) the plain count; without ``first_ms`` all purchases at ``last_ms``. Future times count as now."""
+    if last_ms is None or half_life_days <= 0 or count <= 0:
+        return float(max(count, 0))
+    hl = half_life_days * DAY_MS
+    newest = math.pow(0.5, max(0, now_ms - last_ms) / hl)
+    if count == 1 or first_ms is None or first_ms >= last_ms:
+        return count * newest
+    ratio = math.pow(0.5, (last_ms - first_ms) / (count - 1) / hl)  # decay between consecutive purchases
+    return newest * (1.0 - math.pow(ratio, count)) / (1.0 - ratio) if ratio < 1.0 else count * newest
+
+
+def count_affinity(entries: Iterable[tuple[int, float]]) -> dict[int, float]:
+    """Affinity from (catalog row, decayed count) pairs: the largest value per row, scaled to (0, 1] by the
+    largest overall; rows with no weight are dropped. Empty when there is nothing."""
+    freq: dict[int, float] = {}
+    for row, value in entries:
+        if value > 0 and value > freq.get(row, 0.0):
+            freq[row] = value
+    top = max(freq.values(), default=0.0)
+    return {row: f / top for row, f in freq.items()} if top > 0 else {}
+
+
+class PersonalOrder:
+    """A shopper's items once per request, best first by their score off the anchor's list (``weight x
+    affinity``; ties by row), with :meth:`RowFilter.items` precomputed: lets each anchor look only at the few
+    items it can use (see :func:`_personal_candidates`)."""
+
+    def __init__(self, personal: Mapping[int, float], weight: float, allowed: RowFilter) -> None:
+        self.rows = sorted(personal, key=lambda r: (-weight * personal[r], r))
+        self.ok = allowed.items(np.asarray(self.rows, dtype=np.int64)).tolist() if self.rows else []
+
+
+def _personal_candidates(anchor: int, complements: ComplementView, personal: Mapping[int, float],
+                         weight: float = PERSONAL_WEIGHT, order: PersonalOrder | None = None, need: int = 0,
+                         categories: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The anchor's stored list plus the shopper's items, best first by the personal mix: (rows, mix score,
-    support = stored baskets containing both, 0 off the list)."""
+    support = stored baskets containing both, 0 off the list).
+
+    With ``order`` and ``need`` > 0, of the shopper's items off the list only the first ``need`` that the bundle
+    could take (allowed, not the anchor, not in its category) are candidates: the others score lower than
+    those and cannot be chosen when eligibility does not depend on earlier choices (no price cap)."""
     rows, _, supports = complements.of(anchor)
     listed = rows.tolist()
     n = max(len(listed), 1)
-    score = {r: (1.0 - PERSONAL_WEIGHT) * (1.0 - i / n) for i, r in enumerate(listed)}
-    for r, a in personal.items():
-        score[r] = score.get(r, 0.0) + PERSONAL_WEIGHT * a
+    score = {r: (1.0 - weight) * (1.0 - i / n) for i, r in enumerate(listed)}
+    if order is not None and need > 0:
+        for r in listed:
+            if r in personal:
+                score[r] += weight * personal[r]
+        cat = categories[anchor] if categories else ""
+        taken = 0
+        for r, ok in zip(order.rows, order.ok, strict=True):
+            if taken == need:
+                break
+            if ok and r not in score and r != anchor and not (cat and categories[r] == cat):
+                score[r] = weight * personal[r]
+                taken += 1
+    else:
+        for r, a in personal.items():
+            score[r] = score.get(r, 0.0) + weight * a
     support = dict(zip(listed, supports.tolist(), strict=True))
-    order = sorted(score, key=lambda r: (-score[r], r))
-    out = np.asarray(order, dtype=np.int64)
-    return (out, np.asarray([score[r] for r in order], dtype=np.float64),
-            np.asarray([support.get(r, 0) for r in order], dtype=np.int64))
+    best = sorted(score, key=lambda r: (-score[r], r))
+    return (np.asarray(best, dtype=np.int64), np.asarray([score[r] for r in best], dtype=np.float64),
+            np.asarray([support.get(r, 0) for r in best], dtype=np.int64))
 
 
 def reason_for(complements: Sequence[tuple[int, float, int]], personal: Mapping[int, float] | None = None) -> str:
@@ -102,11 +159,14 @@ def make_bundle(
     min_strength: float = 0.0,
     anchor_allowed: bool | None = None,
     personal: Mapping[int, float] | None = None,
+    personal_weight: float = PERSONAL_WEIGHT,
+    personal_order: PersonalOrder | None = None,
 ) -> BundleOut | None:
     """One bundle for ``anchor``: its best allowed complements (strength >= ``min_strength``, or the single best
     allowed one when all are weaker), within the price cap. None if the anchor is not allowed
     (``anchor_allowed``: already known, e.g. checked in bulk). ``personal``: the shopper's
-    :func:`shopper_affinity` (repeat-aware candidates and order, no strength cut)."""
+    affinity (repeat-aware candidates and order, no strength cut), mixed with ``personal_weight``
+    (``personal_order``: its :class:`PersonalOrder`, built once per request)."""
     if not (allowed.allows_anchor(anchor.row) if anchor_allowed is None else anchor_allowed):
         return None
     anchor_price = catalog.prices[anchor.row]
@@ -117,7 +177,9 @@ def make_bundle(
     seen = {anchor.row}
     if items_per_bundle > 1:
         if personal:
-            rows, strengths, supports = _personal_candidates(anchor.row, complements, personal)
+            need = items_per_bundle - 1 if personal_order is not None and allowed.max_price is None else 0
+            rows, strengths, supports = _personal_candidates(anchor.row, complements, personal, personal_weight,
+                                                             personal_order, need, catalog.category_lower)
             min_strength = 0.0
         else:
             rows, strengths, supports = complements.of(anchor.row)
@@ -165,6 +227,7 @@ def rank_bundles(
     bonus: float,
     min_strength: float = 0.0,
     personal: Mapping[int, float] | None = None,
+    personal_weight: float = PERSONAL_WEIGHT,
 ) -> list[BundleOut]:
     """Bundles for the anchors, best first (ties keep retrieval order), at most ``max_bundles``.
 
@@ -177,6 +240,7 @@ def rank_bundles(
     singles: list[BundleOut] = []  # anchors left without a complement: the answer only when nothing else is
     best: list[float] = []  # min-heap of the max_bundles best scores so far
     anchor_ok = allowed.anchors(np.fromiter((a.row for a in anchors), dtype=np.int64, count=len(anchors))).tolist()
+    order = PersonalOrder(personal, personal_weight, allowed) if personal else None
     for anchor, ok in zip(anchors, anchor_ok, strict=True):
         if not ok:
             continue  # make_bundle would refuse it; checked for all anchors at once
@@ -186,7 +250,8 @@ def rank_bundles(
             if not personal and anchor.score * (1.0 + bonus * complements.top_strength(anchor.row)) < best[0]:
                 continue  # not even this anchor's strongest complement would lift it enough
         bundle = make_bundle(anchor, catalog, complements, allowed, items_per_bundle, bonus, min_strength,
-                             anchor_allowed=True, personal=personal)
+                             anchor_allowed=True, personal=personal, personal_weight=personal_weight,
+                             personal_order=order)
         if bundle is not None and items_per_bundle > 1 and len(bundle.items) == 1:
             if len(singles) < max_bundles:
                 singles.append(bundle)

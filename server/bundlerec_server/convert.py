@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import unicodedata
 from collections.abc import Iterable
 from typing import cast
 
+from google.protobuf import timestamp_pb2
+
 from bundlerec.v1 import bundlerec_pb2 as pb
 
 from .catalog import Catalog
-from .domain import BundleOut, Filters, Hit, Mode, RecommendQuery, SearchQuery, Stop
+from .domain import BundleOut, Filters, Hit, ItemCount, Mode, RecommendQuery, SearchQuery, Stop
 from .errors import InvalidRequest, Violation
 from .events import EventRecord
 from .settings import Settings
@@ -23,6 +26,8 @@ from .settings import Settings
 USER_ID_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
 MAX_ID_CHARS = 128
 MAX_CATEGORY_CHARS = 128
+MAX_ITEM_COUNT = 1_000_000
+FUTURE_SLACK_MS = 24 * 3600 * 1000  # timestamps up to a day ahead are accepted (clock skew)
 
 _MODES = {
     pb.RETRIEVAL_MODE_UNSPECIFIED: None,
@@ -66,6 +71,45 @@ def check_ids(values: Iterable[str], name: str, limit: int, out: list[Violation]
     return values
 
 
+def _timestamp_ms(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def check_item_counts(values: Iterable[pb.ItemCount], name: str, limit: int, now_ms: int,
+                      out: list[Violation]) -> tuple[ItemCount, ...]:
+    """``recent_item_counts``: at most ``limit`` entries, each item once, count 1..MAX_ITEM_COUNT, timestamps
+    after 1970 and at most a day ahead, first_seen only with last_seen and not after it."""
+    values = tuple(values)
+    if len(values) > limit:
+        out.append(Violation(name, f"{len(values)} items; at most {limit}"))
+        return ()
+    seen: set[str] = set()
+    counts = []
+    for i, v in enumerate(values):
+        field_name = f"{name}[{i}]"
+        check_item_id(v.item_id, f"{field_name}.item_id", out)
+        if v.item_id in seen:
+            out.append(Violation(f"{field_name}.item_id", f"{v.item_id!r} appears more than once"))
+        seen.add(v.item_id)
+        if not 1 <= v.count <= MAX_ITEM_COUNT:
+            out.append(Violation(f"{field_name}.count", f"{v.count}; must be 1 to {MAX_ITEM_COUNT}"))
+        stamps: dict[str, int | None] = {}
+        for ts_name in ("last_seen", "first_seen"):
+            stamps[ts_name] = None
+            if v.HasField(ts_name):
+                ms = _timestamp_ms(getattr(v, ts_name))
+                if ms <= 0 or ms > now_ms + FUTURE_SLACK_MS:
+                    out.append(Violation(f"{field_name}.{ts_name}", "must be after 1970 and not more than a day in the future"))
+                stamps[ts_name] = ms
+        first, last = stamps["first_seen"], stamps["last_seen"]
+        if first is not None and last is None:
+            out.append(Violation(f"{field_name}.first_seen", "needs last_seen"))
+        elif first is not None and last is not None and first > last:
+            out.append(Violation(f"{field_name}.first_seen", "must not be after last_seen"))
+        counts.append(ItemCount(v.item_id, int(v.count), first, last))
+    return tuple(counts)
+
+
 def check_mode(value: int, name: str, out: list[Violation]) -> Mode | None:
     if value not in _MODES:
         out.append(Violation(name, f"unknown retrieval mode {value}"))
@@ -95,12 +139,14 @@ def check_filters(f: pb.Filters, settings: Settings, out: list[Violation], prefi
     )
 
 
-def recommend_query(req: pb.RecommendRequest, settings: Settings) -> RecommendQuery:
+def recommend_query(req: pb.RecommendRequest, settings: Settings, now_ms: int | None = None) -> RecommendQuery:
     out: list[Violation] = []
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     query = check_query(req.query, settings, out)
     if req.user_id and not USER_ID_RE.match(req.user_id):
         out.append(Violation("user_id", "1 to 128 characters of A-Z a-z 0-9 _ . : @ -"))
     recent = check_ids(req.recent_item_ids, "recent_item_ids", settings.max_recent_items, out)
+    counts = check_item_counts(req.recent_item_counts, "recent_item_counts", settings.max_recent_item_counts, now_ms, out)
     if req.max_bundles > settings.max_bundles_cap:
         out.append(Violation("max_bundles", f"{req.max_bundles}; at most {settings.max_bundles_cap} (0 = default {settings.default_max_bundles})"))
     if req.max_items_per_bundle > settings.max_items_per_bundle_cap:
@@ -110,7 +156,7 @@ def recommend_query(req: pb.RecommendRequest, settings: Settings) -> RecommendQu
     if out:
         raise InvalidRequest(out)
     return RecommendQuery(
-        query=query, user_id=req.user_id, recent_item_ids=recent,
+        query=query, user_id=req.user_id, recent_item_ids=recent, recent_item_counts=counts,
         max_bundles=req.max_bundles or settings.default_max_bundles,
         items_per_bundle=req.max_items_per_bundle or settings.default_items_per_bundle,
         filters=filters, mode=mode,
@@ -142,8 +188,8 @@ def event_record(ev: pb.Event, index: int, now_ms: int) -> EventRecord:
         out.append(Violation(f"events[{index}].type", "required: VIEW, CLICK, ADD_TO_CART or PURCHASE"))
     ts_ms = now_ms
     if ev.HasField("timestamp"):
-        ts_ms = ev.timestamp.seconds * 1000 + ev.timestamp.nanos // 1_000_000
-        if ts_ms <= 0 or ts_ms > now_ms + 24 * 3600 * 1000:
+        ts_ms = _timestamp_ms(ev.timestamp)
+        if ts_ms <= 0 or ts_ms > now_ms + FUTURE_SLACK_MS:
             out.append(Violation(f"events[{index}].timestamp", "must be after 1970 and not more than a day in the future"))
     if out:
         raise InvalidRequest(out)

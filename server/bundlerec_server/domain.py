@@ -27,10 +27,29 @@ class Filters:
 
 
 @dataclass(frozen=True)
+class ItemCount:
+    """How often a shopper bought an item, and when first and last (ms since the epoch; None = unknown)."""
+
+    item_id: str
+    count: int
+    first_ms: int | None = None
+    last_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class History:
+    """A shopper's recorded history: recent distinct items (newest first) and per-item purchase counts."""
+
+    recent: tuple[str, ...] = ()
+    counts: tuple[ItemCount, ...] = ()
+
+
+@dataclass(frozen=True)
 class RecommendQuery:
     query: str
     user_id: str = ""
     recent_item_ids: tuple[str, ...] = ()
+    recent_item_counts: tuple[ItemCount, ...] = ()
     max_bundles: int = 5
     items_per_bundle: int = 3
     filters: Filters = Filters()

@@ -17,9 +17,9 @@ import numpy as np
 
 from . import artifact as A
 from . import tracing
-from .bundling import rank_bundles, shopper_affinity
+from .bundling import count_affinity, decayed_count, rank_bundles, shopper_affinity
 from .catalog import Catalog
-from .domain import BundleOut, Filters, Hit, Mode, Personalization, RecommendQuery, SearchQuery
+from .domain import BundleOut, Filters, History, Hit, ItemCount, Mode, Personalization, RecommendQuery, SearchQuery
 from .encoder import CUDA, Encoder
 from .errors import InvalidRequest, Unsupported, Violation
 from .filters import RowFilter
@@ -156,8 +156,9 @@ class Engine:
     ) -> tuple[np.ndarray, Personalization]:
         """Blends the mean embedding of known history items into the query vector (the seed's query/user fusion).
 
-        ``history_ids`` come from the request: unknown ones are reported. ``event_ids`` come from the user's
-        recorded events: items no longer in the catalog (after a reload) are skipped silently."""
+        ``history_ids`` come from the request (``recent_item_ids`` and the items of ``recent_item_counts``):
+        unknown ones are reported. ``event_ids`` come from the user's recorded events: items no longer in the
+        catalog (after a reload) are skipped silently."""
         info = Personalization()
         for item_id in history_ids:
             row = self.catalog.row_of.get(item_id)
@@ -253,21 +254,42 @@ class Engine:
     def search(self, q: SearchQuery, vec: np.ndarray | None) -> list[Hit]:
         return self.retrieve(q.query, vec, q.k, self.allow(q.filters), self.mode_for(q.mode))
 
-    def recommend(self, q: RecommendQuery, vec: np.ndarray | None, history: Sequence[str] = ()) -> list[BundleOut]:
+    def affinity(self, q: RecommendQuery, history: History, now_ms: int) -> tuple[dict[int, float], float]:
+        """A known shopper's affinity per catalog row and its mix weight: recency-decayed purchase counts (the
+        request's ``recent_item_counts``, else the recorded ones; ``personal_weight``) when any is in the
+        catalog, else the position-decayed presence of ``recent_item_ids`` and the recorded recent items
+        (``presence_weight``). Empty for an unknown shopper."""
+        rows_of = self.catalog.row_of.get
+        counts: Sequence[ItemCount] = q.recent_item_counts or history.counts
+        hl = self.settings.count_half_life_days
+        personal = count_affinity(
+            (row, decayed_count(c.count, c.first_ms, c.last_ms, now_ms, hl))
+            for c in counts if (row := rows_of(c.item_id)) is not None
+        )
+        if personal:
+            return personal, self.settings.personal_weight
+        return shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
+                                [r for r in map(rows_of, history.recent) if r is not None]), self.settings.presence_weight
+
+    def recommend(self, q: RecommendQuery, vec: np.ndarray | None, history: History | Sequence[str] = (),
+                  now_ms: int | None = None) -> list[BundleOut]:
         """Anchors retrieved under the request's filters, then bundled under the same (resolved once); a known
-        shopper's ``recent_item_ids`` and recorded ``history`` (newest first) make the complements repeat-aware."""
+        shopper's history (:meth:`affinity`: the request's and the recorded one) makes the complements
+        repeat-aware. ``history`` may also be a plain list of recorded recent item ids (newest first)."""
+        if not isinstance(history, History):
+            history = History(recent=tuple(history))
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         mode = self.mode_for(q.mode)
         allowed = self.allow(q.filters)
         pool = max(self.settings.anchor_pool, q.max_bundles * 2)
         with tracing.span("retrieve"):
             anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
         with tracing.span("bundle"):
-            rows_of = self.catalog.row_of.get
-            personal = shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
-                                        [r for r in map(rows_of, history) if r is not None])
+            personal, weight = self.affinity(q, history, now_ms)
             return rank_bundles(
                 anchors, self.catalog, self.complements, allowed, q.max_bundles, q.items_per_bundle,
                 self.settings.complement_bonus, self.settings.min_complement_strength, personal=personal or None,
+                personal_weight=weight,
             )
 
     def info(self) -> dict[str, Any]:

@@ -12,7 +12,11 @@ transaction: all of its events are stored, or none.
 
 All SQLite work runs on one dedicated writer thread (SQLite connections are not shared across threads);
 the request path never touches the database: it reads an in-memory, bounded LRU of each user's most
-recent item ids, filled from the database at start and updated after each commit.
+recent item ids and per-item purchase counts, filled from the database at start and updated after each commit.
+
+A user's :class:`~.domain.History` is their most recent distinct items (any event type, newest first) and,
+from PURCHASE events only, per-item counts with the first and last purchase time: the ``counts_per_user``
+items with the largest recency-decayed count (:func:`~.bundling.decayed_count`, ``half_life_days``).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from .bundling import COUNT_HALF_LIFE_DAYS, decayed_count
+from .domain import History, ItemCount
 from .errors import NotReady
 
 if TYPE_CHECKING:
@@ -50,6 +56,15 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts_ms DESC, id DESC);
 """
+PURCHASE = 4  # bundlerec.v1.EventType.EVENT_TYPE_PURCHASE: the events that count as purchases
+COUNT_SCAN = 5000  # newest purchase events of a user aggregated into counts when read from the database
+
+
+def top_counts(counts: Iterable[ItemCount], n: int, now_ms: int, half_life_days: float) -> tuple[ItemCount, ...]:
+    """The ``n`` items with the largest decayed count, largest first (ties: newest purchase, then id)."""
+    scored = sorted(counts, key=lambda c: (-decayed_count(c.count, c.first_ms, c.last_ms, now_ms, half_life_days),
+                                           -(c.last_ms or 0), c.item_id))
+    return tuple(scored[:n])
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,8 @@ class EventStore(Protocol):
     async def append(self, events: Sequence[EventRecord]) -> None: ...
 
     async def recent_items(self, user_id: str) -> list[str]: ...
+
+    async def history(self, user_id: str) -> History: ...
 
     async def close(self) -> None: ...
 
@@ -120,24 +137,36 @@ def parse_events_db(value: str | os.PathLike[str]) -> EventsDb:
     return EventsDb("sqlite", text)
 
 
-def open_event_store(value: str | os.PathLike[str], recent_per_user: int = 20, shared: bool = False) -> EventStore:
+def open_event_store(value: str | os.PathLike[str], recent_per_user: int = 20, shared: bool = False,
+                     counts_per_user: int = 200, half_life_days: float = COUNT_HALF_LIFE_DAYS) -> EventStore:
     """The store ``value`` names (not started). PostgreSQL is always shared: every read goes to the database."""
     db = parse_events_db(value)
     if db.kind == "postgresql":
         from .events_pg import PgEventStore  # psycopg is imported only when PostgreSQL is configured
 
-        return PgEventStore(db.target, recent_per_user=recent_per_user)
-    return SqliteEventStore(Path(db.target), recent_per_user=recent_per_user, shared=shared)
+        return PgEventStore(db.target, recent_per_user=recent_per_user, counts_per_user=counts_per_user,
+                            half_life_days=half_life_days)
+    return SqliteEventStore(Path(db.target), recent_per_user=recent_per_user, shared=shared,
+                            counts_per_user=counts_per_user, half_life_days=half_life_days)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class SqliteEventStore:
-    def __init__(self, path: Path, recent_per_user: int = 20, max_users: int = 100_000, shared: bool = False) -> None:
+    def __init__(self, path: Path, recent_per_user: int = 20, max_users: int = 100_000, shared: bool = False,
+                 counts_per_user: int = 200, half_life_days: float = COUNT_HALF_LIFE_DAYS) -> None:
         self.path = Path(path)
         self.shared = shared
         self._local = threading.local()
         self.recent_per_user = recent_per_user
+        self.counts_per_user = counts_per_user
+        self.half_life_days = half_life_days
         self.max_users = max_users
         self._recent: OrderedDict[str, deque[str]] = OrderedDict()
+        # user -> item -> [purchases, first ms, last ms]; at most 2 x counts_per_user items (pruned by decayed count)
+        self._counts: OrderedDict[str, dict[str, list[int]]] = OrderedDict()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
         self._conn: sqlite3.Connection | None = None
 
@@ -157,6 +186,11 @@ class SqliteEventStore:
         ).fetchall()
         for user_id, item_id in rows:
             self._remember(user_id, item_id)
+        if self.counts_per_user > 0:
+            for user_id, item_id, n, first, last in conn.execute(
+                    "SELECT user_id, item_id, COUNT(*), MIN(ts_ms), MAX(ts_ms) FROM events WHERE type = ? "
+                    "GROUP BY user_id, item_id ORDER BY MAX(ts_ms) ASC", (PURCHASE,)):
+                self._count(user_id, item_id, n, first, last)
         return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def _insert(self, events: Sequence[EventRecord]) -> None:
@@ -187,6 +221,28 @@ class SqliteEventStore:
                 recent.remove(item_id)
         recent.append(item_id)
 
+    def _count(self, user_id: str, item_id: str, n: int, first_ms: int, last_ms: int) -> None:
+        counts = self._counts.get(user_id)
+        if counts is None:
+            counts = self._counts[user_id] = {}
+            while len(self._counts) > self.max_users:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(user_id)
+        entry = counts.get(item_id)
+        if entry is None:
+            counts[item_id] = [n, first_ms, last_ms]
+        else:
+            entry[0] += n
+            entry[1], entry[2] = min(entry[1], first_ms), max(entry[2], last_ms)
+        if len(counts) > 2 * self.counts_per_user:  # keep memory bounded: drop the weakest half
+            keep = top_counts(self._entries(counts), self.counts_per_user, _now_ms(), self.half_life_days)
+            self._counts[user_id] = {c.item_id: counts[c.item_id] for c in keep}
+
+    @staticmethod
+    def _entries(counts: dict[str, list[int]]) -> list[ItemCount]:
+        return [ItemCount(item, n, first, last) for item, (n, first, last) in counts.items()]
+
     # --- async API -----------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -201,6 +257,8 @@ class SqliteEventStore:
         await loop.run_in_executor(self._writer, self._insert, events)
         for e in sorted(events, key=lambda e: e.ts_ms):
             self._remember(e.user_id, e.item_id)
+            if e.type == PURCHASE and self.counts_per_user > 0:
+                self._count(e.user_id, e.item_id, 1, e.ts_ms, e.ts_ms)
 
     async def recent_items(self, user_id: str) -> list[str]:
         """The user's most recent distinct item ids, newest first (empty for an unknown user).
@@ -213,10 +271,38 @@ class SqliteEventStore:
         recent = self._recent.get(user_id)
         return list(reversed(recent)) if recent else []
 
-    def _read_recent(self, user_id: str) -> list[str]:
+    async def history(self, user_id: str) -> History:
+        """Recent distinct items (newest first) and the top ``counts_per_user`` purchase counts of the user
+        (empty for an unknown user); from memory, or from SQLite when ``shared``."""
+        if self.shared:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self._read_history, user_id)
+        recent = self._recent.get(user_id)
+        counts = self._counts.get(user_id)
+        return History(
+            recent=tuple(reversed(recent)) if recent else (),
+            counts=top_counts(self._entries(counts), self.counts_per_user, _now_ms(), self.half_life_days) if counts else (),
+        )
+
+    def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        return conn
+
+    def _read_history(self, user_id: str) -> History:
+        counts: tuple[ItemCount, ...] = ()
+        if self.counts_per_user > 0:
+            rows = self._reader().execute(
+                "SELECT item_id, COUNT(*), MIN(ts_ms), MAX(ts_ms) FROM (SELECT item_id, ts_ms FROM events "
+                "WHERE user_id = ? AND type = ? ORDER BY ts_ms DESC, id DESC LIMIT ?) GROUP BY item_id",
+                (user_id, PURCHASE, COUNT_SCAN),
+            ).fetchall()
+            counts = top_counts((ItemCount(*r) for r in rows), self.counts_per_user, _now_ms(), self.half_life_days)
+        return History(recent=tuple(self._read_recent(user_id)), counts=counts)
+
+    def _read_recent(self, user_id: str) -> list[str]:
+        conn = self._reader()
         rows = conn.execute(
             "SELECT item_id FROM events WHERE user_id = ? GROUP BY item_id ORDER BY MAX(ts_ms) DESC, MAX(id) DESC LIMIT ?",
             (user_id, self.recent_per_user),

@@ -7,9 +7,10 @@ WAL on disk (and to synchronous standbys, where configured), and the call is ack
 A COMMIT interrupted by a lost connection has an unknown outcome: the call fails (UNAVAILABLE, not
 acknowledged) and a retry may store its events a second time.
 
-Freshness: there is no local copy. Every Recommend with a user id reads that user's recent items from
-the database (one index scan of the newest rows), so an event acknowledged by any replica personalises
-the next call on every replica.
+Freshness: there is no local copy. Every Recommend with a user id reads that user's history from the
+database (recent items: one index scan of the newest rows; purchase counts: an aggregate over the newest
+``COUNT_SCAN`` purchase events through a partial index), so an event acknowledged by any replica
+personalises the next call on every replica.
 
 Outages: a database that is down, restarting or too slow makes the call fail with UNAVAILABLE and a
 RetryInfo hint (:class:`~.events.StoreUnavailable`), for RecordEvents and for the history read of
@@ -30,7 +31,9 @@ from collections.abc import AsyncIterator, Sequence
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from .events import EventRecord, EventStoreError, StoreUnavailable
+from .bundling import COUNT_HALF_LIFE_DAYS
+from .domain import History, ItemCount
+from .events import COUNT_SCAN, PURCHASE, EventRecord, EventStoreError, StoreUnavailable, top_counts
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     received_ms BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_user_recent ON {TABLE} (user_id, ts_ms DESC, id DESC) INCLUDE (item_id);
+CREATE INDEX IF NOT EXISTS {TABLE}_user_purchases ON {TABLE} (user_id, ts_ms DESC, id DESC) INCLUDE (item_id)
+    WHERE type = {PURCHASE};
 """
 SCHEMA_LOCK = 0x62756E646C6572  # advisory lock: replicas starting together create the schema one at a time
 INSERT = f"""
@@ -52,6 +57,11 @@ INSERT INTO {TABLE} (user_id, item_id, type, ts_ms, received_ms)
 SELECT u, i, t, ts, %s FROM unnest(%s::text[], %s::text[], %s::smallint[], %s::bigint[]) AS e(u, i, t, ts)
 """
 RECENT = f"SELECT item_id FROM {TABLE} WHERE user_id = %s ORDER BY ts_ms DESC, id DESC LIMIT %s"
+COUNTS = f"""
+SELECT item_id, count(*), min(ts_ms), max(ts_ms) FROM (
+    SELECT item_id, ts_ms FROM {TABLE} WHERE user_id = %s AND type = {PURCHASE} ORDER BY ts_ms DESC, id DESC LIMIT %s
+) AS e GROUP BY item_id
+"""
 
 
 def redact(dsn: str) -> str:
@@ -70,9 +80,12 @@ class PgEventStore:
         self, dsn: str, recent_per_user: int = 20, *, min_size: int = 2, max_size: int = 10,
         acquire_timeout_s: float = 2.0, op_timeout_s: float = 5.0, start_timeout_s: float = 30.0,
         retry_after_s: float = 1.0, scan_factor: int = 4, check_idle_s: float = 5.0,
+        counts_per_user: int = 200, half_life_days: float = COUNT_HALF_LIFE_DAYS,
     ) -> None:
         self.dsn = dsn
         self.recent_per_user = recent_per_user
+        self.counts_per_user = counts_per_user
+        self.half_life_days = half_life_days
         self.scan = recent_per_user * scan_factor  # newest rows read per history: repeats collapse into fewer items
         self.op_timeout_s = op_timeout_s
         self.start_timeout_s = start_timeout_s
@@ -145,6 +158,18 @@ class PgEventStore:
         async with self._connection("history") as conn:
             rows = await (await conn.execute(RECENT, (user_id, self.scan))).fetchall()
         return list(dict.fromkeys(r[0] for r in rows))[: self.recent_per_user]
+
+    async def history(self, user_id: str) -> History:
+        """Recent distinct items (newest first) and the top ``counts_per_user`` purchase counts of the user,
+        read from the database on every call (two statements on one connection)."""
+        async with self._connection("history") as conn:
+            rows = await (await conn.execute(RECENT, (user_id, self.scan))).fetchall()
+            agg = []
+            if self.counts_per_user > 0:
+                agg = await (await conn.execute(COUNTS, (user_id, COUNT_SCAN))).fetchall()
+        counts = top_counts((ItemCount(r[0], int(r[1]), int(r[2]), int(r[3])) for r in agg), self.counts_per_user,
+                            int(time.time() * 1000), self.half_life_days)
+        return History(recent=tuple(dict.fromkeys(r[0] for r in rows))[: self.recent_per_user], counts=counts)
 
     async def count(self) -> int:
         async with self._connection("count") as conn:

@@ -21,7 +21,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from . import __version__, convert, metrics, tracing
-from .domain import Personalization, RecommendQuery, Stop
+from .domain import History, Personalization, RecommendQuery, Stop
 from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
 from .events import EventRecord
 from .runtime import Runtime, Serving
@@ -129,19 +129,20 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                        ) -> tuple[list[pb.RecommendResponse], Personalization, Stop | None]:
         """The call's bundle messages, best first (built in the encode worker, right after its encode), and how
         the query was personalised; Stop.DEADLINE (no bundles) when the deadline comes first."""
-        history: list[str] = []
+        history = History()
         if q.user_id and self.rt.events is not None:
             with tracing.span("history"):
-                history = await self.rt.events.recent_items(q.user_id)
+                history = await self.rt.events.history(q.user_id)
         engine = serving.engine
         encoded = engine.needs_vector(engine.mode_for(q.mode))
         began = time.time_ns()
+        request_ids = (*q.recent_item_ids, *(c.item_id for c in q.recent_item_counts))
 
         def work(vec: np.ndarray | None) -> tuple[list[pb.RecommendResponse], Personalization]:  # in a worker
             info = Personalization()
             if vec is not None:
                 tracing.record("encode", began)
-                vec, info = engine.personalize(vec, q.recent_item_ids, history)
+                vec, info = engine.personalize(vec, request_ids, history.recent)
             bundles = engine.recommend(q, vec, history)
             return [convert.bundle_message(b, rank, engine.catalog) for rank, b in enumerate(bundles, start=1)], info
 

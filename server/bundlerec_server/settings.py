@@ -48,6 +48,7 @@ class Settings:
     max_query_tokens: int = field(default=128, metadata={"help": "longest query accepted, in encoder tokens (the encoder reads only the first encoder.query_truncate_tokens of the manifest)"})
     max_search_k: int = field(default=100, metadata={"help": "largest Search k accepted"})
     max_recent_items: int = field(default=50, metadata={"help": "most recent_item_ids accepted"})
+    max_recent_item_counts: int = field(default=200, metadata={"help": "most recent_item_counts accepted"})
     max_excluded_items: int = field(default=200, metadata={"help": "most filters.exclude_item_ids accepted"})
     max_categories: int = field(default=50, metadata={"help": "most categories in each category filter"})
     encode_workers: int = field(default=2, metadata={"help": "threads running the encoder and index (ORT and hnswlib release the GIL)"})
@@ -62,10 +63,14 @@ class Settings:
     shared_events: bool = field(default=False, metadata={"help": "read users' recent events from the SQLite file on every call (set for each of several workers); PostgreSQL always does"})
     max_events_per_call: int = field(default=10_000, metadata={"help": "most events in one RecordEvents call"})
     recent_events_per_user: int = field(default=20, metadata={"help": "recent items per user blended into Recommend"})
+    purchase_counts_per_user: int = field(default=200, metadata={"help": "items of a user's recorded purchase counts (the most by decayed count) that personalise Recommend's complements (0 = counts off)"})
     watch_interval_s: float = field(default=0.0, metadata={"help": "poll the artifact's manifest this often and hot-reload a new version (0 = only on SIGHUP)"})
     # --- ranking
     anchor_pool: int = field(default=64, metadata={"help": "anchors retrieved before filtering and bundling"})
     history_weight: float = field(default=0.3, metadata={"help": "weight of the history vector in the query blend"})
+    personal_weight: float = field(default=0.85, metadata={"help": "weight of a known shopper's purchase counts (decayed affinity) against the anchor's stored list when choosing complements, in [0, 1]"})
+    presence_weight: float = field(default=0.75, metadata={"help": "the same weight when the shopper's history is only recent item ids (no counts), in [0, 1]"})
+    count_half_life_days: float = field(default=45.0, metadata={"help": "recency half-life of purchase counts in days (<= 0: plain counts)"})
     min_relevance: float = field(default=0.3, metadata={"help": "dense anchors need at least this cosine to the query; below it nothing matched"})
     min_complement_strength: float = field(default=0.1, metadata={"help": "weakest complement association kept in a bundle, in [0, 1]"})
     complement_bonus: float = field(default=0.25, metadata={"help": "bundle score = anchor score x (1 + bonus x mean complement strength)"})
@@ -191,6 +196,10 @@ class Settings:
             problems.append("target_latency_ms must be >= 0")
         if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
             problems.append("max_connection_age_s and max_connection_age_grace_s must be >= 0")
+        if not (0.0 <= self.personal_weight <= 1.0 and 0.0 <= self.presence_weight <= 1.0):
+            problems.append("personal_weight and presence_weight must be in [0, 1]")
+        if self.purchase_counts_per_user < 0 or self.max_recent_item_counts < 0:
+            problems.append("purchase_counts_per_user and max_recent_item_counts must be >= 0")
         if self.default_max_bundles > self.max_bundles_cap:
             problems.append("default_max_bundles exceeds max_bundles_cap")
         if self.tracing not in ("off", "console", "otlp"):
