@@ -21,7 +21,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from . import __version__, convert, metrics, tracing
-from .domain import BundleOut, Personalization, RecommendQuery, Stop
+from .domain import BundleOut, Personalization, RecommendQuery, RerankOutcome, Stop
 from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
 from .events import EventRecord
 from .runtime import Runtime, Serving
@@ -136,7 +136,9 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         return engine.personalize(vec, q.recent_item_ids, history)
 
     async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
-                       ) -> tuple[list[BundleOut], Personalization, Stop | None]:
+                       ) -> tuple[list[BundleOut], Personalization, Stop | None, RerankOutcome]:
+        engine = serving.engine
+        rerank = engine.wants_rerank(q.rerank, recommend=True)
         history: list[str] = []
         if q.user_id and self.rt.events is not None:
             with tracing.span("history"):
@@ -144,9 +146,14 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         try:
             vec, info = await self._query_vector(serving, q, time_left, history)
         except OutOfTime:
-            return [], Personalization(), Stop.DEADLINE
-        else:
-            return serving.engine.recommend(q, vec, history), info, None
+            return [], Personalization(), Stop.DEADLINE, RerankOutcome.NOT_USED
+        allowed = engine.allow(q.filters)
+        anchors = engine.anchors(q, vec, allowed)
+        outcome = RerankOutcome.NOT_USED
+        if rerank:
+            with tracing.span("rerank"):
+                anchors, outcome = await self.rt.rerank(serving, q.query, anchors, time_left)
+        return engine.bundle(q, anchors, allowed, history), info, None, outcome
 
     @observed
     async def Recommend(self, request: pb.RecommendRequest, context: Context) -> AsyncIterator[pb.RecommendResponse]:
@@ -158,7 +165,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         # the slot is taken before tokenising (shedding is cheap) and held until the summary is sent
         async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
-            bundles, info, stop = await self._bundles(serving, q, time_left)
+            bundles, info, stop, rerank = await self._bundles(serving, q, time_left)
             paced = Paced(bundles, time_left, self.settings.deadline_margin_ms / 1000.0)
             with tracing.open_span("stream") as span:  # not current: the block yields
                 for rank, bundle in enumerate(paced, start=1):
@@ -181,6 +188,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                     personalized=info.applied,
                     unknown_item_ids=info.unknown_ids,
                     server_ms=(time.perf_counter() - t0) * 1000.0,
+                    rerank=convert.RERANK_TO_PB[rerank],
                 )
             )
 
@@ -191,13 +199,19 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         engine = serving.engine
         async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
+            rerank = engine.wants_rerank(q.rerank)
             vec = None
             if engine.needs_vector(engine.mode_for(q.mode)):
                 with tracing.span("encode"):
                     vec = await self.rt.encode(serving, q.query, context.time_remaining)
             with tracing.span("retrieve"):
-                hits = engine.search(q, vec)
-        return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version)
+                hits = engine.search(q, vec, engine.reranker.depth if rerank and engine.reranker else 0)
+            outcome = RerankOutcome.NOT_USED
+            if rerank:
+                with tracing.span("rerank"):
+                    hits, outcome = await self.rt.rerank(serving, q.query, hits, context.time_remaining)
+        return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits[: q.k]],
+                                 artifact_version=engine.version, rerank=convert.RERANK_TO_PB[outcome])
 
     @observed
     async def RecordEvents(self, request_iterator: AsyncIterable[pb.Event], context: Context) -> pb.RecordEventsResponse:
