@@ -192,3 +192,22 @@ def test_refused_at_start_without_a_model_and_per_request_without_one(shipped):
     finally:
         channel.close()
         srv.stop()
+
+
+def test_the_build_stage_trains_after_tune_and_reuses_its_cache(shipped, artifact_root):
+    _, _, judgments, _ = shipped
+    opts = dict(depth=8, max_train_queries=48, group=4, batch_groups=4, checkpoints=1, dev_select_queries=16,
+                threads=1, base_model=artifact_root / "tiny-bert")
+    built = build_tiny_artifact(artifact_root, name="tiny-xenc-built", ranker=False, ranker_judgments=judgments,
+                                cross_encoder=True, cross_encoder_options=opts)
+    m = read_manifest(built, verify=True)
+    assert {"tune", "cross_encoder"} <= set(m["timings_s"])
+    assert CROSS_ENCODER_FILES["int8_pertoken"] in m["files"] and m["cross_encoder"]["training"]["queries"] > 0
+    assert m["serving"]["rerank"] is m["cross_encoder"]["wins_on_dev"] and m["serving"]["default_retrieval_mode"]
+    assert not m["cross_encoder"]["training"]["reused_from_cache"]
+    assert list((artifact_root / "tiny-xenc-built.work").glob("cross-encoder-*"))
+    rebuilt = read_manifest(build_tiny_artifact(artifact_root, name="tiny-xenc-built", ranker=False,
+                                                ranker_judgments=judgments, cross_encoder=True,
+                                                cross_encoder_options=opts), verify=True)
+    assert rebuilt["cross_encoder"]["training"]["reused_from_cache"]
+    assert rebuilt["cross_encoder"]["dev"] == m["cross_encoder"]["dev"]
