@@ -21,8 +21,8 @@ from bundlerec_server.cross_encoder import (
     CROSS_ENCODER_FILES,
     CROSS_ENCODER_TOKENIZER,
     CrossEncoder,
-    rerank_order,
     reorder,
+    rerank_order,
 )
 from bundlerec_server.domain import Hit
 
