@@ -380,9 +380,11 @@ def onnx_logits(root: Path, variant: str, c: Candidates, titles: Sequence[str], 
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def train_and_ship(root: Path, engine: Engine, judgments: Path, cfg: CrossEncoderConfig, cache: Path) -> dict[str, Any]:
-    """Candidates from ``engine`` (the artifact in ``root``), the trained model (cached in ``cache``), its export
-    into ``root`` and its dev figures; returns the manifest's ``cross_encoder`` entry."""
+def train_and_ship(root: Path, engine: Engine, judgments: Path, cfg: CrossEncoderConfig, cache: Path,
+                   model: Path | None = None) -> dict[str, Any]:
+    """Candidates from ``engine`` (the artifact in ``root``), the trained model (cached in ``cache``; or ``model``,
+    a folder this module trained for another artifact), its export into ``root`` and its dev figures; returns the
+    manifest's ``cross_encoder`` entry."""
     ensure_offline()
     t0 = time.perf_counter()
     judged = read_judgments(judgments)
@@ -403,8 +405,10 @@ def train_and_ship(root: Path, engine: Engine, judgments: Path, cfg: CrossEncode
 
     key_src = {"config": cfg.training_dict(), "base": _model_digest(base), "data": _digest(train, select, ids=ids)}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache / f"cross-encoder-{key}"
+    folder = Path(model) if model is not None else cache / f"cross-encoder-{key}"
     cached = (folder / LOG_FILE).is_file() and (folder / "config.json").is_file()
+    if model is not None and not cached:
+        raise ValueError(f"{model}: not a cross-encoder folder of this module (no {LOG_FILE} or config.json)")
     if cached:
         logger.info("cross-encoder reused from %s", folder)
         log = json.loads((folder / LOG_FILE).read_text())
@@ -458,26 +462,30 @@ def train_and_ship(root: Path, engine: Engine, judgments: Path, cfg: CrossEncode
                      "steps": log["steps"], "best_step": log["best_step"], "checkpoints": log["checkpoints"],
                      "settings": log["config"], "loss": "ListNet (target softmax ∝ 2^gain - 1), gain = relevance - 1",
                      "final_loss": float(np.mean(log["loss"][-50:])) if log["loss"] else None,
-                     "seconds": log["seconds"], "reused_from_cache": cached, "cache_key": key},
+                     "seconds": log["seconds"], "reused_from_cache": cached,
+                     "cache_key": key if model is None else None, "model_from": str(model) if model is not None else None},
         "seconds": {"candidates": round(t_collect, 1), "export": round(t_export, 1), "dev": round(t_dev, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     }
 
 
-def cross_encoder_part(root: Path, engine: Engine, judgments: Path, cfg: CrossEncoderConfig, cache: Path) -> dict[str, Any]:
+def cross_encoder_part(root: Path, engine: Engine, judgments: Path, cfg: CrossEncoderConfig, cache: Path,
+                       model: Path | None = None) -> dict[str, Any]:
     """The manifest parts: ``cross_encoder`` and ``serving.rerank`` (on when it wins on dev)."""
-    entry = train_and_ship(root, engine, judgments, cfg, cache)
+    entry = train_and_ship(root, engine, judgments, cfg, cache, model)
     return {"cross_encoder": entry, "serving": {"rerank": bool(entry["wins_on_dev"])}}
 
 
-def add_cross_encoder(artifact: Path, judgments: Path, cfg: CrossEncoderConfig, cache: Path | None = None) -> dict[str, Any]:
-    """Trains and ships a cross-encoder for an existing artifact and rewrites its manifest (checksums included)."""
+def add_cross_encoder(artifact: Path, judgments: Path, cfg: CrossEncoderConfig, cache: Path | None = None,
+                      model: Path | None = None) -> dict[str, Any]:
+    """Trains (or takes ``model``) and ships a cross-encoder for an existing artifact and rewrites its manifest
+    (checksums included)."""
     from bundlerec_server import artifact as A
 
     artifact = Path(artifact).resolve()
     manifest = A.read_manifest(artifact, verify=False)
     cache = cache or artifact.parent / f"{artifact.name}.work"
-    part = cross_encoder_part(artifact, served_engine(artifact), judgments, cfg, cache)
+    part = cross_encoder_part(artifact, served_engine(artifact), judgments, cfg, cache, model)
     manifest["cross_encoder"] = part["cross_encoder"]
     manifest.setdefault("serving", {})["rerank"] = part["serving"]["rerank"]
     manifest.pop("files", None)
@@ -492,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--judgments", type=Path, required=True)
     p.add_argument("--cache", type=Path, help="folder of cached trained models (default <artifact>.work)")
+    p.add_argument("--model", type=Path, help="ship this trained folder (cross-encoder-<key> of another artifact's "
+                                              "cache) instead of training; dev figures are measured on this artifact")
     for name in ("depth", "max_length", "max_train_queries", "group", "batch_groups", "outside_positives", "epochs",
                  "lr", "checkpoints", "dev_select_queries", "seed", "threads"):
         default = getattr(d, name)
@@ -502,9 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("bundlerec_export", "bundlerec_server"):
         logging.getLogger(name).setLevel(logging.INFO)
-    kw = {k: v for k, v in vars(args).items() if k not in ("artifact", "judgments", "cache", "no_progress")}
+    kw = {k: v for k, v in vars(args).items() if k not in ("artifact", "judgments", "cache", "model", "no_progress")}
     entry = add_cross_encoder(args.artifact, args.judgments, CrossEncoderConfig(**kw, progress=not args.no_progress),
-                              args.cache)
+                              args.cache, args.model)
     print(json.dumps({k: entry[k] for k in ("depth", "blend", "wins_on_dev", "dev", "int8_vs_fp32", "seconds")}, indent=2))
     return 0
 
