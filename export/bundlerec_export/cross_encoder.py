@@ -166,9 +166,9 @@ def make_groups(c: Candidates, ids: Sequence[str], titles: Sequence[str], row_of
     out = []
     for q, rows, judged in zip(c.queries, c.rows, c.judged, strict=True):
         top = [ids[r] for r in rows]
+        in_top = set(top)
         inside = [p for p in top if p in judged]
-        outside = sorted((p for p in judged if p not in set(top) and p in row_of and _gain(judged[p]) > 0),
-                         key=lambda p: (-judged[p], p))
+        outside = sorted(p for p in judged if p not in in_top and p in row_of and _gain(judged[p]) > 0)
         rng.shuffle(outside)
         chosen = inside + outside[: cfg.outside_positives]
         negatives = [p for p in top if p not in judged]
