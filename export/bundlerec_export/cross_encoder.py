@@ -58,9 +58,11 @@ class CrossEncoderConfig:
     max_train_queries: int = 3000  # a deterministic subsample of the train split (0: all)
     group: int = 8  # pairs per query per step
     batch_groups: int = 4  # queries per optimizer step
-    outside_positives: int = 2  # judged products outside the served top added to a group
+    outside_positives: int = 4  # judged products outside the served top added to a group
+    unjudged_negatives: int = 2  # unjudged products of the served top in a group (gain 0)
     epochs: int = 1
     lr: float = 5e-5
+    head_lr: float = 1e-3  # the pooler and the 1-logit classifier (fresh or re-initialised)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     checkpoints: int = 3  # dev evaluations over the training (the best is kept)
@@ -162,18 +164,19 @@ def _gain(rel: float) -> float:
 
 def make_groups(c: Candidates, ids: Sequence[str], titles: Sequence[str], row_of: dict[str, int],
                 cfg: CrossEncoderConfig, rng: random.Random) -> list[Group]:
-    """One shuffled group per training query with a positive (gain > 0) among its pairs."""
+    """One shuffled group per training query: its judged products (those in the served top first, then others),
+    and ``unjudged_negatives`` unjudged products of the served top; kept when a pair has gain > 0."""
     out = []
     for q, rows, judged in zip(c.queries, c.rows, c.judged, strict=True):
         top = [ids[r] for r in rows]
         in_top = set(top)
         inside = [p for p in top if p in judged]
-        outside = sorted(p for p in judged if p not in in_top and p in row_of and _gain(judged[p]) > 0)
+        outside = sorted(p for p in judged if p not in in_top and p in row_of)
         rng.shuffle(outside)
-        chosen = inside + outside[: cfg.outside_positives]
         negatives = [p for p in top if p not in judged]
-        need = max(0, cfg.group - len(chosen))
-        chosen = chosen[: cfg.group] + rng.sample(negatives, min(need, len(negatives)))
+        n_neg = min(cfg.unjudged_negatives, len(negatives), cfg.group - 1)
+        chosen = (inside + outside[: cfg.outside_positives])[: cfg.group - n_neg]
+        chosen += rng.sample(negatives, n_neg)
         gains = [_gain(judged.get(p, 1.0)) for p in chosen]
         if len(chosen) < 2 or max(gains) <= 0:
             continue
@@ -243,6 +246,11 @@ def train_model(train: Candidates, dev: Candidates, ids: Sequence[str], titles: 
         hf_logging.set_verbosity_error()  # "newly initialized: classifier" is the point
         model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
         hf_logging.set_verbosity(verbosity)
+        pooler = getattr(getattr(model, "bert", None), "pooler", None)
+        if pooler is not None:  # the bi-encoder never trained its pooler (outputs ~0.05): start from tanh([CLS])
+            with torch.no_grad():
+                pooler.dense.weight.copy_(torch.eye(pooler.dense.weight.shape[0]))
+                pooler.dense.bias.zero_()
         model.train()
         tok = pair_tokenizer(tokenizer_file, cfg.max_length)
         row_of = {p: i for i, p in enumerate(ids)}
@@ -251,10 +259,14 @@ def train_model(train: Candidates, dev: Candidates, ids: Sequence[str], titles: 
         steps_per_epoch = math.ceil(len(epochs[0]) / cfg.batch_groups)
         total = steps_per_epoch * cfg.epochs
         no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+        head = ("pooler.", "classifier.")
         params = [
-            {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+            {"params": [p for n, p in model.named_parameters() if not any(k in n for k in (*no_decay, *head))],
              "weight_decay": cfg.weight_decay},
-            {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+            {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay) and
+                        not any(k in n for k in head)], "weight_decay": 0.0},
+            {"params": [p for n, p in model.named_parameters() if any(k in n for k in head)], "weight_decay": 0.0,
+             "lr": cfg.head_lr},
         ]
         opt = torch.optim.AdamW(params, lr=cfg.lr)
         warm = max(1, int(round(total * cfg.warmup_ratio)))
@@ -503,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="ship this trained folder (cross-encoder-<key> of another artifact's "
                                               "cache) instead of training; dev figures are measured on this artifact")
     for name in ("depth", "max_length", "max_train_queries", "group", "batch_groups", "outside_positives", "epochs",
-                 "lr", "checkpoints", "dev_select_queries", "seed", "threads"):
+                 "lr", "head_lr", "unjudged_negatives", "checkpoints", "dev_select_queries", "seed", "threads"):
         default = getattr(d, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--no-progress", action="store_true")
