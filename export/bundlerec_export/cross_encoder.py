@@ -5,15 +5,16 @@
   returns the top ``depth`` hits of each query: what the server's re-ranking stage sees.
 * Training: TRAIN split of ``evaluation.split_of`` (a deterministic subsample of ``max_train_queries``). One
   group per query and epoch: the judged products among its candidates, up to ``outside_positives`` judged
-  products the retrieval missed, and unjudged candidates of the served top (hard negatives, gain 0), ``group``
-  pairs in all. Listwise loss (ListNet): cross entropy between softmax(logits) and the target ∝ 2^gain − 1,
+  products the retrieval missed, and ``unjudged_negatives`` unjudged candidates of the served top (hard
+  negatives, gain 0), at most ``group`` pairs. Listwise loss (ListNet): cross entropy between softmax(logits) and the target ∝ 2^gain − 1,
   gain = relevance − 1 (the evaluation's). AdamW, linear warm-up and decay, seeded.
 * Checkpoints scored on a fixed subsample of DEV (NDCG@10 of the re-ranked served top); the best is kept. Then the
   export (``cross_encoder/fp32.onnx`` by Optimum, ``cross_encoder/int8_pertoken.onnx`` by
   :mod:`.pertoken`, batch-exact, checked) is scored through the serving :class:`CrossEncoder` on ALL dev queries,
   where the blend weight with the retrieval score is chosen; TEST is never read.
 * ``manifest["cross_encoder"]``: files, settings, dev figures (served ranking vs re-ranked), training log summary;
-  ``manifest["serving"]["rerank"]``: true only when the re-ranked dev NDCG@10 beats the served ranking's.
+  ``manifest["serving"]["rerank"]``: true only when the re-ranked dev NDCG@10 beats the served ranking's by
+  ``min_gain`` (1 %: dev chose the blend, and the stage costs tens of milliseconds a query).
 * The trained model is cached in ``<artifact>.work/cross-encoder-<key>`` (key: settings, base model, candidates
   and labels), so a rebuild only exports and scores.
 
@@ -67,14 +68,17 @@ class CrossEncoderConfig:
     warmup_ratio: float = 0.1
     checkpoints: int = 3  # dev evaluations over the training (the best is kept)
     dev_select_queries: int = 400  # dev queries for checkpoint selection (all dev queries for the final figures)
+    min_gain: float = 0.01  # on by default only when the re-ranked dev NDCG@10 beats the served one by this share
     seed: int = 0
     threads: int = 2
     base_model: Path | None = None  # default: the packaged all-MiniLM-L6-v2
     progress: bool = True
 
     def training_dict(self) -> dict[str, Any]:
+        """Everything that changes the trained weights (the cache key); not progress or the serving choice."""
         d: dict[str, Any] = to_json(asdict(self))
         d.pop("progress")
+        d.pop("min_gain")
         return d
 
 
@@ -452,7 +456,7 @@ def train_and_ship(root: Path, engine: Engine, judgments: Path, cfg: CrossEncode
     ndcg32 = metrics_of(agree, ids, blend_orders(agree, l32, 0.0))["ndcg"]
     ndcg8 = metrics_of(agree, ids, blend_orders(agree, l8, 0.0))["ndcg"]
     t_dev = time.perf_counter() - t_dev
-    wins = (blends[blend]["ndcg"] or 0.0) > (served["ndcg"] or 0.0)
+    wins = (blends[blend]["ndcg"] or 0.0) > (served["ndcg"] or 0.0) * (1.0 + cfg.min_gain)
     logger.info("cross-encoder on %d dev queries: NDCG@10 %.4f re-ranked (blend %.1f) vs %.4f served: %s",
                 len(dev.queries), blends[blend]["ndcg"] or 0.0, blend, served["ndcg"] or 0.0,
                 "on by default" if wins else "off by default")
@@ -515,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="ship this trained folder (cross-encoder-<key> of another artifact's "
                                               "cache) instead of training; dev figures are measured on this artifact")
     for name in ("depth", "max_length", "max_train_queries", "group", "batch_groups", "outside_positives", "epochs",
-                 "lr", "head_lr", "unjudged_negatives", "checkpoints", "dev_select_queries", "seed", "threads"):
+                 "lr", "head_lr", "unjudged_negatives", "checkpoints", "min_gain", "dev_select_queries", "seed", "threads"):
         default = getattr(d, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--no-progress", action="store_true")
