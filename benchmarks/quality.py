@@ -2,11 +2,12 @@
 
     python -m benchmarks.quality --target 127.0.0.1:50051 --judgments /work/shared/data/homedepot/judgments.csv \
         [--split test|dev|train|all] [--k 10] [--mode dense --mode lexical --mode hybrid --mode default] \
-        [--target 127.0.0.1:50061 --label reference ...] --json runs/quality.json --plot runs/quality.png
+        [--rerank off --rerank on] [--target 127.0.0.1:50061 --label reference ...] --json runs/quality.json \
+        --plot runs/quality.png
 
 Judgments: any CSV with columns ``query,product_id,relevance`` (graded; Home Depot 1.0–3.0). Queries are
 grouped by their normalised form and assigned to train/dev/test by ``bundlerec_export.evaluation.split_of``.
-Every (target, mode) pair is one run: the split's queries go through ``Search(query, k, retrieval_mode)``
+Every (target, mode, rerank) is one run: the split's queries go through ``Search(query, k, retrieval_mode, rerank)``
 with a small bounded concurrency; hit ids are scored with NDCG@k / Recall@k / MRR@k (see
 ``bundlerec_export.evaluation``). A query whose call fails counts as an empty ranking (and is counted under
 ``errors``); a mode the server rejects for every query (FAILED_PRECONDITION / UNIMPLEMENTED /
@@ -27,6 +28,7 @@ from typing import Any
 from bundlerec_export import evaluation as metrics
 
 MODES = {"default": 0, "dense": 1, "lexical": 2, "hybrid": 3}
+RERANKS = {"default": 0, "on": 1, "off": 2}  # bundlerec.v1.Rerank
 UNSUPPORTED = {"FAILED_PRECONDITION", "UNIMPLEMENTED", "INVALID_ARGUMENT"}
 
 
@@ -43,7 +45,7 @@ def select_split(judgments: dict[str, tuple[str, dict[str, float]]], split: str)
 
 
 async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], mode: int, k: int,
-                     concurrency: int, timeout: float) -> dict[str, Any]:
+                     concurrency: int, timeout: float, rerank: int = 0) -> dict[str, Any]:
     import grpc
 
     from bundlerec.v1 import bundlerec_pb2 as pb
@@ -54,6 +56,7 @@ async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], m
     titles: list[list[str]] = [[] for _ in queries]
     codes: list[str] = ["OK"] * len(queries)
     latencies: list[float] = [float("nan")] * len(queries)
+    outcomes: Counter[int] = Counter()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pbg.BundleRecommenderStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 30)
@@ -62,8 +65,9 @@ async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], m
             async with sem:
                 t = time.perf_counter()
                 try:
-                    resp = await stub.Search(pb.SearchRequest(query=query[:512], k=k, retrieval_mode=mode),
-                                             timeout=timeout)
+                    resp = await stub.Search(pb.SearchRequest(query=query[:512], k=k, retrieval_mode=mode,
+                                                              rerank=rerank), timeout=timeout)
+                    outcomes[resp.rerank] += 1
                     rankings[i] = [h.item_id for h in resp.hits]
                     titles[i] = [h.title for h in resp.hits]
                 except grpc.aio.AioRpcError as exc:
@@ -73,7 +77,9 @@ async def run_search(target: str, queries: list[tuple[str, dict[str, float]]], m
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, q) for i, (q, _) in enumerate(queries)))
         elapsed = time.perf_counter() - t0
-    return {"rankings": rankings, "titles": titles, "codes": codes, "latencies_ms": latencies, "elapsed_s": elapsed}
+    names = {v: pb.RerankOutcome.Name(v).removeprefix("RERANK_OUTCOME_").lower() for v in pb.RerankOutcome.values()}
+    return {"rankings": rankings, "titles": titles, "codes": codes, "latencies_ms": latencies, "elapsed_s": elapsed,
+            "rerank_outcomes": {names[v]: n for v, n in sorted(outcomes.items())}}
 
 
 def evaluate(queries: list[tuple[str, dict[str, float]]], rankings: list[list[str]], k: int) -> tuple[dict, list]:
@@ -125,7 +131,7 @@ def _f(v: Any) -> str:
 
 def print_table(runs: list[dict[str, Any]], k: int) -> None:
     head = f"{'run':<28} {'queries':>7} {'NDCG@' + str(k):>8} {'Recall@' + str(k):>9} {'MRR@' + str(k):>8}" \
-           f" {'no-rel':>6} {'errors':>6} {'qps':>6}"
+           f" {'no-rel':>6} {'errors':>6} {'qps':>6} {'p50 ms':>7} {'p99 ms':>7}"
     print(head)
     print("-" * len(head))
     for r in runs:
@@ -133,8 +139,10 @@ def print_table(runs: list[dict[str, Any]], k: int) -> None:
             print(f"{r['run']:<28} unsupported: {r['unsupported']}")
             continue
         a = r["aggregate"]
+        lat = r.get("latency_ms", {})
         print(f"{r['run']:<28} {a['queries']:>7} {_f(a['ndcg']):>8} {_f(a['recall']):>9} {_f(a['mrr']):>8}"
-              f" {a['recall_excluded']:>6} {sum(r['errors'].values()):>6} {r['qps']:>6.1f}")
+              f" {a['recall_excluded']:>6} {sum(r['errors'].values()):>6} {r['qps']:>6.1f}"
+              f" {_f(lat.get('p50')):>7} {_f(lat.get('p99')):>7}")
 
 
 def plot_bars(runs: list[dict[str, Any]], k: int, out: str | Path, title: str) -> None:
@@ -172,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["train", "dev", "test", "all"], default="test")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--mode", action="append", choices=list(MODES), help="repeat to compare (default: default)")
+    p.add_argument("--rerank", action="append", choices=list(RERANKS),
+                   help="cross-encoder re-ranking per call; repeat to compare (default: the server's default)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--timeout", type=float, default=10.0, help="per-call deadline (s)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N queries of the split")
@@ -189,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.k <= 100:
         p.error("--k must be 1..100 (the API's limit)")
     modes = args.mode or ["default"]
+    reranks = args.rerank or ["default"]
     labels = args.label + [t for t in args.target[len(args.label):]]
     try:
         judgments = read_judgments(args.judgments)
@@ -212,13 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
-        for mode in modes:
+        for mode, rerank in [(m, r) for m in modes for r in reranks]:
             name = label if len(modes) == 1 else (f"{label} {mode}" if len(args.target) > 1 else mode)
-            res = asyncio.run(run_search(target, queries, MODES[mode], args.k, args.concurrency, args.timeout))
+            if len(reranks) > 1:
+                name += f" rerank {rerank}"
+            res = asyncio.run(run_search(target, queries, MODES[mode], args.k, args.concurrency, args.timeout,
+                                         RERANKS[rerank]))
             errors = Counter(c for c in res["codes"] if c != "OK")
-            run: dict[str, Any] = {"run": name, "target": target, "label": label, "mode": mode,
+            lat = sorted(x for x in res["latencies_ms"] if x == x)
+            run: dict[str, Any] = {"run": name, "target": target, "label": label, "mode": mode, "rerank": rerank,
                                    "errors": dict(errors), "elapsed_s": res["elapsed_s"],
-                                   "qps": len(queries) / res["elapsed_s"] if res["elapsed_s"] else 0.0}
+                                   "qps": len(queries) / res["elapsed_s"] if res["elapsed_s"] else 0.0,
+                                   "rerank_outcomes": res["rerank_outcomes"],
+                                   "latency_ms": {f"p{q}": round(lat[min(len(lat) - 1, int(q / 100 * len(lat)))], 2)
+                                                  for q in (50, 90, 99)} if lat else {}}
             if errors and sum(errors.values()) == len(queries) and set(errors) <= UNSUPPORTED:
                 run["unsupported"] = ",".join(sorted(errors))
             else:

@@ -43,6 +43,8 @@ MODES = {
     None: pb.RETRIEVAL_MODE_UNSPECIFIED, "default": pb.RETRIEVAL_MODE_UNSPECIFIED, "dense": pb.RETRIEVAL_MODE_DENSE,
     "lexical": pb.RETRIEVAL_MODE_LEXICAL, "hybrid": pb.RETRIEVAL_MODE_HYBRID,
 }
+# cross-encoder re-ranking: None = the server's default
+RERANK = {None: pb.RERANK_UNSPECIFIED, True: pb.RERANK_ON, False: pb.RERANK_OFF}
 
 
 @dataclass(frozen=True)
@@ -183,13 +185,14 @@ def recommend_request(
     max_bundle_price: float | None = None,
     exclude_item_ids: Sequence[str] = (),
     retrieval_mode: str | None = None,
+    rerank: bool | None = None,
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         query=query, user_id=user_id, recent_item_ids=list(recent_item_ids),
         recent_item_counts=_item_counts(recent_item_counts), max_bundles=max_bundles,
         max_items_per_bundle=max_items_per_bundle,
         filters=filters(include_categories, exclude_categories, max_bundle_price, exclude_item_ids),
-        retrieval_mode=MODES[retrieval_mode],
+        retrieval_mode=MODES[retrieval_mode], rerank=RERANK[rerank],
     )
 
 
@@ -208,8 +211,10 @@ def filters(
     return f
 
 
-def search_request(query: str, k: int = 10, retrieval_mode: str | None = None, **filter_args: Any) -> pb.SearchRequest:
-    return pb.SearchRequest(query=query, k=k, retrieval_mode=MODES[retrieval_mode], filters=filters(**filter_args))
+def search_request(query: str, k: int = 10, retrieval_mode: str | None = None, rerank: bool | None = None,
+                   **filter_args: Any) -> pb.SearchRequest:
+    return pb.SearchRequest(query=query, k=k, retrieval_mode=MODES[retrieval_mode], filters=filters(**filter_args),
+                            rerank=RERANK[rerank])
 
 
 _Req = TypeVar("_Req", bound=Message)
@@ -418,9 +423,9 @@ class Client(_Base):
         return RecommendStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=md),
                                self._timeout("Recommend", timeout), self.reissue)
 
-    def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, timeout: float | None = None,
-               metadata: _Metadata = (), **filter_args: Any) -> list[pb.SearchHit]:
-        request = search_request(query, k, retrieval_mode, **filter_args)
+    def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, rerank: bool | None = None,
+               timeout: float | None = None, metadata: _Metadata = (), **filter_args: Any) -> list[pb.SearchHit]:
+        request = search_request(query, k, retrieval_mode, rerank, **filter_args)
         return list(self._unary(self.stub.Search, request, self._timeout("Search", timeout), metadata).hits)
 
     def info(self, *, timeout: float | None = None, metadata: _Metadata = ()) -> pb.GetInfoResponse:
@@ -475,9 +480,9 @@ class AsyncClient(_Base):
         return AsyncRecommendStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=md),
                                     self._timeout("Recommend", timeout), self.reissue)
 
-    async def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, timeout: float | None = None,
-                     metadata: _Metadata = (), **filter_args: Any) -> list[pb.SearchHit]:
-        request = search_request(query, k, retrieval_mode, **filter_args)
+    async def search(self, query: str, k: int = 10, *, retrieval_mode: str | None = None, rerank: bool | None = None,
+                     timeout: float | None = None, metadata: _Metadata = (), **filter_args: Any) -> list[pb.SearchHit]:
+        request = search_request(query, k, retrieval_mode, rerank, **filter_args)
         return list((await self._unary(self.stub.Search, request, self._timeout("Search", timeout), metadata)).hits)
 
     async def info(self, *, timeout: float | None = None, metadata: _Metadata = ()) -> pb.GetInfoResponse:

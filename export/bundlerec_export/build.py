@@ -4,7 +4,8 @@ One function per stage, each returning its part of the manifest (top-level keys;
 filled by several stages) and timed into ``manifest["timings_s"]``:
 
     load -> [finetune] -> export_fp32 -> quantize_int8 -> quantize_int8_pertoken -> convert_fp16 -> agreement
-    -> embed -> index -> ef_recall -> complements -> lexical -> write -> [ranker] -> [tune] -> manifest (written once)
+    -> embed -> index -> ef_recall -> complements -> lexical -> write -> [ranker] -> [tune] -> [cross_encoder]
+    -> manifest (written once)
 
 Fine-tuning runs when ``finetune_judgments`` is set and ``base_model`` is not (cached in
 ``<out>.work/finetuned-<key>``); tuning (``tune``) then chooses the served retrieval mode on the dev split.
@@ -217,6 +218,8 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
         if cfg.ranker:
             stages.done("ranker", ranker_stage(root, stages.manifest, cfg.judgments))
         stages.done("tune", tune_stage(root, stages.manifest, cfg.judgments, cfg.progress))
+        if cfg.cross_encoder:
+            stages.done("cross_encoder", cross_encoder_stage(root, stages.manifest, cfg.judgments, cfg))
     return stages.finish()
 
 
@@ -570,6 +573,24 @@ def ranker_stage(root: Path, manifest: dict[str, Any], judgments: Path) -> Part:
 
     with engine_view(root, manifest) as engine:
         return ranker_part(root, engine, judgments)
+
+
+def cross_encoder_stage(root: Path, manifest: dict[str, Any], judgments: Path, cfg: BuildConfig) -> Part:
+    """The re-ranking cross-encoder over the served top (``cross_encoder/``, ``manifest["cross_encoder"]``), on by
+    default (``serving.rerank``) only if it wins on DEV; the trained model is cached beside the fine-tuned one."""
+    from .cross_encoder import CrossEncoderConfig, cross_encoder_part, served_engine
+    from .tune import engine_view
+
+    opts = {"progress": cfg.progress, "seed": cfg.seed, **({"threads": cfg.threads} if cfg.threads else {}),
+            **cfg.cross_encoder_options}
+    try:
+        ccfg = CrossEncoderConfig(**opts)
+    except TypeError as exc:
+        raise BuildError(f"cross_encoder_options: {exc}") from exc
+    out = cfg.out.resolve()
+    cache = Path(cfg.finetune_cache) if cfg.finetune_cache is not None else out.parent / f"{out.name}.work"
+    with engine_view(root, manifest, served_engine) as engine:
+        return cross_encoder_part(root, engine, judgments, ccfg, cache)
 
 
 def _content_hash(root: Path) -> str:

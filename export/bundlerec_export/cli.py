@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="judgments CSV for the learned hybrid ranker and the serving tuning (default: the fine-tuning's)")
     p.add_argument("--no-ranker", action="store_false", dest="ranker", default=d["ranker"],
                    help="do not train the learned hybrid ranker (bundlerec_export.train_ranker)")
+    p.add_argument("--cross-encoder", action=argparse.BooleanOptionalAction, default=d["cross_encoder"],
+                   help="train the re-ranking cross-encoder over the served top (bundlerec_export.cross_encoder, about "
+                        "15 min on 2 cores; cached); served by default only if it wins on dev")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -93,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
                    "agreement_sample", "complements", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
                    "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
-                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus", "ranker", "ranker_judgments")
+                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus", "ranker", "ranker_judgments", "cross_encoder")
 
 
 def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:
@@ -170,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         dev = ", ".join(f"{e['epoch']}: {e['ndcg@10']:.4f}" for e in tr["dev_per_epoch"] if e.get("ndcg@10") is not None)
         cached = " (cached)" if tr.get("reused_from_cache") else ""
         print(f"fine-tuned {enc['base_model']} in {tr['seconds']['total']:.0f} s{cached}; dev NDCG@10 per epoch {dev}")
+    ce = m.get("cross_encoder")
+    if ce:
+        dev = ce["dev"]
+        print(f"re-ranker  cross-encoder over the top {ce['depth']}: dev NDCG@10 {dev['served']['ndcg']:.4f} -> "
+              f"{dev['reranked']['ndcg']:.4f} (blend {ce['blend']}); {'on' if ce['wins_on_dev'] else 'off'} by default")
     print("seconds    " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     return 0
 

@@ -61,6 +61,10 @@ class BuildConfig:
     # finetune_judgments) and the artifact has a lexical index; off with ranker=False
     ranker: bool = True
     ranker_judgments: Path | None = None
+    # cross-encoder re-ranker (bundlerec_export.cross_encoder): trained after tune when judgments exist and this is
+    # on; the served default re-ranks only if it beats the served ranking on dev
+    cross_encoder: bool = False
+    cross_encoder_options: dict[str, Any] = field(default_factory=dict)  # CrossEncoderConfig fields
     extra: dict[str, Any] = field(default_factory=dict)
     # after the build: publish the vectors to Milvus (milvus://host:port[?alias=NAME]; '' = no)
     publish_milvus: str = ""

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +61,10 @@ def serving_for_build(root: Path, manifest: dict[str, Any], judgments: Path, spl
 
 
 @contextlib.contextmanager
-def engine_view(root: Path, manifest: dict[str, Any]) -> Iterator[Engine]:
+def engine_view(root: Path, manifest: dict[str, Any], load: Callable[[Path], Engine] | None = None) -> Iterator[Engine]:
     """The serving engine of an artifact being built in ``root`` whose manifest is not written yet: it loads
-    from a scratch view of ``root`` (a symbolic link per entry plus ``manifest``)."""
+    (with ``load``, default :func:`engine_for`) from a scratch view of ``root`` (a symbolic link per entry plus
+    ``manifest``)."""
     from bundlerec_server import artifact as A
 
     with tempfile.TemporaryDirectory(prefix="bundlerec-tune-") as tmp:
@@ -71,7 +72,7 @@ def engine_view(root: Path, manifest: dict[str, Any]) -> Iterator[Engine]:
         for entry in Path(root).resolve().iterdir():
             (view / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
         (view / A.MANIFEST).write_text(json.dumps({**manifest, "format_version": A.FORMAT_VERSION}))
-        yield engine_for(view)
+        yield (load or engine_for)(view)
 
 
 def engine_for(artifact: Path) -> Engine:

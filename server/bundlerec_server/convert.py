@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from bundlerec.v1 import bundlerec_pb2 as pb
 
 from .catalog import Catalog
-from .domain import BundleOut, Filters, Hit, ItemCount, Mode, RecommendQuery, SearchQuery, Stop
+from .domain import BundleOut, Filters, Hit, ItemCount, Mode, RecommendQuery, RerankOutcome, SearchQuery, Stop
 from .errors import InvalidRequest, Violation
 from .events import EventRecord
 from .settings import Settings
@@ -41,6 +41,20 @@ STOP_TO_PB = {
     Stop.DEADLINE: pb.STOP_REASON_DEADLINE,
     Stop.NO_MATCH: pb.STOP_REASON_NO_MATCH,
 }
+
+_RERANK = {pb.RERANK_UNSPECIFIED: None, pb.RERANK_ON: True, pb.RERANK_OFF: False}
+RERANK_TO_PB = {
+    RerankOutcome.NOT_USED: pb.RERANK_OUTCOME_NOT_USED,
+    RerankOutcome.APPLIED: pb.RERANK_OUTCOME_APPLIED,
+    RerankOutcome.SKIPPED_DEADLINE: pb.RERANK_OUTCOME_SKIPPED_DEADLINE,
+}
+
+
+def check_rerank(value: int, out: list[Violation]) -> bool | None:
+    if value not in _RERANK:
+        out.append(Violation("rerank", f"unknown rerank value {value}"))
+        return None
+    return _RERANK[cast("pb.Rerank", value)]
 
 
 def _has_control(text: str) -> bool:
@@ -153,13 +167,14 @@ def recommend_query(req: pb.RecommendRequest, settings: Settings, now_ms: int | 
         out.append(Violation("max_items_per_bundle", f"{req.max_items_per_bundle}; at most {settings.max_items_per_bundle_cap} (0 = default {settings.default_items_per_bundle})"))
     filters = check_filters(req.filters, settings, out)
     mode = check_mode(req.retrieval_mode, "retrieval_mode", out)
+    rerank = check_rerank(req.rerank, out)
     if out:
         raise InvalidRequest(out)
     return RecommendQuery(
         query=query, user_id=req.user_id, recent_item_ids=recent, recent_item_counts=counts,
         max_bundles=req.max_bundles or settings.default_max_bundles,
         items_per_bundle=req.max_items_per_bundle or settings.default_items_per_bundle,
-        filters=filters, mode=mode,
+        filters=filters, mode=mode, rerank=rerank,
     )
 
 
@@ -170,9 +185,10 @@ def search_query(req: pb.SearchRequest, settings: Settings) -> SearchQuery:
         out.append(Violation("k", f"{req.k}; at most {settings.max_search_k} (0 = default 10)"))
     filters = check_filters(req.filters, settings, out)
     mode = check_mode(req.retrieval_mode, "retrieval_mode", out)
+    rerank = check_rerank(req.rerank, out)
     if out:
         raise InvalidRequest(out)
-    return SearchQuery(query=query, k=req.k or 10, filters=filters, mode=mode)
+    return SearchQuery(query=query, k=req.k or 10, filters=filters, mode=mode, rerank=rerank)
 
 
 _EVENT_TYPES = {pb.EVENT_TYPE_VIEW, pb.EVENT_TYPE_CLICK, pb.EVENT_TYPE_ADD_TO_CART, pb.EVENT_TYPE_PURCHASE}

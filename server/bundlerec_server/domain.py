@@ -18,6 +18,12 @@ class Stop(enum.StrEnum):
     NO_MATCH = "no_match"
 
 
+class RerankOutcome(enum.StrEnum):
+    NOT_USED = "not_used"
+    APPLIED = "applied"
+    SKIPPED_DEADLINE = "skipped_deadline"
+
+
 @dataclass(frozen=True)
 class Filters:
     include_categories: frozenset[str] = frozenset()  # lower-cased
@@ -54,6 +60,7 @@ class RecommendQuery:
     items_per_bundle: int = 3
     filters: Filters = Filters()
     mode: Mode | None = None
+    rerank: bool | None = None  # None: the server's default
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class SearchQuery:
     k: int = 10
     filters: Filters = Filters()
     mode: Mode | None = None
+    rerank: bool | None = None  # None: the server's default
 
 
 @dataclass(frozen=True)

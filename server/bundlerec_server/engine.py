@@ -19,6 +19,7 @@ from . import artifact as A
 from . import tracing
 from .bundling import count_affinity, decayed_count, rank_bundles, shopper_affinity
 from .catalog import Catalog
+from .cross_encoder import Reranker
 from .domain import BundleOut, Filters, History, Hit, ItemCount, Mode, Personalization, RecommendQuery, SearchQuery
 from .encoder import CUDA, Encoder
 from .errors import InvalidRequest, Unsupported, Violation
@@ -96,6 +97,9 @@ class Engine:
         if self.fusion.method == "learned" and self.ranker is None:
             raise A.ArtifactError(f"{self.root}: fusion 'learned' needs a ranker model (and a lexical index), which "
                                   "this artifact lacks; add one with python -m bundlerec_export.train_ranker")
+        self.reranker = self._load_reranker()
+        self.rerank_default = self.reranker is not None and (
+            settings.rerank == "on" or (settings.rerank == "" and bool(serving.get("rerank", False))))
         wanted = settings.retrieval_mode or serving.get("default_retrieval_mode", "dense")
         self.default_mode = Mode(wanted) if Mode(wanted) in self.modes else Mode.DENSE
         logger.info(
@@ -103,6 +107,20 @@ class Engine:
             self.version, self.root, len(self.catalog), self.dim, self.variant, self.encoder.provider,
             self.default_mode.value, self.vectors.describe(), time.perf_counter() - t0,
         )
+
+    def _load_reranker(self) -> Reranker | None:
+        """The artifact's cross-encoder unless the ``rerank`` setting is off; refuses ``rerank on`` (or an artifact
+        whose tuning turned it on) without one."""
+        s, meta = self.settings, self.manifest.get("cross_encoder")
+        if not meta:
+            if s.rerank == "on" or (s.rerank == "" and self.manifest.get("serving", {}).get("rerank")):
+                raise A.ArtifactError(f"{self.root}: re-ranking is on but this artifact has no cross-encoder; add one "
+                                      "with python -m bundlerec_export.cross_encoder, or start with --rerank off")
+            return None
+        if s.rerank == "off":
+            return None
+        depth = s.rerank_depth or int(meta.get("depth", 30))
+        return Reranker(self.root, meta, self.catalog.titles, depth, s.intra_op_threads)
 
     def _load_encoder(self) -> tuple[Encoder, str]:
         """fp16 on CUDA when a GPU is really usable; otherwise the best CPU graph the artifact has:
@@ -150,6 +168,8 @@ class Engine:
         self.dense(vec, 10, Filters())
         if self.lexical:
             self.lexical.search("warmup", 10)
+        if self.reranker is not None:
+            self.reranker.warmup()
 
     def personalize(
         self, query_vec: np.ndarray, history_ids: Sequence[str], event_ids: Sequence[str] = ()
@@ -251,8 +271,19 @@ class Engine:
     def needs_vector(self, mode: Mode) -> bool:
         return mode is not Mode.LEXICAL
 
-    def search(self, q: SearchQuery, vec: np.ndarray | None) -> list[Hit]:
-        return self.retrieve(q.query, vec, q.k, self.allow(q.filters), self.mode_for(q.mode))
+    def wants_rerank(self, asked: bool | None, recommend: bool = False) -> bool:
+        """Whether a call re-ranks: what it asked (``None``: the server default; for Recommend only with
+        ``rerank_recommend``). Asking for it where no cross-encoder is loaded is refused."""
+        if asked and self.reranker is None:
+            raise Unsupported("this server has no cross-encoder re-ranking stage (the artifact has none, or it was "
+                              "started with --rerank off)")
+        if asked is None:
+            return self.rerank_default and (not recommend or self.settings.rerank_recommend)
+        return asked
+
+    def search(self, q: SearchQuery, vec: np.ndarray | None, depth: int = 0) -> list[Hit]:
+        """The top ``max(k, depth)`` hits (``depth``: what a re-ranking stage will look at)."""
+        return self.retrieve(q.query, vec, max(q.k, depth), self.allow(q.filters), self.mode_for(q.mode))
 
     def affinity(self, q: RecommendQuery, history: History, now_ms: int) -> tuple[dict[int, float], float]:
         """A known shopper's affinity per catalog row and its mix weight: recency-decayed purchase counts (the
@@ -276,14 +307,21 @@ class Engine:
         """Anchors retrieved under the request's filters, then bundled under the same (resolved once); a known
         shopper's history (:meth:`affinity`: the request's and the recorded one) makes the complements
         repeat-aware. ``history`` may also be a plain list of recorded recent item ids (newest first)."""
+        allowed = self.allow(q.filters)
+        return self.bundle(q, self.anchors(q, vec, allowed), allowed, history, now_ms)
+
+    def anchors(self, q: RecommendQuery, vec: np.ndarray | None, allowed: RowFilter) -> list[Hit]:
+        """Recommend's anchor candidates, best first."""
+        pool = max(self.settings.anchor_pool, q.max_bundles * 2)
+        with tracing.span("retrieve"):
+            return self.retrieve(q.query, vec, pool, allowed, self.mode_for(q.mode), self.settings.min_relevance)
+
+    def bundle(self, q: RecommendQuery, anchors: list[Hit], allowed: RowFilter, history: History | Sequence[str] = (),
+               now_ms: int | None = None) -> list[BundleOut]:
+        """Bundles around ``anchors`` (see :meth:`recommend`)."""
         if not isinstance(history, History):
             history = History(recent=tuple(history))
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        mode = self.mode_for(q.mode)
-        allowed = self.allow(q.filters)
-        pool = max(self.settings.anchor_pool, q.max_bundles * 2)
-        with tracing.span("retrieve"):
-            anchors = self.retrieve(q.query, vec, pool, allowed, mode, self.settings.min_relevance)
         with tracing.span("bundle"):
             personal, weight = self.affinity(q, history, now_ms)
             return rank_bundles(

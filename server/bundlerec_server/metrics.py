@@ -30,6 +30,7 @@ IN_FLIGHT = Gauge("bundlerec_in_flight", "Calls being worked on", multiprocess_m
 ADMISSION_LIMIT = Gauge("bundlerec_admission_limit", "Calls admitted at once (adapts with --target-latency-ms)",
                         multiprocess_mode="livesum")
 EVENTS = Counter("bundlerec_events_total", "Events stored durably")
+RERANKS = Counter("bundlerec_rerank_total", "Calls that asked for cross-encoder re-ranking, by outcome", ["outcome"])
 RELOADS = Counter("bundlerec_reloads_total", "Artifact reload attempts by outcome", ["outcome"])
 
 

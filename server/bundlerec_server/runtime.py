@@ -22,6 +22,7 @@ import numpy as np
 from . import metrics, tracing
 from .admission import Admission
 from .batching import MicroBatcher, Then
+from .domain import Hit, RerankOutcome
 from .engine import Engine
 from .errors import NotReady, OutOfTime
 from .events import EventStore
@@ -158,6 +159,30 @@ class Runtime:
                 return await job
         except TimeoutError:
             raise OutOfTime() from None
+
+    async def rerank(self, serving: Serving, text: str, hits: list[Hit],
+                     time_left: Callable[[], float | None] | None) -> tuple[list[Hit], RerankOutcome]:
+        """``hits`` with their top re-ranked by the engine's cross-encoder in a worker thread (off the event loop);
+        unchanged and SKIPPED_DEADLINE when the remaining deadline (less the margin and ``rerank_reserve_ms``) is
+        shorter than the stage's estimated cost, or runs out while it works."""
+        reranker = serving.engine.reranker
+        assert reranker is not None  # Engine.wants_rerank said yes
+        left = time_left() if time_left else None
+        budget = None
+        if left is not None:
+            budget = left - (self.settings.deadline_margin_ms + self.settings.rerank_reserve_ms) / 1000.0
+            if budget < reranker.cost.seconds(min(len(hits), reranker.depth)):
+                metrics.RERANKS.labels(RerankOutcome.SKIPPED_DEADLINE.value).inc()
+                return hits, RerankOutcome.SKIPPED_DEADLINE
+        work = asyncio.get_running_loop().run_in_executor(self.pool, reranker.rerank, text, hits)
+        try:
+            async with asyncio.timeout(budget):  # None: no deadline
+                out = await work
+        except TimeoutError:  # the thread finishes its run; its result is dropped
+            metrics.RERANKS.labels(RerankOutcome.SKIPPED_DEADLINE.value).inc()
+            return hits, RerankOutcome.SKIPPED_DEADLINE
+        metrics.RERANKS.labels(RerankOutcome.APPLIED.value).inc()
+        return out, RerankOutcome.APPLIED
 
     async def reload(self, root: Path | None = None) -> bool:
         """Loads ``root`` (default: the configured artifact path, re-resolved) in the background and swaps it

@@ -21,7 +21,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from . import __version__, convert, metrics, tracing
-from .domain import History, Personalization, RecommendQuery, Stop
+from .domain import History, Hit, Personalization, RecommendQuery, RerankOutcome, Stop
 from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
 from .events import EventRecord
 from .runtime import Runtime, Serving
@@ -126,31 +126,42 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         self.settings = runtime.settings
 
     async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
-                       ) -> tuple[list[pb.RecommendResponse], Personalization, Stop | None]:
-        """The call's bundle messages, best first (built in the encode worker, right after its encode), and how
-        the query was personalised; Stop.DEADLINE (no bundles) when the deadline comes first."""
+                       ) -> tuple[list[pb.RecommendResponse], Personalization, Stop | None, RerankOutcome]:
+        """The call's bundle messages, best first, and how the query was personalised; Stop.DEADLINE (no bundles)
+        when the deadline comes first. Without re-ranking, the encode worker retrieves, bundles and builds the
+        messages right after its encode (one hop); with it, the anchors go through the cross-encoder stage first."""
+        engine = serving.engine
+        rerank = engine.wants_rerank(q.rerank, recommend=True)
         history = History()
         if q.user_id and self.rt.events is not None:
             with tracing.span("history"):
                 history = await self.rt.events.history(q.user_id)
-        engine = serving.engine
         encoded = engine.needs_vector(engine.mode_for(q.mode))
         began = time.time_ns()
         request_ids = (*q.recent_item_ids, *(c.item_id for c in q.recent_item_counts))
+        allowed = engine.allow(q.filters)
 
-        def work(vec: np.ndarray | None) -> tuple[list[pb.RecommendResponse], Personalization]:  # in a worker
+        def messages(anchors: list[Hit]) -> list[pb.RecommendResponse]:
+            bundles = engine.bundle(q, anchors, allowed, history)
+            return [convert.bundle_message(b, rank, engine.catalog) for rank, b in enumerate(bundles, start=1)]
+
+        def work(vec: np.ndarray | None) -> tuple[list[Any], Personalization]:  # in a worker
             info = Personalization()
             if vec is not None:
                 tracing.record("encode", began)
                 vec, info = engine.personalize(vec, request_ids, history.recent)
-            bundles = engine.recommend(q, vec, history)
-            return [convert.bundle_message(b, rank, engine.catalog) for rank, b in enumerate(bundles, start=1)], info
+            anchors = engine.anchors(q, vec, allowed)
+            return (anchors if rerank else messages(anchors)), info
 
         try:
-            messages, info = await self.rt.call(serving, q.query if encoded else None, work, time_left)
+            out, info = await self.rt.call(serving, q.query if encoded else None, work, time_left)
         except OutOfTime:
-            return [], Personalization(), Stop.DEADLINE
-        return messages, info, None
+            return [], Personalization(), Stop.DEADLINE, RerankOutcome.NOT_USED
+        if not rerank:
+            return out, info, None, RerankOutcome.NOT_USED
+        with tracing.span("rerank"):
+            anchors, outcome = await self.rt.rerank(serving, q.query, out, time_left)
+        return messages(anchors), info, None, outcome
 
     @observed
     async def Recommend(self, request: pb.RecommendRequest, context: Context) -> AsyncIterator[pb.RecommendResponse]:
@@ -162,7 +173,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         # the slot is taken before tokenising (shedding is cheap) and held until the summary is sent
         async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
-            messages, info, stop = await self._bundles(serving, q, time_left)
+            messages, info, stop, rerank = await self._bundles(serving, q, time_left)
             paced = Paced(messages, time_left, self.settings.deadline_margin_ms / 1000.0)
             with tracing.open_span("stream") as span:  # not current: the block yields
                 for message in paced:
@@ -185,6 +196,7 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
                     personalized=info.applied,
                     unknown_item_ids=info.unknown_ids,
                     server_ms=(time.perf_counter() - t0) * 1000.0,
+                    rerank=convert.RERANK_TO_PB[rerank],
                 )
             )
 
@@ -195,20 +207,24 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         engine = serving.engine
         async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
+            rerank = engine.wants_rerank(q.rerank)
+            depth = engine.reranker.depth if rerank and engine.reranker else 0
             encoded = engine.needs_vector(engine.mode_for(q.mode))
             began = time.time_ns()
 
-            def work(vec: np.ndarray | None) -> pb.SearchResponse:  # in a worker, right after the encode
+            def work(vec: np.ndarray | None) -> list[Hit]:  # in a worker, right after the encode
                 if vec is not None:
                     tracing.record("encode", began)
                 with tracing.span("retrieve"):
-                    hits = engine.search(q, vec)
-                return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits],
-                                         artifact_version=engine.version)
+                    return engine.search(q, vec, depth)
 
-            response: pb.SearchResponse = await self.rt.call(serving, q.query if encoded else None, work,
-                                                              context.time_remaining)
-        return response
+            hits: list[Hit] = await self.rt.call(serving, q.query if encoded else None, work, context.time_remaining)
+            outcome = RerankOutcome.NOT_USED
+            if rerank:
+                with tracing.span("rerank"):
+                    hits, outcome = await self.rt.rerank(serving, q.query, hits, context.time_remaining)
+        return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits[: q.k]],
+                                 artifact_version=engine.version, rerank=convert.RERANK_TO_PB[outcome])
 
     @observed
     async def RecordEvents(self, request_iterator: AsyncIterable[pb.Event], context: Context) -> pb.RecordEventsResponse:

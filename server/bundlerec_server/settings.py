@@ -80,6 +80,10 @@ class Settings:
     fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     fusion_coverage: float = field(default=-1.0, metadata={"help": "scores fusion: weight of query-word coverage (-1 = the artifact's tuned value)"})
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
+    rerank: str = field(default="", metadata={"help": "cross-encoder re-ranking of the top hits by default: on (refused at start if the artifact has no cross-encoder), off (not loaded; requests asking for it are refused) or '' (the artifact's dev-tuned choice); requests may opt in or out", "choices": ("", "on", "off")})
+    rerank_depth: int = field(default=0, metadata={"help": "hits re-ranked by the cross-encoder, 2 to 100 (0 = the depth it was trained on)"})
+    rerank_recommend: bool = field(default=True, metadata={"help": "also re-rank Recommend's anchors (when the deadline allows)"})
+    rerank_reserve_ms: float = field(default=5.0, metadata={"help": "re-rank only when the call's remaining deadline exceeds the estimated re-rank cost by this much (plus deadline_margin_ms); otherwise skip it and say so"})
     # --- vector backend (dense retrieval)
     vector_backend: str = field(default="hnsw", metadata={"help": "dense index: hnsw (the artifact's hnswlib file, in process) or milvus://host:port[?alias=NAME] (the artifact version's collection published by bundlerec-export --publish-milvus; token in BUNDLEREC_MILVUS_TOKEN)"})
     # --- observability
@@ -166,6 +170,12 @@ class Settings:
             problems.append(f"model_variant {self.model_variant!r} is not fp32, int8, int8_pertoken or fp16")
         if self.fusion not in ("", "rrf", "blend", "scores", "learned"):
             problems.append(f"fusion {self.fusion!r} is not rrf, blend, scores or learned")
+        if self.rerank not in ("", "on", "off"):
+            problems.append(f"rerank {self.rerank!r} is not on, off or ''")
+        if self.rerank_depth != 0 and not 2 <= self.rerank_depth <= 100:
+            problems.append("rerank_depth must be 0 (the trained depth) or in [2, 100]")
+        if self.rerank_reserve_ms < 0:
+            problems.append("rerank_reserve_ms must be >= 0")
         if self.fusion_alpha > 1.0:
             problems.append("fusion_alpha must be <= 1")
         if not -1.0 <= self.min_relevance <= 1.0:
