@@ -22,6 +22,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 from bundlerec_server import convert
 from bundlerec_server.batching import MicroBatcher
+from bundlerec_server.domain import RerankOutcome
 from bundlerec_server.engine import Engine
 from bundlerec_server.errors import OutOfTime
 from bundlerec_server.runtime import Runtime, Serving
@@ -53,8 +54,8 @@ def reference_search(engine: Engine, req: pb.SearchRequest) -> bytes:
     q = convert.search_query(req, engine.settings)
     vec = engine.encoder.encode([q.query])[0] if engine.needs_vector(_mode(engine, req.retrieval_mode)) else None
     hits = engine.search(q, vec)
-    return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits],
-                             artifact_version=engine.version).SerializeToString(deterministic=True)
+    return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits], artifact_version=engine.version,
+                             rerank=convert.RERANK_TO_PB[RerankOutcome.NOT_USED]).SerializeToString(deterministic=True)
 
 
 def requests(item_id: str) -> list[pb.RecommendRequest | pb.SearchRequest]:
