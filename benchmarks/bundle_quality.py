@@ -766,9 +766,14 @@ def next_basket_cases(data: Data, max_users: int, query_from: str, history_cap: 
             history.extend(o.items)
         history = list(dict.fromkeys(history))[:history_cap]
         pick = target.items[int(hash_fraction(f"pick:{target.order_id}", salt) * len(target.items))]
+        ages = [a + (target.days_since_prior or 0.0) for a in order_ages(history_orders)]
         cases.append({"user_id": u, "order_id": target.order_id, "targets": list(target.items),
-                      "history": history, "query": query_for(data.products[pick], query_from), "query_item": pick})
+                      "history": history, "query": query_for(data.products[pick], query_from), "query_item": pick,
+                      "counts": history_counts([o.items for o in history_orders], ages)})
     return cases
+
+
+TOPFREQ_POOL = 64  # Search hits a P-TopFreq baseline may pick from (the server's anchor pool)
 
 
 async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles: int, items_per_bundle: int,
@@ -782,10 +787,11 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
     async with AsyncClient(target, timeout=timeout) as client:
         await client.health()
 
-        async def call(case: dict[str, Any], recent: list[str]) -> tuple[set[str], bool] | None:
+        async def call(case: dict[str, Any], recent: list[str], counts: bool = False) -> tuple[set[str], bool] | None:
             try:
                 stream = client.recommend(case["query"], recent_item_ids=recent, max_bundles=max_bundles,
-                                          max_items_per_bundle=items_per_bundle)
+                                          max_items_per_bundle=items_per_bundle,
+                                          recent_item_counts=request_counts(case, time.time()) if counts else [])
                 got = {it.item_id async for b in stream for it in b.items}
                 return got, bool(stream.summary and stream.summary.personalized)
             except BundleRecError as exc:
@@ -794,13 +800,33 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
                 errors[key] = errors.get(key, 0) + 1
                 return None
 
+        async def topfreq(case: dict[str, Any], n: int) -> tuple[set[str], bool] | None:
+            """P-TopFreq over the query's matches: the shopper's ``n`` most bought items among the query's
+            Search hits (``TOPFREQ_POOL``, the server's default mode), by count, then recency, then id."""
+            try:
+                hits = await client.search(case["query"], k=TOPFREQ_POOL)
+            except BundleRecError:
+                return None
+            matched = [h.item_id for h in hits if h.item_id in case["counts"]]
+            ranked = sorted(matched, key=lambda p: (-case["counts"][p][0], case["counts"][p][2], p))
+            return set(ranked[:n]), False
+
+        def topfreq_all(case: dict[str, Any], n: int) -> tuple[set[str], bool]:
+            """P-TopFreq ignoring the query: the shopper's ``n`` most bought items (the next-basket reference)."""
+            ranked = sorted(case["counts"], key=lambda p: (-case["counts"][p][0], case["counts"][p][2], p))
+            return set(ranked[:n]), False
+
         async def one(i: int, case: dict[str, Any]) -> None:
             async with sem:
                 plain = await call(case, [])
                 pers = await call(case, case["history"])
+                counted = await call(case, [], counts=True)
+                n = len(counted[0]) if counted else max_bundles * items_per_bundle
+                freq = await topfreq(case, n)
             targets = set(case["targets"])
             rec = {}
-            for name, res in (("plain", plain), ("personalized", pers)):
+            for name, res in (("plain", plain), ("personalized", pers), ("counts", counted), ("topfreq", freq),
+                              ("topfreq_all", topfreq_all(case, n))):
                 if res is None:
                     rec[name] = None
                     continue
@@ -812,6 +838,29 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
 
         await asyncio.gather(*(one(i, c) for i, c in enumerate(cases)))
 
+    both = [r for r in out if all(r.get(k) for k in ("plain", "counts", "topfreq"))]
+    counts_block: dict[str, Any] = {}
+    if both:
+        a = np.asarray([r["plain"]["recall"] for r in both])
+        c = np.asarray([r["counts"]["recall"] for r in both])
+        f = np.asarray([r["topfreq"]["recall"] for r in both])
+        rng = np.random.default_rng(0)
+        idx = rng.integers(0, len(both), size=(1000, len(both)))
+        ratio = c[idx].mean(1) / np.maximum(a[idx].mean(1), 1e-12)
+        vs_freq = c[idx].mean(1) / np.maximum(f[idx].mean(1), 1e-12)
+        counts_block = {
+            "scored": len(both), "recall_plain": float(a.mean()), "recall_counts": float(c.mean()),
+            "recall_topfreq_matches": float(f.mean()), "topfreq_pool": TOPFREQ_POOL,
+            "ratio_counts_to_plain": float(c.mean() / a.mean()) if a.mean() else None,
+            "ratio_counts_to_plain_ci95": [float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))],
+            "ratio_counts_to_topfreq": float(c.mean() / f.mean()) if f.mean() else None,
+            "ratio_counts_to_topfreq_ci95": [float(np.percentile(vs_freq, 2.5)), float(np.percentile(vs_freq, 97.5))],
+            "recall_topfreq_all": float(np.mean([r["topfreq_all"]["recall"] for r in both])),
+            "mean_items_counts": float(np.mean([r["counts"]["items"] for r in both])),
+            "mean_items_topfreq": float(np.mean([r["topfreq"]["items"] for r in both])),
+            "targets": {"counts >= 1.5 x plain": bool(c.mean() >= 1.5 * a.mean()),
+                        "counts >= topfreq over the matches": bool(c.mean() >= f.mean())},
+        }
     ok = [(r["plain"], r["personalized"]) for r in out if r.get("plain") and r.get("personalized")]
     plain = np.asarray([a["recall"] for a, _ in ok], dtype=np.float64)
     pers = np.asarray([b["recall"] for _, b in ok], dtype=np.float64)
@@ -842,6 +891,8 @@ async def run_next_basket(target: str, cases: list[dict[str, Any]], max_bundles:
         "mean_target_items": float(np.mean([len(c["targets"]) for c in cases])) if cases else None,
         "target": {"rule": "recall_personalized >= recall_plain",
                    "met": bool(m and pers.mean() >= plain.mean())},
+        # history as recent_item_counts, and P-TopFreq restricted to the query's Search hits (paired bootstrap)
+        "counts": counts_block,
     }
 
 
