@@ -212,19 +212,24 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
             encoded = engine.needs_vector(engine.mode_for(q.mode))
             began = time.time_ns()
 
-            def work(vec: np.ndarray | None) -> list[Hit]:  # in a worker, right after the encode
+            def reply(hits: list[Hit], outcome: RerankOutcome) -> pb.SearchResponse:
+                return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits[: q.k]],
+                                         artifact_version=engine.version, rerank=convert.RERANK_TO_PB[outcome])
+
+            def work(vec: np.ndarray | None) -> Any:  # in a worker, right after the encode
                 if vec is not None:
                     tracing.record("encode", began)
                 with tracing.span("retrieve"):
-                    return engine.search(q, vec, depth)
+                    hits = engine.search(q, vec, depth)
+                return hits if rerank else reply(hits, RerankOutcome.NOT_USED)  # the reply built here: one hop
 
-            hits: list[Hit] = await self.rt.call(serving, q.query if encoded else None, work, context.time_remaining)
-            outcome = RerankOutcome.NOT_USED
-            if rerank:
-                with tracing.span("rerank"):
-                    hits, outcome = await self.rt.rerank(serving, q.query, hits, context.time_remaining)
-        return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits[: q.k]],
-                                 artifact_version=engine.version, rerank=convert.RERANK_TO_PB[outcome])
+            out = await self.rt.call(serving, q.query if encoded else None, work, context.time_remaining)
+            if not rerank:
+                response: pb.SearchResponse = out
+                return response
+            with tracing.span("rerank"):
+                hits, outcome = await self.rt.rerank(serving, q.query, out, context.time_remaining)
+        return reply(hits, outcome)
 
     @observed
     async def RecordEvents(self, request_iterator: AsyncIterable[pb.Event], context: Context) -> pb.RecordEventsResponse:
