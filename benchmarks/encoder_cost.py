@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import emit
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.encoder_cost", description=__doc__.split("\n\n")[0])
@@ -66,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]))
     out = {"artifact": str(args.artifact), "queries": len(queries), "rows": rows,
            "loadavg": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    emit(out, args.json, echo=False)
     return 0
 
 

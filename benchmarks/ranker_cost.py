@@ -14,13 +14,14 @@ median / p90 / p99 milliseconds of each and of their difference, the candidates 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.report import emit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
            "scored_candidates": SCORED_CANDIDATES,
            "learned_extra_ms_per_100_candidates": round(float(np.median(diff / np.array(n_cands) * 100)), 4),
            "loadavg": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    emit(out, args.json)
     return 0
 
 

@@ -13,13 +13,14 @@ shared: CPU time is the steadier figure).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.report import emit
 
 
 def pct(x: list[float]) -> dict[str, float]:
@@ -75,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
            "rerank_cpu_ms": {str(d): pct(cpu[d]) for d in depths},
            "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
            "cpus": os.cpu_count()}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    emit(out, args.json)
     return 0
 
 

@@ -4,6 +4,7 @@ grpc.aio server on a free loopback port running in its own thread and event loop
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
 import threading
 from pathlib import Path
@@ -153,3 +154,18 @@ def wait_all_workers(target: str, in_a_row: int = 8, timeout: float = 60.0) -> N
             assert err.code == grpc.StatusCode.UNAVAILABLE, err
             ok = 0
             time.sleep(0.2)
+
+
+def write_judgments(items: list[dict], path: Path) -> Path:
+    """Synthetic graded judgments: the title's first two words find the item (3); its third word alone, if any,
+    finds it less well (2); one unrelated item per query is judged irrelevant (1)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["query", "product_id", "relevance"])
+        for i, it in enumerate(items):
+            words = it["title"].lower().split()
+            w.writerow([" ".join(words[:2]), it["id"], 3.0])
+            w.writerow([" ".join(words[:2]), items[(i * 7 + 3) % len(items)]["id"], 1.0])
+            if len(words) > 2:
+                w.writerow([words[2], it["id"], 2.0])
+    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, build_tiny_artifact, server_settings
+from conftest import ServerThread, build_tiny_artifact, server_settings, write_judgments
 
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
@@ -27,21 +27,6 @@ from bundlerec_server.cross_encoder import (
 from bundlerec_server.domain import Hit
 
 DEPTH = 5
-
-
-def _judgments(items: list[dict], path: Path) -> Path:
-    """Synthetic graded judgments: a title's first two words find it (3), its third word less well (2), one
-    unrelated item per query is judged irrelevant (1)."""
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["query", "product_id", "relevance"])
-        for i, it in enumerate(items):
-            words = it["title"].lower().split()
-            w.writerow([" ".join(words[:2]), it["id"], 3.0])
-            w.writerow([" ".join(words[:2]), items[(i * 7 + 3) % len(items)]["id"], 1.0])
-            if len(words) > 2:
-                w.writerow([words[2], it["id"], 2.0])
-    return path
 
 
 def _config(tiny_bert: Path):
@@ -59,7 +44,7 @@ def shipped(artifact_root, tmp_path_factory) -> tuple[Path, Path, Path, dict]:
     plain = build_tiny_artifact(artifact_root, name="tiny-xenc-plain")
     items = [json.loads(line) for line in (plain / "items.jsonl").read_text().splitlines()]
     work = tmp_path_factory.mktemp("xenc")
-    judgments = _judgments(items, work / "judgments.csv")
+    judgments = write_judgments(items, work / "judgments.csv")
     art = work / "tiny-xenc"
     shutil.copytree(plain, art)
     entry = add_cross_encoder(art, judgments, _config(artifact_root / "tiny-bert"), cache=work / "cache")

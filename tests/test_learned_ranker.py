@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerThread, build_tiny_artifact, server_settings
+from conftest import ServerThread, build_tiny_artifact, server_settings, write_judgments
 
 from bundlerec import Client
 from bundlerec_server.artifact import ArtifactError, read_manifest
@@ -20,27 +20,12 @@ from bundlerec_server.learned_ranker import RANKER_MODEL, SCORED_CANDIDATES, Lea
 from bundlerec_server.ranking_features import FEATURES
 
 
-def _judgments(items: list[dict], path: Path) -> Path:
-    """Synthetic graded judgments: the title's first two words find the item (3); its third word alone, if any,
-    finds it less well (2); one unrelated item per query is judged irrelevant (1)."""
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["query", "product_id", "relevance"])
-        for i, it in enumerate(items):
-            words = it["title"].lower().split()
-            w.writerow([" ".join(words[:2]), it["id"], 3.0])
-            w.writerow([" ".join(words[:2]), items[(i * 7 + 3) % len(items)]["id"], 1.0])
-            if len(words) > 2:
-                w.writerow([words[2], it["id"], 2.0])
-    return path
-
-
 @pytest.fixture(scope="module")
 def ranked(artifact_root, tmp_path_factory) -> tuple[Path, Path]:
     """(artifact built with a ranker stage, its judgments)."""
     plain = build_tiny_artifact(artifact_root, name="tiny-ltr-plain", lexical=True)
     items = [json.loads(line) for line in (plain / "items.jsonl").read_text().splitlines()]
-    judgments = _judgments(items, tmp_path_factory.mktemp("ltr") / "judgments.csv")
+    judgments = write_judgments(items, tmp_path_factory.mktemp("ltr") / "judgments.csv")
     return build_tiny_artifact(artifact_root, name="tiny-ltr", ranker_judgments=judgments), judgments
 
 

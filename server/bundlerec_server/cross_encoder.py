@@ -21,6 +21,7 @@ import numpy as np
 
 from .artifact import ArtifactError
 from .domain import Hit
+from .encoder import session_options
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,7 @@ class CrossEncoder:
         self.model_path = Path(model_path)
         self.max_length = max_length
         self.tokenizer = pair_tokenizer(tokenizer_path, max_length)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = session_options(intra_op_threads)
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._input_names = {i.name for i in self.session.get_inputs()}
         out = self.session.get_outputs()[0]

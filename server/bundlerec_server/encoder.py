@@ -69,13 +69,7 @@ class Encoder:
         self._counter = Tokenizer.from_file(str(tokenizer_path))  # untruncated: to enforce request limits
         self._counter.no_truncation()
         self._counter.no_padding()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = session_options(intra_op_threads)
         providers = [CUDA, CPU] if provider == "cuda" or (provider == "auto" and cuda_usable()) else [CPU]
         if CUDA in providers:
             _preload_cuda_libraries(ort)
@@ -155,6 +149,21 @@ class Encoder:
     def warmup(self, rounds: int = 3) -> None:
         for _ in range(rounds):
             self.encode(["warm up the encoder", "a second, somewhat longer warm-up sentence for padding"])
+
+
+def session_options(intra_op_threads: int = 0) -> Any:
+    """ORT options of every served graph: all graph optimisations, sequential, one inter-op thread,
+    ``intra_op_threads`` per run (0 = ORT's default), warnings off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
 
 
 def mean_pool_normalize(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
