@@ -25,7 +25,9 @@ and next-basket personalization through a server.
    For every test basket and every item of it as the anchor: targets = the basket's other items in another
    aisle; every method's list is restricted to other aisles (``kmax`` = 20, the served top_k). Per
    (basket, anchor) pair: Recall@{5, 10, 20}, NDCG@10, hit@10, long-tail Recall@10 (the 100 most popular
-   TRAIN items removed from targets and lists), mean TRAIN popularity of the top 5. Means over pairs, 95 %
+   TRAIN items removed from targets and from the method's candidates, i.e. its deep list of kmax + 100, then
+   cut at 10; ``long_tail_top`` = the stricter view: removed from the served top-kmax list), mean TRAIN
+   popularity of the top 5. Means over pairs, 95 %
    intervals by bootstrap over test baskets (= shoppers in the user view), and the paired ratio to tuned
    raw co-occurrence (same resamples). ``coverage`` = share of TRAIN items with a full list (kmax items).
    Breakdowns: Recall@5 by anchor frequency (TRAIN baskets: head >= 100, middle 10-99, tail 1-9, unseen 0)
@@ -285,14 +287,17 @@ def _dcg(hits: Sequence[bool]) -> float:
 
 def pair_records(baskets: Sequence[Sequence[int]], rank: Ranker | Sequence[Ranker], aisles: Sequence[str],
                  variant: str, ks: Sequence[int] = PAIR_KS, popular: set[int] | frozenset[int] | None = None,
-                 counts: np.ndarray | None = None, histories: Sequence[set[int]] | None = None) -> dict[str, np.ndarray]:
+                 counts: np.ndarray | None = None, histories: Sequence[set[int]] | None = None,
+                 kmax: int | None = None) -> dict[str, np.ndarray]:
     """Per (basket, anchor) pair with >= 1 target: Recall@k for each k, NDCG@10 and hit@10 (binary gains),
-    long-tail Recall@10 (``popular`` removed from targets AND the ranked list; NaN when no target is left),
+    long-tail Recall@10 (``popular`` removed from targets AND from the whole ranked list, the method's
+    candidates; NaN when no target is left) and ``long_tail_top`` (removed from the list's first ``kmax``),
     mean training popularity of the top 5 (``counts``; NaN for an empty list), empty flag, basket, anchor.
-    ``rank`` may be one ranker per basket (personalized lists). With ``histories`` (the shopper's earlier
+    ``rank`` may be one ranker per basket (personalized lists); every other metric reads the list's first
+    ``kmax`` items (all of it when None). With ``histories`` (the shopper's earlier
     items per basket): ``repeat5`` / ``explore5`` = Recall@5 over the targets bought before / never bought."""
     out: dict[str, list[float]] = {f"r{k}": [] for k in ks}
-    for key in ("ndcg10", "hit10", "long_tail", "pop5", "empty", "basket", "anchor", "repeat5", "explore5"):
+    for key in ("ndcg10", "hit10", "long_tail", "long_tail_top", "pop5", "empty", "basket", "anchor", "repeat5", "explore5"):
         out[key] = []
     for bi, basket in enumerate(baskets):
         basket = list(dict.fromkeys(basket))
@@ -301,18 +306,20 @@ def pair_records(baskets: Sequence[Sequence[int]], rank: Ranker | Sequence[Ranke
             targets = targets_of(basket, anchor, aisles, variant)
             if not targets:
                 continue
-            ranked = list(dict.fromkeys(int(r) for r in rank_b(anchor)))
+            deep = list(dict.fromkeys(int(r) for r in rank_b(anchor)))
+            ranked = deep if kmax is None else deep[:kmax]
             hits = [r in targets for r in ranked]
             for k in ks:
                 out[f"r{k}"].append(sum(hits[:k]) / len(targets))
             out["ndcg10"].append(_dcg(hits[:10]) / _dcg([True] * min(len(targets), 10)))
             out["hit10"].append(float(any(hits[:10])))
             tail_targets = targets - popular if popular is not None else set()
-            if tail_targets:
-                tail = [r for r in ranked if r not in popular][:LONG_TAIL_K]
-                out["long_tail"].append(sum(r in tail_targets for r in tail) / len(tail_targets))
-            else:
-                out["long_tail"].append(math.nan)
+            for key, lst in (("long_tail", deep), ("long_tail_top", ranked)):
+                if tail_targets:
+                    tail = [r for r in lst if r not in popular][:LONG_TAIL_K]
+                    out[key].append(sum(r in tail_targets for r in tail) / len(tail_targets))
+                else:
+                    out[key].append(math.nan)
             top5 = ranked[:5]
             out["pop5"].append(float(np.mean(counts[top5])) if counts is not None and top5 else math.nan)
             out["empty"].append(float(not ranked))
@@ -386,7 +393,7 @@ def coverage(rank: Ranker, items: Iterable[int], k: int) -> float:
 
 
 FREQ_BUCKETS = (("head", 100, math.inf), ("middle", 10, 100), ("tail", 1, 10), ("unseen", 0, 1))
-METRICS = ("r5", "r10", "r20", "ndcg10", "hit10", "long_tail")
+METRICS = ("r5", "r10", "r20", "ndcg10", "hit10", "long_tail", "long_tail_top")
 
 
 def summarize(records: dict[str, dict[str, np.ndarray]], ref: str, counts: np.ndarray, weights: np.ndarray,
@@ -451,6 +458,14 @@ def csr_ranker(indptr: np.ndarray, idx: np.ndarray) -> Ranker:
     return rank
 
 
+def cut(rank: Ranker, kmax: int) -> Ranker:
+    """``rank``'s list cut at ``kmax``."""
+    def ranked(anchor: int) -> Sequence[int]:
+        return rank(anchor)[:kmax]
+
+    return ranked
+
+
 def with_fallback(first: Ranker, then: Ranker, kmax: int) -> Ranker:
     """``first``'s list, completed up to ``kmax`` with ``then``'s items not yet in it."""
     def rank(anchor: int) -> list[int]:
@@ -505,10 +520,10 @@ def build_method(name: str, m: Mined, p: dict[str, Any], kmax: int) -> Ranker:
 
 def learned_method(fit: Mined, train: Mined, val: Sequence[Sequence[int]], val_users: Sequence[str],
                    titles: Sequence[str], grid: Sequence[dict[str, Any]], base: dict[str, Any], kmax: int,
-                   progress: bool = False) -> tuple[Ranker, Ranker, dict[str, Any]]:
+                   progress: bool = False, depth: int | None = None) -> tuple[Ranker, Ranker, dict[str, Any]]:
     """LambdaRank per grid point (features mined on ``fit``, labels from ``val``); the point with the best
     held-out Recall@5 (val shoppers not trained on) is kept. Returns (ranker on fit features [val-holdout
-    diagnostics], ranker on train features [the served list], report)."""
+    diagnostics, ``kmax`` long], ranker on train features [the served list, ``depth`` (default kmax) long], report)."""
     from bundlerec_export import complement_features as cf
     from bundlerec_export import complement_ranker as cr
 
@@ -530,7 +545,7 @@ def learned_method(fit: Mined, train: Mined, val: Sequence[Sequence[int]], val_u
                              departments=train.departments, tokens=tokens)
     anchors = np.arange(train.n)  # every catalog item: a never-ordered anchor is ranked on its aisle backoff and popularity
     t0 = time.perf_counter()
-    indptr, idx, score, _ = cr.score_anchors(booster, full, anchors, kmax, progress)
+    indptr, idx, score, _ = cr.score_anchors(booster, full, anchors, depth or kmax, progress)
     served_s = time.perf_counter() - t0
     val_anchors = np.unique(np.concatenate([np.asarray(b, dtype=np.int64) for b in val]))
     vi, vx, _, _ = cr.score_anchors(booster, fit_model, val_anchors, kmax)
@@ -600,27 +615,28 @@ def run_view(pr: Prepared, split, label: str, kmax: int = 20, draws: int = 1000,
     train = Mined(*_subset(pr, split.train), n, pr.aisles, pr.departments)
     val_b, val_u = _subset(pr, split.val)
     test_b, _ = _subset(pr, split.test)
+    deep = kmax + LONG_TAIL_TOP  # test lists: the first kmax are the served list; the rest feed long-tail recall
     rankers: dict[str, Ranker] = {}
     val_rankers: dict[str, Ranker] = {}
     tuning: dict[str, Any] = {}
     for name in ("popularity", "cooccurrence", "npmi", "conditional", "ease"):
         best, tried = tune(name, fit, val_b, pr.aisles, kmax, GRIDS[name])
         tuning[name] = {"chosen": best, "grid": tried}
-        rankers[name] = build_method(name, train, best, kmax)
+        rankers[name] = build_method(name, train, best, deep)
         val_rankers[name] = build_method(name, fit, best, kmax)
         log(f"[{label}] {name}: chosen {best} (val R@5 {max(t['val_r5'] for t in tried):.4f})")
-    rankers["npmi_served"] = build_method("npmi_served", train, SERVED["npmi_served"], kmax)
+    rankers["npmi_served"] = build_method("npmi_served", train, SERVED["npmi_served"], deep)
     if learned:
         c, e = tuning["conditional"]["chosen"], tuning["ease"]["chosen"]
         base = {"cond_alpha": c["alpha"], "cond_beta": c["beta"], "cond_weighted": c["weighted"],
                 "ease_lambda": e["lam"], "ease_items": e["items"], "leave_shopper_out": leave_shopper_out}
         val_rankers["learned"], rankers["learned"], tuning["learned"] = learned_method(
-            fit, train, val_b, val_u, pr.titles, GRIDS["learned"], base, kmax, progress)
+            fit, train, val_b, val_u, pr.titles, GRIDS["learned"], base, kmax, progress, depth=deep)
         log(f"[{label}] learned: chosen {tuning['learned']['chosen']}, holdout "
             f"{tuning['learned']['validation']['holdout_recall']}")
     counts = train.counts
     popular = set(np.argsort(-counts, kind="stable")[:LONG_TAIL_TOP].tolist())
-    records = {name: pair_records(test_b, r, pr.aisles, "other_aisle", PAIR_KS, popular, counts)
+    records = {name: pair_records(test_b, r, pr.aisles, "other_aisle", PAIR_KS, popular, counts, kmax=kmax)
                for name, r in rankers.items()}
     weights = bootstrap_weights(len(test_b), draws)
     train_users = {pr.users[i] for i in split.train.tolist() if pr.users[i]}
@@ -637,7 +653,8 @@ def run_view(pr: Prepared, split, label: str, kmax: int = 20, draws: int = 1000,
         "pairs": int(len(records["cooccurrence"]["r5"])), "kmax": kmax, "bootstrap_draws": draws,
         "methods": methods, "tuning": tuning, "seconds": round(time.perf_counter() - t0, 1),
     }
-    ctx = {"fit": fit, "train": train, "val_rankers": val_rankers, "rankers": rankers, "val": (val_b, val_u),
+    served = {name: cut(r, kmax) for name, r in rankers.items()}
+    ctx = {"fit": fit, "train": train, "val_rankers": val_rankers, "rankers": served, "val": (val_b, val_u),
            "split": split}
     return result, ctx
 
@@ -1191,6 +1208,7 @@ def targets_check(view: dict[str, Any], method: str = "learned") -> dict[str, An
         "stretch_1.1x": ge(ratio["ratio"], TARGETS["stretch"]),
         "long_tail_not_below_cooccurrence": ge(m["long_tail"]["mean"], ref["long_tail"]["mean"]),
         "long_tail_ratio": lt,
+        "long_tail_top_ratio": m["ratio_vs_cooccurrence"]["long_tail_top"],
         "coverage_at_least_0.98": bool(m["coverage"] >= TARGETS["coverage"]),
     }
 
@@ -1218,10 +1236,12 @@ def markdown_tables(res: dict[str, Any]) -> str:
                   f"{view['pairs']} (basket, anchor) pairs; 95 % intervals from {view['bootstrap_draws']} "
                   "bootstrap resamples of test baskets.", "",
                   "| method | R@5 | × co-occurrence (R@5) | R@10 | R@20 | NDCG@10 | hit@10 | long-tail R@10 | "
-                  "coverage | mean pop. top-5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "× co-occurrence (long tail) | long tail within the top 20 | coverage | mean pop. top-5 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in view["methods"].items():
             lines.append(f"| {name} | {_ci(m['r5'])} | {_ratio(m['ratio_vs_cooccurrence']['r5'])} | {_ci(m['r10'])} | "
                          f"{_ci(m['r20'])} | {_ci(m['ndcg10'])} | {_ci(m['hit10'])} | {_ci(m['long_tail'])} | "
+                         f"{_ratio(m['ratio_vs_cooccurrence']['long_tail'])} | {_ci(m.get('long_tail_top'))} | "
                          f"{m['coverage']:.3f} | {m['pop5'] or 0:.0f} |")
         lines += ["", "| method | R@5 head (≥ 100) | middle (10–99) | tail (1–9) | unseen | returning shoppers | first order |",
                   "|---|---|---|---|---|---|---|"]
@@ -1279,9 +1299,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
     views = res.get("views", {})
     per = res.get("personalization")
-    panels = 2 * len(views) + (1 if per else 0)
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5.0 * max(panels, 1), 4.6))
-    axes = list(np.atleast_1d(axes))
+    rows = max(len(views) + (1 if per else 0), 1)  # one row of three panels per view, then personalization
+    fig, grid = plt.subplots(rows, 3, figsize=(15.0, 4.4 * rows), squeeze=False)
+    axes = list(grid.ravel())
     for label, view in views.items():
         names = list(view["methods"])
         ms = [view["methods"][n] for n in names]
@@ -1293,6 +1313,15 @@ def plot(res: dict[str, Any], path: Path) -> None:
               f"{label} split: Recall@5 / co-occurrence (paired CI)", colors)
         ax.axvline(1.0, color="k", lw=0.8)
         ax.axvline(TARGETS["ratio_low"], color="r", lw=0.8, ls="--")
+        ax = axes.pop(0)
+        y = np.arange(len(names))
+        for j, (key, lab) in enumerate((("long_tail", "head removed from candidates"),
+                                        ("long_tail_top", "head removed from the top 20"))):
+            ax.barh(y + (j - 0.5) * 0.4, [(m.get(key) or {}).get("mean") or 0.0 for m in ms], 0.4, label=lab)
+        ax.set_yticks(y, names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{label} split: long-tail Recall@10", fontsize=9)
+        ax.legend(fontsize=7)
     if per:
         ax = axes.pop(0)
         names = list(per["methods"])
@@ -1303,6 +1332,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.set_xticks(x, names, rotation=20, ha="right", fontsize=7)
         ax.set_title(f"personalization ({per['test_baskets']} returning shoppers)", fontsize=9)
         ax.legend(fontsize=7)
+    for ax in axes:  # the personalization row's unused panels
+        ax.set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -97,6 +97,24 @@ def test_evaluate_completion_hand_computed():
     assert res["pairs"] == 0 and res["pairs_without_target"] == 2 and res["methods"]["m"]["recall"]["1"] is None
 
 
+def test_pair_records_long_tail_reads_the_deep_list_other_metrics_the_first_kmax():
+    # items 0..7 in distinct aisles; 1, 2, 3 are "popular" (the head)
+    aisles = [str(i) for i in range(8)]
+    deep = {0: [1, 2, 3, 6, 5], 4: [], 5: [], 6: [], 7: []}
+    popular = {1, 2, 3}
+    rec = bq.pair_records([[0, 5, 6, 1]], lambda a: deep.get(a, []), aisles, "other_aisle", (2, 4), popular, kmax=3)
+    i = int(np.flatnonzero(rec["anchor"] == 0)[0])
+    # anchor 0: targets {5, 6, 1}; the first 3 = [1, 2, 3]: R@2 = 1/3 (item 1), R@4 (of a 3-item cut) = 1/3
+    assert rec["r2"][i] == pytest.approx(1 / 3) and rec["r4"][i] == pytest.approx(1 / 3)
+    # tail targets {5, 6}: the deep list without the head = [6, 5] -> 2/2; the top 3 without the head = [] -> 0
+    assert rec["long_tail"][i] == pytest.approx(1.0)
+    assert rec["long_tail_top"][i] == pytest.approx(0.0)
+    # without kmax every metric reads the whole list: both long-tail views agree
+    rec = bq.pair_records([[0, 5, 6, 1]], lambda a: deep.get(a, []), aisles, "other_aisle", (2, 4), popular)
+    i = int(np.flatnonzero(rec["anchor"] == 0)[0])
+    assert rec["r4"][i] == pytest.approx(1 / 3 + 1 / 3) and rec["long_tail_top"][i] == rec["long_tail"][i] == 1.0
+
+
 def test_evaluate_with_real_baselines_hand_computed():
     rankers = {
         "pop_dept": bq.popularity_ranker(COUNTS, DEPTS, AISLES, False, kmax=3),
