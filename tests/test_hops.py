@@ -311,3 +311,33 @@ async def test_the_deadline_covers_encode_and_retrieval_and_skips_the_work_of_a_
     rt.pool.shutdown(wait=True)  # the late call's batch has finished in its worker too
     assert ran == [] and sorted(enc.batch_sizes) == [1, 1]  # its retrieval never ran; the second never encoded
 
+
+
+# --- a query-cache hit: nothing to encode, so no hop (``cache_hits_on_loop``) -------------------------------
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+def test_a_cache_hit_runs_on_the_loop_without_a_hop_unless_turned_off(tiny_artifact, on_loop):
+    settings = Settings(**{**server_settings(tiny_artifact).__dict__, "query_cache_size": 8, "cache_hits_on_loop": on_loop})
+    rt = Runtime(settings)
+    rt.swap(rt.load(tiny_artifact))
+
+    def where(vec):
+        return threading.current_thread().name, np.asarray(vec).copy()
+
+    async def main():
+        serving = rt.serving()
+        try:
+            first = await rt.call(serving, "organic milk", where, None)  # a miss: encoded in a worker
+            second = await rt.call(serving, "organic milk", where, None)  # a hit
+            with pytest.raises(OutOfTime):  # a hit whose deadline has come does no work
+                await rt.call(serving, "organic milk", where, lambda: 0.0)
+            return first, second
+        finally:
+            await rt.close()
+
+    (t1, v1), (t2, v2) = asyncio.run(main())
+    assert t1.startswith("encode")
+    assert (t2 == threading.current_thread().name) is on_loop and t2.startswith("encode") is not on_loop
+    assert np.array_equal(v1, v2)
+    assert rt.serving().cache.hits == 2  # the second call and the late one both found the vector

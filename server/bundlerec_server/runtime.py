@@ -143,6 +143,8 @@ class Runtime:
             job = batcher.submit(text, then)
         else:
             vec = cache.get(text) if lookup else None
+            if vec is not None and then is not None and self.settings.cache_hits_on_loop:
+                return self._on_loop(vec, then, time_left)
             if vec is not None:
                 job = batcher.run(vec, then) if then is not None else _value(vec)
             else:
@@ -159,6 +161,14 @@ class Runtime:
                 return await job
         except TimeoutError:
             raise OutOfTime() from None
+
+    def _on_loop(self, vec: Any, then: Then, time_left: TimeLeft | None) -> Any:
+        """``then(vec)`` right here on the loop (a cache hit: nothing to encode, so no hop); OutOfTime when the
+        deadline (less the margin) has already come."""
+        left = time_left() if time_left else None
+        if left is not None and left - self.settings.deadline_margin_ms / 1000.0 <= 0:
+            raise OutOfTime()
+        return then(vec)
 
     async def rerank(self, serving: Serving, text: str, hits: list[Hit],
                      time_left: Callable[[], float | None] | None) -> tuple[list[Hit], RerankOutcome]:
