@@ -271,6 +271,76 @@ def group_prior_from_orders(baskets: Sequence[Sequence[int]], categories: Sequen
 
 
 
+AISLE_CONTEXT_METHOD = "aisle_context_lift"
+
+
+@dataclass
+class AisleContext:
+    """Anchor-context term for anchors without orders of their own: ``log_lift[A, c]`` =
+    log(P(c | A) / P(c)), A = the anchor's category, from the baskets holding c and another item of A
+    (:func:`aisle_context_from_orders`); added ``weight`` (beta) times to score(a, c). 0 where the anchor's
+    category is unknown or the candidate has no orders."""
+
+    codes: np.ndarray  # category per item, -1 unknown
+    log_lift: np.ndarray  # (categories, items) float32
+    weight: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        ga = self.codes[rows]
+        out = self.log_lift[np.maximum(ga, 0)] * np.float32(self.weight)
+        out[ga < 0] = 0.0
+        return out.astype(np.float32, copy=False)
+
+    def with_weight(self, weight: float) -> AisleContext:
+        return AisleContext(self.codes, self.log_lift, float(weight), self.meta)
+
+
+def aisle_item_counts(baskets: Sequence[Sequence[int]], categories: Sequence[str],
+                      n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_ac, n_a, n_c): ``n_ac[A, c]`` = baskets holding c and at least one OTHER item of category A (c is not
+    its own evidence), ``n_a[A]`` = baskets holding an item of A, ``n_c[c]`` = baskets holding c."""
+    codes = category_codes(categories, n_items)
+    g = int(codes.max(initial=-1)) + 1
+    rows, cols = [], []
+    for k, b in enumerate(baskets):
+        u = np.unique(np.asarray(list(b), dtype=np.int64))
+        rows.append(np.full(len(u), k, dtype=np.int64))
+        cols.append(u)
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    items = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(len(baskets), n_items))
+    n_c = np.asarray(items.sum(axis=0)).ravel()
+    known = codes[c] >= 0
+    per_cat = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (r[known], codes[c][known])),
+                            shape=(len(baskets), g))
+    per_cat.sum_duplicates()
+    has1 = (per_cat >= 1).astype(np.float32)
+    has2 = (per_cat >= 2).astype(np.float32)
+    n_ac = np.asarray((has1.T @ items).todense(), dtype=np.float64)
+    own = np.flatnonzero(codes >= 0)
+    if len(own):  # c in A itself: another item of A is needed, i.e. >= 2 items of A in the basket
+        same = np.asarray((has2.T @ items[:, own]).todense(), dtype=np.float64)
+        n_ac[codes[own], own] = same[codes[own], np.arange(len(own))]
+    n_a = np.asarray(has1.sum(axis=0)).ravel().astype(np.float64)
+    return n_ac, n_a, n_c.astype(np.float64)
+
+
+def aisle_context_from_orders(baskets: Sequence[Sequence[int]], categories: Sequence[str], alpha: float = 100.0,
+                              weight: float = 1.0) -> AisleContext:
+    """:class:`AisleContext` with P(c | A) = (n(A, c) + alpha P(c)) / (n(A) + alpha), P(c) = n(c) / baskets."""
+    n = len(categories)
+    n_ac, n_a, n_c = aisle_item_counts(baskets, categories, n)
+    p_c = n_c / max(len(baskets), 1)
+    p_ca = (n_ac + alpha * p_c[None, :]) / (n_a[:, None] + alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lift = np.where(p_c[None, :] > 0, np.log(np.maximum(p_ca, 1e-300) / np.maximum(p_c[None, :], 1e-300)), 0.0)
+    meta = {"method": AISLE_CONTEXT_METHOD, "alpha": alpha, "baskets": len(baskets), "categories": int(len(n_a)),
+            "formula": "log(P(c|A)/P(c)), P(c|A) = (n(A,c) + alpha P(c)) / (n(A) + alpha), "
+                       "n(A,c) = baskets with c and another item of the anchor's category A"}
+    return AisleContext(category_codes(categories, n), lift.astype(np.float32), weight, meta)
+
+
 def spherical_kmeans(emb: np.ndarray, k: int, seed: int = 0, iters: int = 15) -> np.ndarray:
     """Cluster label per row (cosine k-means, seeded k-means++-lite init: random distinct rows)."""
     x = np.asarray(emb, dtype=np.float32)
@@ -315,7 +385,7 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
                            model: ColdStartModel, top_k: int = 20, exclude_substitutes: bool = True, *,
                            anchors: np.ndarray | None = None, candidates: np.ndarray | None = None,
                            popularity: np.ndarray | None = None, group_prior: GroupPrior | None = None,
-                           dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
+                           context: AisleContext | None = None, dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
                            cluster_size: int = 250, seed: int = 0, pool: int = 200, batch: int = 1024) -> Complements:
     """Complements CSR (``artifact.Complements``) from the cold-start model, for ``anchors`` (boolean mask or
     row array; default every item) — other rows get empty lists. ``candidates`` (boolean mask) limits the
@@ -348,6 +418,8 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
         sc = u[rows] @ v.T + prior[None, :]
         if group_prior is not None:
             sc += group_prior.of(rows)
+        if context is not None and context.weight:
+            sc += context.of(rows)
         sc[np.arange(len(rows)), rows] = -np.inf
         if groups is not None:
             sc[groups[rows][:, None] == groups[None, :]] = -np.inf
@@ -374,12 +446,14 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
     return Complements(indptr, idx.astype(np.int32), strength.astype(np.float32), np.zeros(len(idx), dtype=np.int32))
 
 
-def fill_empty_rows(primary: Complements, fallback: Complements) -> tuple[Complements, np.ndarray]:
+def fill_empty_rows(primary: Complements, fallback: Complements,
+                    rows: np.ndarray | None = None) -> tuple[Complements, np.ndarray]:
     """``primary``'s lists where it has any, else ``fallback``'s (same catalog); also the mask of filled rows.
+    With ``rows`` (boolean mask) ``fallback``'s non-empty lists replace ``primary``'s on those rows instead.
     The build: mined/learned complements first, cold-start lists for the items without order evidence."""
     if len(primary.indptr) != len(fallback.indptr):
         raise ValueError("primary and fallback must cover the same catalog")
-    use = np.diff(primary.indptr) == 0
+    use = np.diff(primary.indptr) == 0 if rows is None else np.asarray(rows, dtype=bool).copy()
     use &= np.diff(fallback.indptr) > 0
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     counts = np.zeros(len(use), dtype=np.int64)
