@@ -15,6 +15,12 @@ Protocol
   the candidates that have TRAIN orders: new items in a catalog with orders), ``popularity`` (global, other
   aisles), ``content_fallback`` (today: ``complements.related_from_index``'s rule, exact: cosine band
   0.45-0.85, other aisles, best by cosine).
+* Anchor-context rows (no order of the anchor, only its aisle / title; weights tuned on validation):
+  ``aisle_context`` (log1p(orders_c) + beta * log(P(c | aisle of a) / P(c)), ``cold_start.AisleContext``),
+  ``cold_start_pop_aisle_context`` (content + w_pop * log1p(orders_c) + w_ctx * that lift),
+  ``neighbour_context`` (the lift of P(c | the anchor's k nearest warm titles of its aisle), backed off to
+  P(c | aisle), ``cold_start.NeighbourContext``), ``learned_never_ordered`` (what the build served a
+  never-ordered item of a catalog with orders: the learned ranker's shared per-aisle list, mined on TRAIN).
 * Recall@5/10/20 means over pairs, 95 % intervals from ``--draws`` bootstrap resamples of test baskets,
   paired ratio to popularity. Substitute share of the top 5 (before the other-aisle cut): same aisle, or a
   near-duplicate title (cosine >= 0.8 or token Jaccard >= 0.5).
@@ -187,6 +193,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mix_pop, mix_ctx = (float(x) for x in best_mix.split("/"))
     logger_info(f"validation R@5 by w_pop/w_ctx: {mix_grid} -> {best_mix}")
     comp_mix = lists(with_gamma(model, mix_pop), anchors, context.with_weight(mix_ctx))
+    # (3b) title-neighbour context, no content model: log1p(orders_c) + beta * log(P(c | N(a)) / P(c)), N(a) = the
+    # anchor's k nearest warm titles of its aisle, smoothed toward P(c | aisle) (alpha from (2))
+    nb_grid: dict[str, float] = {}
+    vnb = cs.neighbour_context_from_orders(emb, fit, pr.aisles, k=args.nb_k,
+                                           base=cs.aisle_context_from_orders(fit, pr.aisles, alpha=alpha_best))
+    for alpha in args.ctx_alpha_grid:
+        for beta in args.ctx_beta_grid:
+            nb_grid[f"{alpha}/{beta}"] = val_r5(
+                lambda rows, c=vnb.with_params(alpha, beta): lists(backoff, rows, c, ordered))
+    best_nb = max(nb_grid, key=lambda k: nb_grid[k])
+    nb_alpha, nb_beta = (float(x) for x in best_nb.split("/"))
+    logger_info(f"validation R@5 by neighbour alpha/beta: {nb_grid} -> {best_nb}")
+    neighbours = cs.neighbour_context_from_orders(emb, train, pr.aisles, k=args.nb_k, alpha=nb_alpha, weight=nb_beta,
+                                                  base=context)
+    comp_nb = lists(backoff, anchors, neighbours, ordered)
     # (4) what the build serves a never-ordered item today: the learned ranker's shared per-aisle list
     learned = _learned_lists(train, [pr.users[i] for i in split.train], [pr.numbers[i] for i in split.train], n,
                              pr.titles, pr.aisles) if args.learned else None
@@ -199,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "aisle_backoff": csr_rank(comp_backoff),
         "aisle_context": csr_rank(comp_ctx),
         "cold_start_pop_aisle_context": csr_rank(comp_mix),
+        "neighbour_context": csr_rank(comp_nb),
         **({"learned_never_ordered": csr_rank(learned)} if learned is not None else {}),
         "popularity": popularity_ranker(counts, None, pr.aisles, True, KMAX),
         "content_fallback": content_fallback(emb, pr.aisles, anchors),
@@ -221,6 +243,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **{f"r{k}": mean_ci(rec[f"r{k}"], rec["basket"], weights) for k in (5, 10, 20)},
             "ratio_vs_popularity": {f"r{k}": paired_ratio(rec[f"r{k}"], ref[f"r{k}"], rec["basket"], weights)
                                     for k in (5, 10, 20)},
+            **({"ratio_vs_learned_never_ordered": {
+                f"r{k}": paired_ratio(rec[f"r{k}"], recs["learned_never_ordered"][f"r{k}"], rec["basket"], weights)
+                for k in (5, 10, 20)}} if "learned_never_ordered" in recs else {}),
             "substitute_share_top5": sub,
             "empty_pairs": float(rec["empty"].mean()) if len(rec["empty"]) else None,
         }
@@ -238,6 +263,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                          "chosen": best},
         "aisle_context_validation": {"r5_by_alpha_beta": ctx_grid, "chosen": {"alpha": alpha_best, "beta": beta_best},
                                      "lifts_from": "fit baskets (train minus validation)"},
+        "neighbour_context_validation": {"k": args.nb_k, "r5_by_alpha_beta": nb_grid,
+                                         "chosen": {"alpha": nb_alpha, "beta": nb_beta},
+                                         "backoff": "P(c | aisle), alpha from aisle_context"},
         "mix_validation": {"r5_by_wpop_wctx": mix_grid, "chosen": {"w_pop": mix_pop, "w_ctx": mix_ctx,
                                                                    "alpha": alpha_best}},
         "list_seconds": round(list_s, 2),
@@ -412,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ctx-beta-grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
     p.add_argument("--mix-pop-grid", type=float, nargs="+", default=[1.0, 2.0, 5.0, 10.0, 20.0, 50.0])
     p.add_argument("--mix-ctx-grid", type=float, nargs="+", default=[0.0, 1.0, 2.0, 5.0, 10.0, 20.0])
+    p.add_argument("--nb-k", type=int, default=20, help="title neighbours of the neighbour context")
     p.add_argument("--no-learned", dest="learned", action="store_false",
                    help="skip the learned ranker's never-ordered lists (the build's current serving)")
     p.add_argument("--draws", type=int, default=1000)

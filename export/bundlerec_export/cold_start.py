@@ -341,6 +341,70 @@ def aisle_context_from_orders(baskets: Sequence[Sequence[int]], categories: Sequ
     return AisleContext(category_codes(categories, n), lift.astype(np.float32), weight, meta)
 
 
+NEIGHBOUR_CONTEXT_METHOD = "title_neighbour_context_lift"
+
+
+@dataclass
+class NeighbourContext:
+    """Title-neighbour context for anchors without orders: N(a) = the anchor's ``k`` nearest titles among the
+    items WITH orders (same category where known), P(c | N(a)) = (sum_j C[j, c] + alpha P0(c)) / (sum_j n(j) +
+    alpha), C = baskets holding both; P0 = the category context's P(c | A) (``base``) or P(c). ``of(rows)`` =
+    ``weight`` * log(P(c | N(a)) / P(c)), 0 for candidates without orders."""
+
+    embeddings: np.ndarray
+    cooc: sp.csr_matrix  # items x items, baskets holding both, zero diagonal
+    counts: np.ndarray  # baskets holding the item
+    n_baskets: int
+    codes: np.ndarray  # category per item, -1 unknown
+    k: int = 20
+    alpha: float = 100.0
+    weight: float = 1.0
+    base: AisleContext | None = None
+
+    def with_params(self, alpha: float | None = None, weight: float | None = None) -> NeighbourContext:
+        return NeighbourContext(self.embeddings, self.cooc, self.counts, self.n_baskets, self.codes, self.k,
+                                self.alpha if alpha is None else alpha, self.weight if weight is None else weight,
+                                self.base)
+
+    def neighbours(self, rows: np.ndarray) -> sp.csr_matrix:
+        """(len(rows), items) 0/1: the ``k`` nearest warm titles of each row (itself excluded)."""
+        emb = self.embeddings
+        sims = np.asarray(emb[rows], dtype=np.float32) @ np.asarray(emb, dtype=np.float32).T
+        sims[:, self.counts <= 0] = -np.inf
+        sims[np.arange(len(rows)), rows] = -np.inf
+        ga = self.codes[rows]
+        sims[(ga[:, None] >= 0) & (ga[:, None] != self.codes[None, :])] = -np.inf
+        k = min(self.k, sims.shape[1])
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        ok = np.isfinite(np.take_along_axis(sims, top, axis=1))
+        r = np.repeat(np.arange(len(rows)), k)[ok.ravel()]
+        return sp.csr_matrix((np.ones(len(r), np.float32), (r, top.ravel()[ok.ravel()])), shape=sims.shape)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        nb = self.neighbours(rows)
+        num = np.asarray((nb @ self.cooc).todense(), dtype=np.float32)
+        den = np.asarray(nb @ self.counts, dtype=np.float32).ravel()
+        p_c = (np.asarray(self.counts, dtype=np.float32) / max(self.n_baskets, 1))[None, :]
+        p0 = p_c if self.base is None else p_c * np.exp(self.base.with_weight(1.0).of(rows))
+        p = (num + np.float32(self.alpha) * p0) / (den[:, None] + np.float32(self.alpha))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift = np.where(p_c > 0, np.log(np.maximum(p, 1e-30) / np.maximum(p_c, 1e-30)), 0.0)
+        return (np.float32(self.weight) * lift).astype(np.float32)
+
+
+def neighbour_context_from_orders(embeddings: np.ndarray, baskets: Sequence[Sequence[int]],
+                                  categories: Sequence[str] | None, k: int = 20, alpha: float = 100.0,
+                                  weight: float = 1.0, base: AisleContext | None = None) -> NeighbourContext:
+    n = len(embeddings)
+    cooc = cooccurrence_targets(baskets, n, None, min_support=1).astype(np.float32).tocsr()
+    counts = np.zeros(n, dtype=np.float32)
+    for b in baskets:
+        counts[np.unique(np.asarray(list(b), dtype=np.int64))] += 1
+    return NeighbourContext(np.asarray(embeddings, dtype=np.float32), cooc, counts, len(baskets),
+                            category_codes(categories, n), k, alpha, weight, base)
+
+
+
 def spherical_kmeans(emb: np.ndarray, k: int, seed: int = 0, iters: int = 15) -> np.ndarray:
     """Cluster label per row (cosine k-means, seeded k-means++-lite init: random distinct rows)."""
     x = np.asarray(emb, dtype=np.float32)
@@ -385,7 +449,7 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
                            model: ColdStartModel, top_k: int = 20, exclude_substitutes: bool = True, *,
                            anchors: np.ndarray | None = None, candidates: np.ndarray | None = None,
                            popularity: np.ndarray | None = None, group_prior: GroupPrior | None = None,
-                           context: AisleContext | None = None, dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
+                           context: AisleContext | NeighbourContext | None = None, dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
                            cluster_size: int = 250, seed: int = 0, pool: int = 200, batch: int = 1024) -> Complements:
     """Complements CSR (``artifact.Complements``) from the cold-start model, for ``anchors`` (boolean mask or
     row array; default every item) — other rows get empty lists. ``candidates`` (boolean mask) limits the
