@@ -405,6 +405,67 @@ def neighbour_context_from_orders(embeddings: np.ndarray, baskets: Sequence[Sequ
 
 
 
+@dataclass(frozen=True)
+class ContextConfig:
+    """The list of a never-ordered item in a catalog with orders: log1p(orders_c) + ``beta`` * log lift of c
+    given the anchor's context, ``kind`` = "aisle" (:class:`AisleContext`, smoothing ``aisle_alpha``) or
+    "neighbour" (:class:`NeighbourContext`, ``k`` titles, smoothing ``alpha`` toward the aisle context).
+    Defaults: the validation choice of ``benchmarks/cold_start_eval.py`` (docs/cold-start.md)."""
+
+    kind: str = "aisle"
+    aisle_alpha: float = 1000.0
+    beta: float = 0.5
+    k: int = 20
+    alpha: float = 1000.0
+
+    def context(self, embeddings: np.ndarray, baskets: Sequence[Sequence[int]],
+                categories: Sequence[str] | None) -> AisleContext | NeighbourContext | None:
+        if self.kind not in ("aisle", "neighbour"):
+            raise ValueError(f"unknown context kind {self.kind!r}")
+        aisle = aisle_context_from_orders(baskets, categories, self.aisle_alpha) if categories is not None else None
+        if self.kind == "aisle":
+            return aisle.with_weight(self.beta) if aisle is not None else None
+        return neighbour_context_from_orders(embeddings, baskets, categories, self.k, self.alpha, self.beta, base=aisle)
+
+
+# the served ContextConfig's figures (benchmarks/cold_start_eval.py, docs/results/cold-start.json): Instacart,
+# user-level split, 20 % of products cold (their orders hidden), other-aisle targets, lists cut at 20
+CONTEXT_VALIDATION: dict[str, Any] = {
+    "chosen_on": "validation baskets with a cold anchor (704 anchors), grid alpha {10, 100, 1000} x beta "
+                 "{0, 0.25, 0.5, 0.75, 1, 1.5}, lifts from the fit baskets",
+    "validation_r5": {"chosen": 0.0477, "beta_0_popularity": 0.0473},
+    "test_r5": 0.0490, "test_r5_x_popularity": [1.00, 0.99, 1.02],
+    "test_r5_x_learned_never_ordered": [1.03, 1.01, 1.05],
+    "source": "docs/cold-start.md",
+}
+
+
+def context_complements(embeddings: np.ndarray, categories: Sequence[str] | None, titles: Sequence[str],
+                        baskets: Sequence[Sequence[int]], cfg: ContextConfig | None = None, *, top_k: int = 20,
+                        anchors: np.ndarray | None = None) -> tuple[Complements, dict[str, Any]]:
+    """Complements of ``anchors`` (default: the items in no basket) from popularity and the anchor's context alone
+    (no content model, no order of the anchor): candidates are the items with orders, substitutes excluded as in
+    :func:`cold_start_complements`. Also the manifest entry (method and settings)."""
+    cfg = cfg or ContextConfig()
+    emb = np.asarray(embeddings, dtype=np.float32)
+    n = len(emb)
+    counts = np.zeros(n, dtype=np.float32)
+    for b in baskets:
+        counts[np.unique(np.asarray(list(b), dtype=np.int64))] += 1
+    ctx = cfg.context(emb, baskets, categories)
+    zero = np.zeros((emb.shape[1], 1), np.float32)
+    popularity_only = ColdStartModel(zero, zero, np.zeros(emb.shape[1], np.float32), gamma=1.0)
+    comps = cold_start_complements(emb, categories, titles, popularity_only, top_k=top_k,
+                                   anchors=counts == 0 if anchors is None else anchors, candidates=counts > 0,
+                                   popularity=counts, context=ctx)
+    method = AISLE_CONTEXT_METHOD if cfg.kind == "aisle" else NEIGHBOUR_CONTEXT_METHOD
+    info = {"method": method if ctx is not None else "popularity", "config": dict(cfg.__dict__),
+            "score": "log1p(orders_c) + beta * log(P(c | context of a) / P(c))", "from_orders": True,
+            "anchor_orders_used": False}
+    return comps, info
+
+
+
 def spherical_kmeans(emb: np.ndarray, k: int, seed: int = 0, iters: int = 15) -> np.ndarray:
     """Cluster label per row (cosine k-means, seeded k-means++-lite init: random distinct rows)."""
     x = np.asarray(emb, dtype=np.float32)
