@@ -22,7 +22,7 @@ Protocol
   P(c | aisle), ``cold_start.NeighbourContext``), ``learned_never_ordered`` (what the build served a
   never-ordered item of a catalog with orders: the learned ranker's shared per-aisle list, mined on TRAIN).
 * Recall@5/10/20 means over pairs, 95 % intervals from ``--draws`` bootstrap resamples of test baskets,
-  paired ratio to popularity. Substitute share of the top 5 (before the other-aisle cut): same aisle, or a
+  paired ratio to popularity (and to ``learned_never_ordered``). Substitute share of the top 5 (before the other-aisle cut): same aisle, or a
   near-duplicate title (cosine >= 0.8 or token Jaccard >= 0.5).
 
 Embeddings: ``--embeddings`` (rows = ``products.csv`` order, the MiniLM fp32 ONNX encoder of the build; made
@@ -363,8 +363,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = ["| method | R@5 | × popularity (R@5) | R@10 | × popularity (R@10) | R@20 | substitutes in top 5 |",
-             "|---|---|---|---|---|---|---|"]
+    learned = any("ratio_vs_learned_never_ordered" in m for m in res["methods"].values())
+    lines = ["| method | R@5 | × popularity (R@5) | R@10 | × popularity (R@10) | R@20 | × popularity (R@20) | "
+             + ("× learned never-ordered (R@5) | " if learned else "") + "substitutes in top 5 |",
+             "|---|---|---|---|---|---|---|" + ("---|" if learned else "") + "---|"]
 
     def ci(s: dict[str, Any]) -> str:
         return f"{s['mean']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
@@ -373,9 +375,10 @@ def markdown(res: dict[str, Any]) -> str:
         return f"{s['ratio']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
 
     for name, m in res["methods"].items():
-        lines.append(f"| {name} | {ci(m['r5'])} | {rt(m['ratio_vs_popularity']['r5'])} | {ci(m['r10'])} | "
-                     f"{rt(m['ratio_vs_popularity']['r10'])} | {ci(m['r20'])} | "
-                     f"{m['substitute_share_top5']['substitute']:.3f} |")
+        vs = m["ratio_vs_popularity"]
+        extra = f"{rt(m['ratio_vs_learned_never_ordered']['r5'])} | " if learned else ""
+        lines.append(f"| {name} | {ci(m['r5'])} | {rt(vs['r5'])} | {ci(m['r10'])} | {rt(vs['r10'])} | {ci(m['r20'])} | "
+                     f"{rt(vs['r20'])} | {extra}{m['substitute_share_top5']['substitute']:.3f} |")
     return "\n".join(lines)
 
 
