@@ -15,8 +15,14 @@ Protocol
   the candidates that have TRAIN orders: new items in a catalog with orders), ``popularity`` (global, other
   aisles), ``content_fallback`` (today: ``complements.related_from_index``'s rule, exact: cosine band
   0.45-0.85, other aisles, best by cosine).
+* Anchor-context rows (no order of the anchor, only its aisle / title; weights tuned on validation):
+  ``aisle_context`` (log1p(orders_c) + beta * log(P(c | aisle of a) / P(c)), ``cold_start.AisleContext``),
+  ``cold_start_pop_aisle_context`` (content + w_pop * log1p(orders_c) + w_ctx * that lift),
+  ``neighbour_context`` (the lift of P(c | the anchor's k nearest warm titles of its aisle), backed off to
+  P(c | aisle), ``cold_start.NeighbourContext``), ``learned_never_ordered`` (what the build served a
+  never-ordered item of a catalog with orders: the learned ranker's shared per-aisle list, mined on TRAIN).
 * Recall@5/10/20 means over pairs, 95 % intervals from ``--draws`` bootstrap resamples of test baskets,
-  paired ratio to popularity. Substitute share of the top 5 (before the other-aisle cut): same aisle, or a
+  paired ratio to popularity (and to ``learned_never_ordered``). Substitute share of the top 5 (before the other-aisle cut): same aisle, or a
   near-duplicate title (cosine >= 0.8 or token Jaccard >= 0.5).
 
 Embeddings: ``--embeddings`` (rows = ``products.csv`` order, the MiniLM fp32 ONNX encoder of the build; made
@@ -134,26 +140,77 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     aisle_prior = cs.group_prior_from_orders(train, pr.aisles)
     comp_pop_aisle = cs.cold_start_complements(emb, pr.aisles, pr.titles, pmodel, top_k=KMAX, anchors=anchors,
                                                popularity=counts, group_prior=aisle_prior)
-    # popularity weight for the content model, tuned on VALIDATION baskets (each shopper's latest train order)
-    # with a cold anchor: cold anchors never enter training, so those pairs are unseen by the model
+    # every tuned weight is chosen on VALIDATION baskets (each shopper's latest train order) with a cold anchor:
+    # cold anchors never enter training, so those pairs are unseen by the model
     val = [pr.baskets[i] for i in split.val]
     val_anchors = np.unique([r for b in val for r in b if cold[r]])
-    grid: dict[str, float] = {}
-    for lam in args.pop_grid:
-        tuned = cs.ColdStartModel(model.w_anchor, model.w_comp, model.w_bias, model.b0, lam, model.meta)
-        vcomp = cs.cold_start_complements(emb, pr.aisles, pr.titles, tuned, top_k=KMAX, anchors=val_anchors,
-                                          popularity=counts)
+
+    def val_r5(comp_fn) -> float:
+        vcomp = comp_fn(val_anchors)
         vrec = pair_records(val, other_aisle(csr_rank(vcomp), pr.aisles), pr.aisles, "other_aisle")
-        grid[str(lam)] = float(vrec["r5"][np.isin(vrec["anchor"], val_anchors)].mean())
+        return float(vrec["r5"][np.isin(vrec["anchor"], val_anchors)].mean())
+
+    def with_gamma(m: cs.ColdStartModel, gamma: float) -> cs.ColdStartModel:
+        return cs.ColdStartModel(m.w_anchor, m.w_comp, m.w_bias, m.b0, gamma, m.meta)
+
+    def lists(m: cs.ColdStartModel, rows: np.ndarray, ctx: cs.AisleContext | None = None,
+              candidates: np.ndarray | None = None) -> Any:
+        return cs.cold_start_complements(emb, pr.aisles, pr.titles, m, top_k=KMAX, anchors=rows,
+                                         popularity=counts, context=ctx, candidates=candidates)
+
+    # (1) content + w_pop * log1p(orders of the candidate)
+    grid: dict[str, float] = {str(w): val_r5(lambda rows, w=w: lists(with_gamma(model, w), rows)) for w in args.pop_grid}
     best = float(max(grid, key=lambda k: grid[k]))
     logger_info(f"validation R@5 by popularity weight: {grid} -> {best}")
-    tuned = cs.ColdStartModel(model.w_anchor, model.w_comp, model.w_bias, model.b0, best, model.meta)
-    comp_tuned = cs.cold_start_complements(emb, pr.aisles, pr.titles, tuned, top_k=KMAX, anchors=anchors,
-                                           popularity=counts)
+    comp_tuned = lists(with_gamma(model, best), anchors)
     zero = np.zeros((emb.shape[1], 1), np.float32)
     backoff = cs.ColdStartModel(zero, zero, np.zeros(emb.shape[1], np.float32), gamma=1.0)  # no content at all
     comp_backoff = cs.cold_start_complements(emb, pr.aisles, pr.titles, backoff, top_k=KMAX, anchors=anchors,
                                              popularity=counts, group_prior=aisle_prior)
+    # (2) aisle-conditioned item score, no content: log1p(orders_c) + beta * log(P(c | aisle of a) / P(c)).
+    # Validation lifts come from the FIT baskets (train minus the validation baskets), so a validation basket
+    # is not its own evidence; the test lists use all of TRAIN
+    fit = [[r for r in pr.baskets[i] if not cold[r]] for i in split.fit]
+    ordered = counts > 0
+    ctx_grid: dict[str, float] = {}
+    for alpha in args.ctx_alpha_grid:
+        vctx = cs.aisle_context_from_orders(fit, pr.aisles, alpha=alpha)
+        for beta in args.ctx_beta_grid:
+            ctx_grid[f"{alpha}/{beta}"] = val_r5(lambda rows, c=vctx.with_weight(beta): lists(backoff, rows, c, ordered))
+    best_ctx = max(ctx_grid, key=lambda k: ctx_grid[k])
+    alpha_best, beta_best = (float(x) for x in best_ctx.split("/"))
+    logger_info(f"validation R@5 by alpha/beta: {ctx_grid} -> {best_ctx}")
+    context = cs.aisle_context_from_orders(train, pr.aisles, alpha=alpha_best)
+    comp_ctx = lists(backoff, anchors, context.with_weight(beta_best), ordered)
+    # (3) content + w_pop * log1p(orders_c) + w_ctx * lift (alpha from (2))
+    vctx = cs.aisle_context_from_orders(fit, pr.aisles, alpha=alpha_best)
+    mix_grid: dict[str, float] = {}
+    for w_pop in args.mix_pop_grid:
+        for w_ctx in args.mix_ctx_grid:
+            mix_grid[f"{w_pop}/{w_ctx}"] = val_r5(
+                lambda rows, m=with_gamma(model, w_pop), c=vctx.with_weight(w_ctx): lists(m, rows, c))
+    best_mix = max(mix_grid, key=lambda k: mix_grid[k])
+    mix_pop, mix_ctx = (float(x) for x in best_mix.split("/"))
+    logger_info(f"validation R@5 by w_pop/w_ctx: {mix_grid} -> {best_mix}")
+    comp_mix = lists(with_gamma(model, mix_pop), anchors, context.with_weight(mix_ctx))
+    # (3b) title-neighbour context, no content model: log1p(orders_c) + beta * log(P(c | N(a)) / P(c)), N(a) = the
+    # anchor's k nearest warm titles of its aisle, smoothed toward P(c | aisle) (alpha from (2))
+    nb_grid: dict[str, float] = {}
+    vnb = cs.neighbour_context_from_orders(emb, fit, pr.aisles, k=args.nb_k,
+                                           base=cs.aisle_context_from_orders(fit, pr.aisles, alpha=alpha_best))
+    for alpha in args.ctx_alpha_grid:
+        for beta in args.ctx_beta_grid:
+            nb_grid[f"{alpha}/{beta}"] = val_r5(
+                lambda rows, c=vnb.with_params(alpha, beta): lists(backoff, rows, c, ordered))
+    best_nb = max(nb_grid, key=lambda k: nb_grid[k])
+    nb_alpha, nb_beta = (float(x) for x in best_nb.split("/"))
+    logger_info(f"validation R@5 by neighbour alpha/beta: {nb_grid} -> {best_nb}")
+    neighbours = cs.neighbour_context_from_orders(emb, train, pr.aisles, k=args.nb_k, alpha=nb_alpha, weight=nb_beta,
+                                                  base=context)
+    comp_nb = lists(backoff, anchors, neighbours, ordered)
+    # (4) what the build serves a never-ordered item today: the learned ranker's shared per-aisle list
+    learned = _learned_lists(train, [pr.users[i] for i in split.train], [pr.numbers[i] for i in split.train], n,
+                             pr.titles, pr.aisles) if args.learned else None
     rankers = {
         "cold_start": csr_rank(comp),
         "cold_start_no_categories": csr_rank(comp_nocat),
@@ -161,6 +218,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cold_start_pop_aisle_prior": csr_rank(comp_pop_aisle),
         "cold_start_pop_tuned": csr_rank(comp_tuned),
         "aisle_backoff": csr_rank(comp_backoff),
+        "aisle_context": csr_rank(comp_ctx),
+        "cold_start_pop_aisle_context": csr_rank(comp_mix),
+        "neighbour_context": csr_rank(comp_nb),
+        **({"learned_never_ordered": csr_rank(learned)} if learned is not None else {}),
         "popularity": popularity_ranker(counts, None, pr.aisles, True, KMAX),
         "content_fallback": content_fallback(emb, pr.aisles, anchors),
     }
@@ -181,7 +242,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         methods[name] = {
             **{f"r{k}": mean_ci(rec[f"r{k}"], rec["basket"], weights) for k in (5, 10, 20)},
             "ratio_vs_popularity": {f"r{k}": paired_ratio(rec[f"r{k}"], ref[f"r{k}"], rec["basket"], weights)
-                                    for k in (5, 10)},
+                                    for k in (5, 10, 20)},
+            **({"ratio_vs_learned_never_ordered": {
+                f"r{k}": paired_ratio(rec[f"r{k}"], recs["learned_never_ordered"][f"r{k}"], rec["basket"], weights)
+                for k in (5, 10, 20)}} if "learned_never_ordered" in recs else {}),
             "substitute_share_top5": sub,
             "empty_pairs": float(rec["empty"].mean()) if len(rec["empty"]) else None,
         }
@@ -197,11 +261,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "popularity_model": {"gamma": pmodel.gamma, "seconds": pmeta["seconds"]},
         "popularity_weight_validation": {"val_cold_anchors": int(len(val_anchors)), "r5_by_weight": grid,
                                          "chosen": best},
+        "aisle_context_validation": {"r5_by_alpha_beta": ctx_grid, "chosen": {"alpha": alpha_best, "beta": beta_best},
+                                     "lifts_from": "fit baskets (train minus validation)"},
+        "neighbour_context_validation": {"k": args.nb_k, "r5_by_alpha_beta": nb_grid,
+                                         "chosen": {"alpha": nb_alpha, "beta": nb_beta},
+                                         "backoff": "P(c | aisle), alpha from aisle_context"},
+        "mix_validation": {"r5_by_wpop_wctx": mix_grid, "chosen": {"w_pop": mix_pop, "w_ctx": mix_ctx,
+                                                                   "alpha": alpha_best}},
         "list_seconds": round(list_s, 2),
         "methods": methods,
         "samples": samples,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _learned_lists(train: list[list[int]], users: list[str], numbers: list[int], n: int, titles: Sequence[str],
+                   aisles: Sequence[str]) -> Any:
+    """The build's learned complements (``complement_ranker.rank_complements``, build config) mined on TRAIN."""
+    from bundlerec_export.complement_ranker import RankerConfig, rank_complements
+
+    comp, report = rank_complements(train, n, users=users, order_numbers=numbers, titles=list(titles),
+                                    aisles=list(aisles), cfg=RankerConfig(top_k=KMAX, cross_aisle=True))
+    logger_info(f"learned ranker on TRAIN in {report['timings_s']['total']} s")
+    return comp
 
 
 def _cached_train(emb: np.ndarray, train: list[list[int]], aisles: Sequence[str], cfg: cs.TrainConfig,
@@ -281,8 +363,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = ["| method | R@5 | × popularity (R@5) | R@10 | × popularity (R@10) | R@20 | substitutes in top 5 |",
-             "|---|---|---|---|---|---|---|"]
+    learned = any("ratio_vs_learned_never_ordered" in m for m in res["methods"].values())
+    lines = ["| method | R@5 | × popularity (R@5) | R@10 | × popularity (R@10) | R@20 | × popularity (R@20) | "
+             + ("× learned never-ordered (R@5) | " if learned else "") + "substitutes in top 5 |",
+             "|---|---|---|---|---|---|---|" + ("---|" if learned else "") + "---|"]
 
     def ci(s: dict[str, Any]) -> str:
         return f"{s['mean']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
@@ -291,9 +375,10 @@ def markdown(res: dict[str, Any]) -> str:
         return f"{s['ratio']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
 
     for name, m in res["methods"].items():
-        lines.append(f"| {name} | {ci(m['r5'])} | {rt(m['ratio_vs_popularity']['r5'])} | {ci(m['r10'])} | "
-                     f"{rt(m['ratio_vs_popularity']['r10'])} | {ci(m['r20'])} | "
-                     f"{m['substitute_share_top5']['substitute']:.3f} |")
+        vs = m["ratio_vs_popularity"]
+        extra = f"{rt(m['ratio_vs_learned_never_ordered']['r5'])} | " if learned else ""
+        lines.append(f"| {name} | {ci(m['r5'])} | {rt(vs['r5'])} | {ci(m['r10'])} | {rt(vs['r10'])} | {ci(m['r20'])} | "
+                     f"{rt(vs['r20'])} | {extra}{m['substitute_share_top5']['substitute']:.3f} |")
     return "\n".join(lines)
 
 
@@ -353,7 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--anchor-power", type=float, default=1.0)
     p.add_argument("--min-support", type=int, default=2)
-    p.add_argument("--pop-grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0])
+    p.add_argument("--pop-grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0])
+    p.add_argument("--ctx-alpha-grid", type=float, nargs="+", default=[10.0, 100.0, 1000.0])
+    p.add_argument("--ctx-beta-grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
+    p.add_argument("--mix-pop-grid", type=float, nargs="+", default=[1.0, 2.0, 5.0, 10.0, 20.0, 50.0])
+    p.add_argument("--mix-ctx-grid", type=float, nargs="+", default=[0.0, 1.0, 2.0, 5.0, 10.0, 20.0])
+    p.add_argument("--nb-k", type=int, default=20, help="title neighbours of the neighbour context")
+    p.add_argument("--no-learned", dest="learned", action="store_false",
+                   help="skip the learned ranker's never-ordered lists (the build's current serving)")
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)

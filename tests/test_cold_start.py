@@ -182,3 +182,87 @@ def test_fill_empty_rows_keeps_mined_lists_and_fills_the_rest():
     with pytest.raises(ValueError):
         cs.fill_empty_rows(mined, Complements(np.array([0, 0]), np.zeros(0, np.int32), np.zeros(0, np.float32),
                                               np.zeros(0, np.int32)))
+
+
+def test_fill_rows_replaces_the_given_rows_only():
+    from bundlerec_server.artifact import Complements
+
+    learned = Complements(np.array([0, 2, 3, 4]), np.array([1, 2, 0, 1], np.int32), np.ones(4, np.float32),
+                          np.array([7, 3, 0, 0], np.int32))
+    cold = Complements(np.array([0, 1, 3, 3]), np.array([2, 0, 2], np.int32), np.ones(3, np.float32),
+                       np.zeros(3, np.int32))
+    out, used = cs.fill_empty_rows(learned, cold, rows=np.array([False, True, True]))
+    # row 1 takes the cold list; row 2 is asked for but the cold list is empty: the learned one stays
+    assert used.tolist() == [False, True, False]
+    assert out.indptr.tolist() == [0, 2, 4, 5] and out.indices.tolist() == [1, 2, 0, 2, 1]
+
+
+def _context_baskets():
+    # items: 0, 1 in aisle A; 2 in B; 3 in C; 4 unknown aisle
+    cats = ["A", "A", "B", "C", ""]
+    baskets = [[0, 2], [0, 1, 2], [1, 3], [2, 3], [0, 4], [3], [2, 2, 0]]
+    return cats, baskets
+
+
+def test_aisle_item_counts_by_hand():
+    cats, baskets = _context_baskets()
+    n_ac, n_a, n_c = cs.aisle_item_counts(baskets, cats, 5)
+    # n(A, c): baskets with c and ANOTHER item of A. c = 0 (in A): only basket 1 has a second A item (1);
+    # baskets 0, 4, 6 hold 0 as their only A item, so 0 is not its own evidence
+    assert n_ac[0].tolist() == [1, 1, 3, 1, 1]  # 2 with A: baskets 0, 1, 6 (the duplicate line counts once)
+    assert n_ac[1].tolist() == [3, 1, 0, 1, 0]  # B = {2}: 0 with 2 in baskets 0, 1, 6; 2 is not its own evidence
+    assert n_ac[2].tolist() == [0, 1, 1, 0, 0]  # C = {3}: baskets 2, 3
+    assert n_a.tolist() == [5, 4, 3] and n_c.tolist() == [4, 2, 4, 3, 1]
+
+
+def test_aisle_context_lift_is_smoothed_conditional_over_popularity():
+    cats, baskets = _context_baskets()
+    alpha = 2.0
+    ctx = cs.aisle_context_from_orders(baskets, cats, alpha=alpha)
+    p = np.array([4, 2, 4, 3, 1]) / 7
+    p_c_given_a = (np.array([1, 1, 3, 1, 1]) + alpha * p) / (5 + alpha)
+    assert np.allclose(ctx.log_lift[0], np.log(p_c_given_a / p), atol=1e-6)
+    # an anchor of unknown category gets no context; weight scales it
+    assert not ctx.of(np.array([4])).any()
+    assert np.allclose(ctx.with_weight(0.5).of(np.array([1]))[0], 0.5 * ctx.log_lift[0], atol=1e-6)
+    # never-ordered candidates get 0, not a NaN
+    ctx2 = cs.aisle_context_from_orders(baskets, cats + ["C"], alpha=alpha)
+    assert ctx2.log_lift[:, 5].tolist() == [0.0, 0.0, 0.0] and np.isfinite(ctx2.log_lift).all()
+
+
+def _popularity_setup():
+    """12 items in 4 aisles with distinct order counts (ties would make "the" popularity order ambiguous)."""
+    rng = np.random.default_rng(3)
+    n = 12
+    cats = [f"aisle{i % 4}" for i in range(n)]
+    titles = [f"item{i} {w}" for i, w in enumerate("ab cd ef gh ij kl mn op qr st uv wx".split())]
+    emb = _unit(rng.normal(size=(n, DIM)))
+    counts = np.arange(n)[::-1] * 3 + 1  # item 0 the most popular
+    baskets = [[i] for i in range(n) for _ in range(int(counts[i]))]
+    # item 11 (the least popular) is bought with aisle0 items: the lift prefers it for aisle0 anchors
+    baskets += [[0, 11], [4, 11], [8, 11]] * 4
+    counts = np.zeros(n)
+    for b in baskets:
+        counts[np.unique(b)] += 1
+    return emb, cats, titles, baskets, counts
+
+
+def test_context_scorer_reduces_to_popularity_at_zero_weights():
+    emb, cats, titles, baskets, counts = _popularity_setup()
+    ctx = cs.aisle_context_from_orders(baskets, cats, alpha=1.0)
+    zero = np.zeros((DIM, 1), np.float32)
+    content_free = cs.ColdStartModel(zero, zero, np.zeros(DIM, np.float32), gamma=1.0)
+    pop_order = [int(i) for i in np.argsort(-counts, kind="stable")]
+    for beta in (0.0, 1.0):
+        comp = cs.cold_start_complements(emb, cats, titles, content_free, top_k=5, popularity=counts,
+                                         context=ctx.with_weight(beta), dup_cosine=1.01, dup_jaccard=1.01)
+        expected = [c for c in pop_order if cats[c] != cats[0]][:5]
+        got = comp.of(0)[0].tolist()
+        if beta == 0.0:
+            assert got == expected  # beta = 0: global popularity, other aisles
+        else:
+            assert got[0] == 11 and got != expected  # the aisle-conditioned term moves item 11 up
+    # the mix: content + w_pop * log1p(orders) + w_ctx * lift; a zero content model at w_ctx = 0 is popularity
+    mix = cs.cold_start_complements(emb, cats, titles, content_free, top_k=5, popularity=counts,
+                                    context=ctx.with_weight(0.0), dup_cosine=1.01, dup_jaccard=1.01)
+    assert mix.of(5)[0].tolist() == [c for c in pop_order if cats[c] != cats[5]][:5]

@@ -300,3 +300,46 @@ def test_catalog_without_orders_gets_cold_start_complements_without_substitutes(
     assert len(comp.indices) > 0 and np.all(comp.support == 0) and np.all((comp.strength > 0) & (comp.strength <= 1))
     for row in range(40):
         assert all(int(j) % 4 != row % 4 and int(j) != row for j in comp.of(row)[0])
+
+
+def test_never_ordered_items_get_the_aisle_context_list(tmp_path, tiny_model, monkeypatch):
+    """A catalog with orders: items no basket holds get popularity + aisle-context lists (cold_start.context_complements),
+    replacing the learned ranker's shared per-aisle list; substitutes (same aisle) excluded, support 0 (predicted)."""
+    import shutil
+
+    from bundlerec_export import cold_start as cs
+    from bundlerec_export.build import BuildConfig, build
+    from bundlerec_export.datasets import load_dataset
+
+    # the random tiny BERT embeds all titles alike (cosine > 0.8): only the aisle rule may exclude here
+    monkeypatch.setattr(cs, "cold_start_complements", functools.partial(cs.cold_start_complements, dup_cosine=1.01))
+    data = tmp_path / "data"
+    shutil.copytree(SLICE, data)
+    new = [("900001", "Brand New Cantaloupe Cubes", "fresh fruits"), ("900002", "New Sharp Cheddar", "packaged cheese"),
+           ("900003", "New Cola Zero", "soft drinks"), ("900004", "Moon Rocks", "an aisle nobody ordered from")]
+    with open(data / "products.csv", "a", encoding="utf-8") as fh:
+        fh.write("".join(f"{pid},{name},{aisle},test\n" for pid, name, aisle in new))
+    res = build(BuildConfig(dataset="instacart", data_dir=data, out=tmp_path / "a", base_model=tiny_model,
+                            min_int8_cosine=TINY_MIN_INT8, agreement_sample=10, progress=False, lexical=False))
+    info = res.manifest["complements"]
+    assert info["method"] == "lambdarank"
+    cold = info["cold_start"]
+    assert cold["method"] == cs.AISLE_CONTEXT_METHOD and cold["rows_replaced"] == len(new)
+    assert cold["config"]["beta"] == cs.ContextConfig().beta and cold["validation"]["test_r5_x_popularity"]
+    items = ItemTable.read(res.path / ITEMS)
+    comp = Complements.read(res.path / COMPLEMENTS)
+    ds = load_dataset("instacart", data)
+    assert [it.id for it in ds.items] == items.ids
+    rows_of = {it.id: r for r, it in enumerate(ds.items)}
+    baskets = [[rows_of[i] for i in b.items] for b in ds.baskets]
+    expected, _ = cs.context_complements(np.load(res.path / EMBEDDINGS), items.categories, items.titles, baskets,
+                                         top_k=20)
+    for pid, _, aisle in new:
+        row = rows_of[pid]
+        idx, strength, support = comp.of(row)
+        assert len(idx) > 0 and idx.tolist() == expected.of(row)[0].tolist()
+        assert np.all(support == 0) and np.all((strength > 0) & (strength <= 1))
+        assert all(items.orders[j] > 0 and items.categories[j] != aisle for j in idx.tolist())
+    # an ordered item keeps its learned list (support = baskets holding both)
+    ordered = int(np.argmax(items.orders))
+    assert comp.of(ordered)[2].max() > 0

@@ -370,13 +370,14 @@ def complements_stage(root: Path, ds: Dataset, index: hnswlib.Index, emb: np.nda
                       cfg: BuildConfig, base_space: bool = False) -> tuple[ItemStats, Part]:
     """Complements + item quality: learned (LambdaRank over pair features, ``complement_ranker``) from orders
     with shopper ids, NPMI co-occurrence from other orders (or ``cfg.complements == "npmi"``). Items without
-    order evidence get the cold-start model's lists (``base_space``: ``emb`` is the base MiniLM's space);
-    without it, a catalog without orders gets content-based related items."""
+    order evidence: in a catalog with orders, popularity + the anchor's aisle / title context
+    (``cold_start.context_complements``); a catalog without orders gets the cold-start model's lists
+    (``base_space``: ``emb`` is the base MiniLM's space), else content-based related items."""
     n = len(ds.items)
     categories = [item.category for item in ds.items]
     titles = [item.title for item in ds.items]
-    cold_model = _cold_start_model(emb, cfg) if base_space else None
     if not ds.has_baskets:
+        cold_model = _cold_start_model(emb, cfg) if base_space else None
         counts = np.zeros(n, dtype=np.int32)
         if cold_model is not None:
             comps, comp_info = _cold_start_complements(emb, categories if ds.has_categories else None, titles, cold_model, cfg)
@@ -397,11 +398,18 @@ def complements_stage(root: Path, ds: Dataset, index: hnswlib.Index, emb: np.nda
         comps, comp_info = learned
     else:
         comps, comp_info = _npmi_complements(ds, baskets, categories, cfg)
-    if cold_model is not None and not np.all(counts > 0):
-        cold, cold_info = _cold_start_complements(emb, categories if ds.has_categories else None, titles, cold_model,
-                                                  cfg, anchors=counts == 0, popularity=counts)
-        comps, filled = cs.fill_empty_rows(comps, cold)
-        comp_info = {**comp_info, "cold_start": {**cold_info, "rows_filled": int(filled.sum())}}
+    if cfg.cold_start and not np.all(counts > 0):
+        # never-ordered items: popularity + their aisle / title context (docs/cold-start.md: level with global
+        # popularity on cold anchors, above the learned ranker's shared per-aisle list)
+        t0 = time.perf_counter()
+        cold, cold_info = cs.context_complements(emb, categories if ds.has_categories else None, titles, baskets,
+                                                 top_k=cfg.top_k)
+        comps, replaced = cs.fill_empty_rows(comps, cold, rows=counts == 0)
+        comp_info = {**comp_info, "cold_start": {
+            **cold_info, "validation": cs.CONTEXT_VALIDATION, "substitutes_excluded": True, "top_k": cfg.top_k,
+            "rows_replaced": int(replaced.sum()), "seconds": round(time.perf_counter() - t0, 2)}}
+        logger.info("never-ordered items: %d lists from the %s in %.1f s", int(replaced.sum()), cold_info["method"],
+                    comp_info["cold_start"]["seconds"])
     comps.write(root / COMPLEMENTS)
     q_info = {"method": cmp.POPULARITY_METHOD, "formula": "0.6 + 0.4*log1p(n)/log1p(max n), n = baskets with the item"}
     return ItemStats(counts, cmp.popularity_quality(counts)), {"complements": comp_info, "quality": q_info}

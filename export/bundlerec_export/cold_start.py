@@ -271,6 +271,201 @@ def group_prior_from_orders(baskets: Sequence[Sequence[int]], categories: Sequen
 
 
 
+AISLE_CONTEXT_METHOD = "aisle_context_lift"
+
+
+@dataclass
+class AisleContext:
+    """Anchor-context term for anchors without orders of their own: ``log_lift[A, c]`` =
+    log(P(c | A) / P(c)), A = the anchor's category, from the baskets holding c and another item of A
+    (:func:`aisle_context_from_orders`); added ``weight`` (beta) times to score(a, c). 0 where the anchor's
+    category is unknown or the candidate has no orders."""
+
+    codes: np.ndarray  # category per item, -1 unknown
+    log_lift: np.ndarray  # (categories, items) float32
+    weight: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        ga = self.codes[rows]
+        out = self.log_lift[np.maximum(ga, 0)] * np.float32(self.weight)
+        out[ga < 0] = 0.0
+        return out.astype(np.float32, copy=False)
+
+    def with_weight(self, weight: float) -> AisleContext:
+        return AisleContext(self.codes, self.log_lift, float(weight), self.meta)
+
+
+def aisle_item_counts(baskets: Sequence[Sequence[int]], categories: Sequence[str],
+                      n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_ac, n_a, n_c): ``n_ac[A, c]`` = baskets holding c and at least one OTHER item of category A (c is not
+    its own evidence), ``n_a[A]`` = baskets holding an item of A, ``n_c[c]`` = baskets holding c."""
+    codes = category_codes(categories, n_items)
+    g = int(codes.max(initial=-1)) + 1
+    rows, cols = [], []
+    for k, b in enumerate(baskets):
+        u = np.unique(np.asarray(list(b), dtype=np.int64))
+        rows.append(np.full(len(u), k, dtype=np.int64))
+        cols.append(u)
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    items = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(len(baskets), n_items))
+    n_c = np.asarray(items.sum(axis=0)).ravel()
+    known = codes[c] >= 0
+    per_cat = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (r[known], codes[c][known])),
+                            shape=(len(baskets), g))
+    per_cat.sum_duplicates()
+    has1 = (per_cat >= 1).astype(np.float32)
+    has2 = (per_cat >= 2).astype(np.float32)
+    n_ac = np.asarray((has1.T @ items).todense(), dtype=np.float64)
+    own = np.flatnonzero(codes >= 0)
+    if len(own):  # c in A itself: another item of A is needed, i.e. >= 2 items of A in the basket
+        same = np.asarray((has2.T @ items[:, own]).todense(), dtype=np.float64)
+        n_ac[codes[own], own] = same[codes[own], np.arange(len(own))]
+    n_a = np.asarray(has1.sum(axis=0)).ravel().astype(np.float64)
+    return n_ac, n_a, n_c.astype(np.float64)
+
+
+def aisle_context_from_orders(baskets: Sequence[Sequence[int]], categories: Sequence[str], alpha: float = 100.0,
+                              weight: float = 1.0) -> AisleContext:
+    """:class:`AisleContext` with P(c | A) = (n(A, c) + alpha P(c)) / (n(A) + alpha), P(c) = n(c) / baskets."""
+    n = len(categories)
+    n_ac, n_a, n_c = aisle_item_counts(baskets, categories, n)
+    p_c = n_c / max(len(baskets), 1)
+    p_ca = (n_ac + alpha * p_c[None, :]) / (n_a[:, None] + alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lift = np.where(p_c[None, :] > 0, np.log(np.maximum(p_ca, 1e-300) / np.maximum(p_c[None, :], 1e-300)), 0.0)
+    meta = {"method": AISLE_CONTEXT_METHOD, "alpha": alpha, "baskets": len(baskets), "categories": int(len(n_a)),
+            "formula": "log(P(c|A)/P(c)), P(c|A) = (n(A,c) + alpha P(c)) / (n(A) + alpha), "
+                       "n(A,c) = baskets with c and another item of the anchor's category A"}
+    return AisleContext(category_codes(categories, n), lift.astype(np.float32), weight, meta)
+
+
+NEIGHBOUR_CONTEXT_METHOD = "title_neighbour_context_lift"
+
+
+@dataclass
+class NeighbourContext:
+    """Title-neighbour context for anchors without orders: N(a) = the anchor's ``k`` nearest titles among the
+    items WITH orders (same category where known), P(c | N(a)) = (sum_j C[j, c] + alpha P0(c)) / (sum_j n(j) +
+    alpha), C = baskets holding both; P0 = the category context's P(c | A) (``base``) or P(c). ``of(rows)`` =
+    ``weight`` * log(P(c | N(a)) / P(c)), 0 for candidates without orders."""
+
+    embeddings: np.ndarray
+    cooc: sp.csr_matrix  # items x items, baskets holding both, zero diagonal
+    counts: np.ndarray  # baskets holding the item
+    n_baskets: int
+    codes: np.ndarray  # category per item, -1 unknown
+    k: int = 20
+    alpha: float = 100.0
+    weight: float = 1.0
+    base: AisleContext | None = None
+
+    def with_params(self, alpha: float | None = None, weight: float | None = None) -> NeighbourContext:
+        return NeighbourContext(self.embeddings, self.cooc, self.counts, self.n_baskets, self.codes, self.k,
+                                self.alpha if alpha is None else alpha, self.weight if weight is None else weight,
+                                self.base)
+
+    def neighbours(self, rows: np.ndarray) -> sp.csr_matrix:
+        """(len(rows), items) 0/1: the ``k`` nearest warm titles of each row (itself excluded)."""
+        emb = self.embeddings
+        sims = np.asarray(emb[rows], dtype=np.float32) @ np.asarray(emb, dtype=np.float32).T
+        sims[:, self.counts <= 0] = -np.inf
+        sims[np.arange(len(rows)), rows] = -np.inf
+        ga = self.codes[rows]
+        sims[(ga[:, None] >= 0) & (ga[:, None] != self.codes[None, :])] = -np.inf
+        k = min(self.k, sims.shape[1])
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        ok = np.isfinite(np.take_along_axis(sims, top, axis=1))
+        r = np.repeat(np.arange(len(rows)), k)[ok.ravel()]
+        return sp.csr_matrix((np.ones(len(r), np.float32), (r, top.ravel()[ok.ravel()])), shape=sims.shape)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        nb = self.neighbours(rows)
+        num = np.asarray((nb @ self.cooc).todense(), dtype=np.float32)
+        den = np.asarray(nb @ self.counts, dtype=np.float32).ravel()
+        p_c = (np.asarray(self.counts, dtype=np.float32) / max(self.n_baskets, 1))[None, :]
+        p0 = p_c if self.base is None else p_c * np.exp(self.base.with_weight(1.0).of(rows))
+        p = (num + np.float32(self.alpha) * p0) / (den[:, None] + np.float32(self.alpha))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift = np.where(p_c > 0, np.log(np.maximum(p, 1e-30) / np.maximum(p_c, 1e-30)), 0.0)
+        return (np.float32(self.weight) * lift).astype(np.float32)
+
+
+def neighbour_context_from_orders(embeddings: np.ndarray, baskets: Sequence[Sequence[int]],
+                                  categories: Sequence[str] | None, k: int = 20, alpha: float = 100.0,
+                                  weight: float = 1.0, base: AisleContext | None = None) -> NeighbourContext:
+    n = len(embeddings)
+    cooc = cooccurrence_targets(baskets, n, None, min_support=1).astype(np.float32).tocsr()
+    counts = np.zeros(n, dtype=np.float32)
+    for b in baskets:
+        counts[np.unique(np.asarray(list(b), dtype=np.int64))] += 1
+    return NeighbourContext(np.asarray(embeddings, dtype=np.float32), cooc, counts, len(baskets),
+                            category_codes(categories, n), k, alpha, weight, base)
+
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """The list of a never-ordered item in a catalog with orders: log1p(orders_c) + ``beta`` * log lift of c
+    given the anchor's context, ``kind`` = "aisle" (:class:`AisleContext`, smoothing ``aisle_alpha``) or
+    "neighbour" (:class:`NeighbourContext`, ``k`` titles, smoothing ``alpha`` toward the aisle context).
+    Defaults: the validation choice of ``benchmarks/cold_start_eval.py`` (docs/cold-start.md)."""
+
+    kind: str = "aisle"
+    aisle_alpha: float = 1000.0
+    beta: float = 0.5
+    k: int = 20
+    alpha: float = 1000.0
+
+    def context(self, embeddings: np.ndarray, baskets: Sequence[Sequence[int]],
+                categories: Sequence[str] | None) -> AisleContext | NeighbourContext | None:
+        if self.kind not in ("aisle", "neighbour"):
+            raise ValueError(f"unknown context kind {self.kind!r}")
+        aisle = aisle_context_from_orders(baskets, categories, self.aisle_alpha) if categories is not None else None
+        if self.kind == "aisle":
+            return aisle.with_weight(self.beta) if aisle is not None else None
+        return neighbour_context_from_orders(embeddings, baskets, categories, self.k, self.alpha, self.beta, base=aisle)
+
+
+# the served ContextConfig's figures (benchmarks/cold_start_eval.py, docs/results/cold-start.json): Instacart,
+# user-level split, 20 % of products cold (their orders hidden), other-aisle targets, lists cut at 20
+CONTEXT_VALIDATION: dict[str, Any] = {
+    "chosen_on": "validation baskets with a cold anchor (704 anchors), grid alpha {10, 100, 1000} x beta "
+                 "{0, 0.25, 0.5, 0.75, 1, 1.5}, lifts from the fit baskets",
+    "validation_r5": {"chosen": 0.0477, "beta_0_popularity": 0.0473},
+    "test_r5": 0.0490, "test_r5_x_popularity": [1.00, 0.99, 1.02],
+    "test_r5_x_learned_never_ordered": [1.03, 1.01, 1.05],
+    "source": "docs/cold-start.md",
+}
+
+
+def context_complements(embeddings: np.ndarray, categories: Sequence[str] | None, titles: Sequence[str],
+                        baskets: Sequence[Sequence[int]], cfg: ContextConfig | None = None, *, top_k: int = 20,
+                        anchors: np.ndarray | None = None) -> tuple[Complements, dict[str, Any]]:
+    """Complements of ``anchors`` (default: the items in no basket) from popularity and the anchor's context alone
+    (no content model, no order of the anchor): candidates are the items with orders, substitutes excluded as in
+    :func:`cold_start_complements`. Also the manifest entry (method and settings)."""
+    cfg = cfg or ContextConfig()
+    emb = np.asarray(embeddings, dtype=np.float32)
+    n = len(emb)
+    counts = np.zeros(n, dtype=np.float32)
+    for b in baskets:
+        counts[np.unique(np.asarray(list(b), dtype=np.int64))] += 1
+    ctx = cfg.context(emb, baskets, categories)
+    zero = np.zeros((emb.shape[1], 1), np.float32)
+    popularity_only = ColdStartModel(zero, zero, np.zeros(emb.shape[1], np.float32), gamma=1.0)
+    comps = cold_start_complements(emb, categories, titles, popularity_only, top_k=top_k,
+                                   anchors=counts == 0 if anchors is None else anchors, candidates=counts > 0,
+                                   popularity=counts, context=ctx)
+    method = AISLE_CONTEXT_METHOD if cfg.kind == "aisle" else NEIGHBOUR_CONTEXT_METHOD
+    info = {"method": method if ctx is not None else "popularity", "config": dict(cfg.__dict__),
+            "score": "log1p(orders_c) + beta * log(P(c | context of a) / P(c))", "from_orders": True,
+            "anchor_orders_used": False}
+    return comps, info
+
+
+
 def spherical_kmeans(emb: np.ndarray, k: int, seed: int = 0, iters: int = 15) -> np.ndarray:
     """Cluster label per row (cosine k-means, seeded k-means++-lite init: random distinct rows)."""
     x = np.asarray(emb, dtype=np.float32)
@@ -315,7 +510,7 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
                            model: ColdStartModel, top_k: int = 20, exclude_substitutes: bool = True, *,
                            anchors: np.ndarray | None = None, candidates: np.ndarray | None = None,
                            popularity: np.ndarray | None = None, group_prior: GroupPrior | None = None,
-                           dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
+                           context: AisleContext | NeighbourContext | None = None, dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
                            cluster_size: int = 250, seed: int = 0, pool: int = 200, batch: int = 1024) -> Complements:
     """Complements CSR (``artifact.Complements``) from the cold-start model, for ``anchors`` (boolean mask or
     row array; default every item) — other rows get empty lists. ``candidates`` (boolean mask) limits the
@@ -348,6 +543,8 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
         sc = u[rows] @ v.T + prior[None, :]
         if group_prior is not None:
             sc += group_prior.of(rows)
+        if context is not None and context.weight:
+            sc += context.of(rows)
         sc[np.arange(len(rows)), rows] = -np.inf
         if groups is not None:
             sc[groups[rows][:, None] == groups[None, :]] = -np.inf
@@ -374,12 +571,14 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
     return Complements(indptr, idx.astype(np.int32), strength.astype(np.float32), np.zeros(len(idx), dtype=np.int32))
 
 
-def fill_empty_rows(primary: Complements, fallback: Complements) -> tuple[Complements, np.ndarray]:
+def fill_empty_rows(primary: Complements, fallback: Complements,
+                    rows: np.ndarray | None = None) -> tuple[Complements, np.ndarray]:
     """``primary``'s lists where it has any, else ``fallback``'s (same catalog); also the mask of filled rows.
+    With ``rows`` (boolean mask) ``fallback``'s non-empty lists replace ``primary``'s on those rows instead.
     The build: mined/learned complements first, cold-start lists for the items without order evidence."""
     if len(primary.indptr) != len(fallback.indptr):
         raise ValueError("primary and fallback must cover the same catalog")
-    use = np.diff(primary.indptr) == 0
+    use = np.diff(primary.indptr) == 0 if rows is None else np.asarray(rows, dtype=bool).copy()
     use &= np.diff(fallback.indptr) > 0
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     counts = np.zeros(len(use), dtype=np.int64)

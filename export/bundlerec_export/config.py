@@ -36,8 +36,9 @@ class BuildConfig:
     # complements: "learned" (LightGBM LambdaRank re-ranker, complement_ranker; needs orders with shopper ids, else
     # falls back to "npmi" with a log line) or "npmi" (complements.mine_cooccurrence)
     complements: str = "learned"
-    # items without order evidence (whole catalogs without orders, never-ordered items) get lists from the shipped
-    # cold-start model (cold_start.py) when the catalog is embedded by the base MiniLM it was trained on
+    # items without order evidence: a catalog without orders gets lists from the shipped cold-start model
+    # (cold_start.py) when it is embedded by the base MiniLM the model was trained on; never-ordered items of a
+    # catalog with orders get popularity + their aisle context (cold_start.context_complements)
     cold_start: bool = True
     ranker_threads: int = 2  # LightGBM threads of the learned complements
     min_support: int = 2
