@@ -147,6 +147,33 @@ def instacart(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _short(title: str, n: int = 45) -> str:
+    title = title.replace("|", "/")
+    return title if len(title) <= n else title[: n - 1] + "…"
+
+
+def markdown(res: dict[str, Any], listed: Sequence[str] = ("served_before", "two_tower", "no_prior")) -> str:
+    """The catalogs' figures and listings as markdown (docs/cold-start.md)."""
+    lines: list[str] = []
+    for cat in res["catalogs"]:
+        lines += [f"#### {cat['catalog']} ({cat['items']:,} items, {cat['anchors']} seeded anchors)", "",
+                  "| lists | substitutes in top 3, rule | stricter | distinct in top-3 slots | max N10 (whole catalog)"
+                  " | N10 skewness | items in any top 10 | most frequent in top 10 |", "|---|---|---|---|---|---|---|---|"]
+        for v, e in cat["variants"].items():
+            h = e["hubness"]
+            top = "; ".join(f"{_short(t, 30)} ({c})" for t, c in h["top_items"][:2])
+            lines.append(f"| {v} | {e['substitute_rule']['substitute']:.1%} | {e['substitute_stricter']['substitute']:.1%} | "
+                         f"{h['distinct']} / {h['slots']} | {h['max_occurrences']} | {h['skewness']:.1f} | "
+                         f"{h['coverage']:.1%} | {top} |")
+        cols = [v for v in listed if v in cat["rows"][0]]
+        lines += ["", f"| anchor | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+        for row in cat["rows"]:
+            lines.append(f"| {_short(row['anchor'], 55)} | "
+                         + " | ".join("; ".join(_short(t, 38) for t in row[v]) or "—" for v in cols) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,7 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     for q in (c, i):
         q.add_argument("--json", type=Path)
+    r = sub.add_parser("render", help="markdown of a catalogs JSON")
+    r.add_argument("json", type=Path)
+    r.add_argument("--listed", nargs="+", default=["served_before", "two_tower", "no_prior"])
     args = p.parse_args(argv)
+    if args.cmd == "render":
+        print(markdown(json.loads(args.json.read_text()), args.listed))
+        return 0
     res = catalogs(args) if args.cmd == "catalogs" else instacart(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -528,7 +528,7 @@ class HubCorrection:
 
 # what a catalog without orders or categories gets (docs/cold-start.md, "Hubs": chosen on Home Depot / Icecat
 # hubness with Instacart content-only Recall@5 checked)
-FOREIGN_HUB_CORRECTION = HubCorrection(prior_weight=0.0, csls_k=10)
+FOREIGN_HUB_CORRECTION = HubCorrection(csls_k=10)  # with csls_weight 1 the prior cancels: r_c holds it too
 
 
 def hub_penalty(u: np.ndarray, v: np.ndarray, prior: np.ndarray, anchors: np.ndarray, k: int, sample: int,
