@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ServerThread, server_settings
 
 from bundlerec_server.artifact import COMPLEMENTS, EMBEDDINGS, Complements, read_manifest, sha256_file
-
-from .conftest import ServerThread, server_settings
 
 N = 40
 
