@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -266,3 +268,39 @@ def test_context_scorer_reduces_to_popularity_at_zero_weights():
     mix = cs.cold_start_complements(emb, cats, titles, content_free, top_k=5, popularity=counts,
                                     context=ctx.with_weight(0.0), dup_cosine=1.01, dup_jaccard=1.01)
     assert mix.of(5)[0].tolist() == [c for c in pop_order if cats[c] != cats[5]][:5]
+
+
+def test_hub_correction_demotes_a_candidate_that_tops_every_list():
+    """Item 0 is a hub: it scores high for every anchor (a large complement vector and a content prior). Anchors
+    1..4 each have a partner (5..8) that only they score high. Uncorrected, the hub tops every list; with the CSLS
+    correction each anchor's partner does."""
+    n, d = 9, 9
+    emb = np.eye(n, d, dtype=np.float32)  # item i = direction i
+    wa = np.zeros((d, 5), np.float32)
+    wc = np.zeros((d, 5), np.float32)
+    wc[0, 0] = 3.0  # the hub's complement vector
+    for k in range(1, 5):
+        wa[k, 0] = 1.0  # every anchor likes the hub: 3.0
+        wa[k, k] = 1.0
+        wc[k + 4, k] = 2.4  # anchor k alone likes its partner k + 4: 2.4
+    bias = np.zeros(d, np.float32)
+    bias[0] = 1.0  # and the grocery-style content prior favours the hub too
+    model = cs.ColdStartModel(wa, wc, bias)
+    titles = [f"item {chr(97 + i)}" for i in range(n)]
+    groups = np.arange(n)  # no substitutes here
+    anchors = np.arange(1, 5)
+
+    def lists(hub: cs.HubCorrection | None) -> Any:
+        return cs.cold_start_complements(emb, None, titles, model, top_k=3, anchors=anchors, groups=groups, hub=hub)
+
+    plain = lists(None)
+    assert [int(plain.of(a)[0][0]) for a in anchors] == [0, 0, 0, 0]
+    hub = cs.HubCorrection(csls_k=3)
+    fixed = lists(hub)
+    assert [int(fixed.of(a)[0][0]) for a in anchors] == [5, 6, 7, 8]
+    before, after = cs.hubness(plain, anchors, k=1, k_occ=1), cs.hubness(fixed, anchors, k=1, k_occ=1)
+    assert (before["distinct"], before["max_occurrences"]) == (1, 4)
+    assert (after["distinct"], after["max_occurrences"]) == (4, 1)
+    # dropping the prior alone does not help here (3.0 > 2.4): the hub is in the bilinear term too
+    assert [int(lists(cs.HubCorrection(prior_weight=0.0)).of(a)[0][0]) for a in anchors] == [0, 0, 0, 0]
+    assert hub.active and not cs.HubCorrection().active

@@ -174,7 +174,7 @@ def test_fallback_without_baskets(tmp_path, tiny_model):
     cat.write_text("\n".join(lines) + "\n")
     res = build(BuildConfig(dataset="csv", catalog=cat, out=tmp_path / "a", base_model=tiny_model,
                             min_int8_cosine=0.0, agreement_sample=10, progress=False, lexical=False,
-                            related_band=(-1.0, 0.99999)))
+                            related_band=(-1.0, 0.99999), cold_start=False))
     m = res.manifest
     assert m["complements"]["from_orders"] is False and m["complements"]["method"] == "content_band"
     assert m["quality"]["method"] == "neutral" and m["lexical"] is None

@@ -204,7 +204,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
     stages.done("index", part)
     stages.done("ef_recall", ef_stage(root, index, emb, titles, cfg))
     base_space = finetuned is None and cfg.base_model is None  # the default MiniLM: the cold-start model's space
-    stats, part = complements_stage(root, ds, index, emb, cfg, base_space)
+    stats, part = complements_stage(root, ds, index, emb, cfg, base_space, work=_work_folder(cfg))
     stages.done("complements", part)
     if cfg.lexical:
         stages.done("lexical", lexical_stage(root, titles, cfg))
@@ -367,20 +367,28 @@ MIN_LABEL_SHOPPERS = 20  # fewer shoppers with >= 2 orders: too few label basket
 
 
 def complements_stage(root: Path, ds: Dataset, index: hnswlib.Index, emb: np.ndarray,
-                      cfg: BuildConfig, base_space: bool = False) -> tuple[ItemStats, Part]:
+                      cfg: BuildConfig, base_space: bool = False, work: Path | None = None) -> tuple[ItemStats, Part]:
     """Complements + item quality: learned (LambdaRank over pair features, ``complement_ranker``) from orders
     with shopper ids, NPMI co-occurrence from other orders (or ``cfg.complements == "npmi"``). Items without
     order evidence: in a catalog with orders, popularity + the anchor's aisle / title context
-    (``cold_start.context_complements``); a catalog without orders gets the cold-start model's lists
-    (``base_space``: ``emb`` is the base MiniLM's space), else content-based related items."""
+    (``cold_start.context_complements``); a catalog without orders gets the cold-start model's lists over
+    base-MiniLM embeddings (``base_space``: ``emb`` is already that space, else the titles are embedded again,
+    cached in ``work``; ``recomplement.catalog_cold_start``), or content-based related items without cold start."""
     n = len(ds.items)
     categories = [item.category for item in ds.items]
     titles = [item.title for item in ds.items]
     if not ds.has_baskets:
-        cold_model = _cold_start_model(emb, cfg) if base_space else None
         counts = np.zeros(n, dtype=np.int32)
-        if cold_model is not None:
-            comps, comp_info = _cold_start_complements(emb, categories if ds.has_categories else None, titles, cold_model, cfg)
+        if cfg.cold_start:
+            from .recomplement import RecomplementError, catalog_cold_start
+
+            try:
+                comps, comp_info = catalog_cold_start(
+                    emb, titles, categories if ds.has_categories else None, served_is_base=base_space,
+                    work=work if work is not None else root.parent / f"{root.name}.work", space=cfg.cold_start_space,
+                    hub=cfg.cold_start_hub, top_k=cfg.top_k, threads=cfg.threads, progress=cfg.progress)
+            except RecomplementError as exc:
+                raise BuildError(f"cold start: {exc}") from exc
         else:
             comps, stats = cmp.related_from_index(index, emb, categories, top_k=cfg.top_k, band=cfg.related_band)
             index.set_ef(cfg.ef_search)
@@ -413,29 +421,6 @@ def complements_stage(root: Path, ds: Dataset, index: hnswlib.Index, emb: np.nda
     comps.write(root / COMPLEMENTS)
     q_info = {"method": cmp.POPULARITY_METHOD, "formula": "0.6 + 0.4*log1p(n)/log1p(max n), n = baskets with the item"}
     return ItemStats(counts, cmp.popularity_quality(counts)), {"complements": comp_info, "quality": q_info}
-
-
-def _cold_start_model(emb: np.ndarray, cfg: BuildConfig) -> cs.ColdStartModel | None:
-    """The shipped cold-start model when it applies to these embeddings (else None, with the reason logged)."""
-    if not cfg.cold_start:
-        return None
-    model = cs.load_default_model()
-    if model.emb_dim != emb.shape[1]:
-        logger.info("cold-start model skipped: it reads %d-d embeddings, this encoder gives %d", model.emb_dim, emb.shape[1])
-        return None
-    return model
-
-
-def _cold_start_complements(emb: np.ndarray, categories: list[str] | None, titles: list[str], model: cs.ColdStartModel,
-                            cfg: BuildConfig, **kwargs: Any) -> tuple[Complements, dict[str, Any]]:
-    """Cold-start lists (substitutes excluded) and their manifest entry; support 0 marks them as predicted."""
-    t0 = time.perf_counter()
-    comps = cs.cold_start_complements(emb, categories, titles, model, top_k=cfg.top_k, **kwargs)
-    info = {"method": "cold_start_two_tower", "model": cs.MODEL_FILE.name, "model_meta": model.meta, "top_k": cfg.top_k,
-            "anchors": int((np.diff(comps.indptr) > 0).sum()), "from_orders": False, "substitutes_excluded": True,
-            "seconds": round(time.perf_counter() - t0, 2)}
-    logger.info("cold-start complements for %d items in %.1f s", info["anchors"], info["seconds"])
-    return comps, info
 
 
 def _npmi_complements(ds: Dataset, baskets: list[list[int]], categories: list[str],
@@ -595,10 +580,15 @@ def cross_encoder_stage(root: Path, manifest: dict[str, Any], judgments: Path, c
         ccfg = CrossEncoderConfig(**opts)
     except TypeError as exc:
         raise BuildError(f"cross_encoder_options: {exc}") from exc
-    out = cfg.out.resolve()
-    cache = Path(cfg.finetune_cache) if cfg.finetune_cache is not None else out.parent / f"{out.name}.work"
+    cache = _work_folder(cfg)
     with engine_view(root, manifest, served_engine) as engine:
         return cross_encoder_part(root, engine, judgments, ccfg, cache)
+
+
+def _work_folder(cfg: BuildConfig) -> Path:
+    """The build's cache folder (fine-tuned models, cross-encoder, base-space embeddings): ``<out>.work``."""
+    out = cfg.out.resolve()
+    return Path(cfg.finetune_cache) if cfg.finetune_cache is not None else out.parent / f"{out.name}.work"
 
 
 def _content_hash(root: Path) -> str:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bundlerec_export.config import COMPLEMENT_METHODS, BuildConfig, defaults
+from bundlerec_export.config import COLD_START_SPACES, COMPLEMENT_METHODS, BuildConfig, defaults
 from bundlerec_export.datasets import DATASETS, DatasetError
 from bundlerec_export.offline import ensure_offline
 
@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="count co-occurrence once per user instead of per basket")
     p.add_argument("--related-band", type=float, nargs=2, default=d["related_band"], metavar=("LO", "HI"),
                    help="cosine band of content-based related items (datasets without baskets)")
+    p.add_argument("--cold-start-space", choices=COLD_START_SPACES, default=d["cold_start_space"],
+                   help="embeddings the cold-start model reads (catalogs without orders): base = the base MiniLM's "
+                        "(titles embedded again when the encoder is fine-tuned), served = the served encoder's")
+    p.add_argument("--no-cold-start-hub", action="store_false", dest="cold_start_hub", default=d["cold_start_hub"],
+                   help="no anti-hub correction of the cold-start lists (catalogs without orders or categories)")
     p.add_argument("--ef-search", type=int, default=d["ef_search"])
     p.add_argument("--hnsw-m", type=int, default=d["hnsw_m"],
                    help="HNSW links per node (higher: better recall, bigger index)")
@@ -96,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_model", "limit", "min_int8_cosine",
                    "agreement_sample", "complements", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
                    "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
-                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus", "ranker", "ranker_judgments", "cross_encoder")
+                   "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus", "ranker", "ranker_judgments", "cross_encoder",
+                   "cold_start_space", "cold_start_hub")
 
 
 def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:

@@ -506,16 +506,85 @@ def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a and b else 0.0
 
 
+@dataclass(frozen=True)
+class HubCorrection:
+    """Anti-hub correction of the cold-start score for a foreign catalog (docs/cold-start.md, "Hubs").
+
+    ``prior_weight`` scales the learned content prior ``e_c . w_b`` (0 drops it: "things people add to grocery
+    baskets" says nothing about hardware); ``csls_k`` > 0 subtracts ``csls_weight`` times each candidate's
+    mean of its ``csls_k`` best scores over a seeded sample of ``sample`` anchors (CSLS, Conneau et al. 2018):
+    a candidate that scores high for every anchor (a hub) is pushed down, one that fits few anchors is not."""
+
+    prior_weight: float = 1.0
+    csls_k: int = 0
+    csls_weight: float = 1.0
+    sample: int = 4096
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.prior_weight != 1.0 or (self.csls_k > 0 and self.csls_weight != 0.0)
+
+
+# what a catalog without orders or categories gets (docs/cold-start.md, "Hubs": chosen on Home Depot / Icecat
+# hubness with Instacart content-only Recall@5 checked)
+FOREIGN_HUB_CORRECTION = HubCorrection(csls_k=10)  # with csls_weight 1 the prior cancels: r_c holds it too
+
+
+def hub_penalty(u: np.ndarray, v: np.ndarray, prior: np.ndarray, anchors: np.ndarray, k: int, sample: int,
+                seed: int = 0, batch: int = 512) -> np.ndarray:
+    """Per candidate: the mean of its ``k`` best scores ``u[a] . v[c] + prior[c]`` over a seeded sample of
+    ``anchors`` (a != c; the whole catalog in :func:`cold_start_complements`); the CSLS neighbourhood term r_c."""
+    rows = np.asarray(anchors, dtype=np.int64)
+    if sample and len(rows) > sample:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=sample, replace=False))
+    n = len(v)
+    k = max(1, min(k, len(rows)))
+    best = np.full((k, n), -np.inf, dtype=np.float32)
+    for s in range(0, len(rows), batch):
+        r = rows[s : s + batch]
+        sc = u[r] @ v.T + prior[None, :]
+        sc[np.arange(len(r)), r] = -np.inf
+        both = np.concatenate([best, sc], axis=0)
+        best = -np.partition(-both, k - 1, axis=0)[:k]
+    finite = np.where(np.isfinite(best), best, np.nan)
+    with np.errstate(invalid="ignore"):
+        out = np.nanmean(finite, axis=0)
+    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+
+
+def hubness(comp: Complements, rows: Sequence[int], k: int = 3, k_occ: int = 10) -> dict[str, Any]:
+    """Hub figures of the lists: distinct complements in the first ``k`` of ``rows`` (and the slots), and over
+    every anchor of ``comp``: how often the most frequent item appears in a top ``k_occ`` (N_k), the skewness of
+    N_k over the catalog, and the share of items that appear in any top ``k_occ``."""
+    firsts = [comp.of(int(a))[0][:k] for a in rows]
+    slots = int(sum(len(f) for f in firsts))
+    distinct = len({int(c) for f in firsts for c in f.tolist()})
+    n = len(comp.indptr) - 1
+    occ = np.zeros(n, dtype=np.int64)
+    for a in range(n):
+        np.add.at(occ, comp.of(a)[0][:k_occ], 1)
+    mu, sd = occ.mean(), occ.std()
+    top = np.argsort(-occ, kind="stable")[:5]
+    return {"k": k, "anchors": len(firsts), "slots": slots, "distinct": distinct,
+            "k_occ": k_occ, "max_occurrences": int(occ.max(initial=0)),
+            "top_items": [[int(i), int(occ[i])] for i in top.tolist()],
+            "skewness": float(((occ - mu) ** 3).mean() / sd**3) if sd > 0 else 0.0,
+            "coverage": float((occ > 0).mean()) if n else 0.0}
+
+
 def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | None, titles: Sequence[str],
                            model: ColdStartModel, top_k: int = 20, exclude_substitutes: bool = True, *,
                            anchors: np.ndarray | None = None, candidates: np.ndarray | None = None,
                            popularity: np.ndarray | None = None, group_prior: GroupPrior | None = None,
                            context: AisleContext | NeighbourContext | None = None, dup_cosine: float = 0.8, dup_jaccard: float = 0.5,
-                           cluster_size: int = 250, seed: int = 0, pool: int = 200, batch: int = 1024) -> Complements:
+                           cluster_size: int = 250, seed: int = 0, pool: int = 200, batch: int = 1024,
+                           hub: HubCorrection | None = None, groups: np.ndarray | None = None) -> Complements:
     """Complements CSR (``artifact.Complements``) from the cold-start model, for ``anchors`` (boolean mask or
     row array; default every item) — other rows get empty lists. ``candidates`` (boolean mask) limits the
     complements (default: every item). With ``exclude_substitutes`` the anchor's group (category, else title
-    cluster) and near-duplicate titles are never listed (rule in the module docstring)."""
+    cluster; or ``groups`` given) and near-duplicate titles are never listed (rule in the module docstring).
+    ``hub``: the anti-hub correction (:class:`HubCorrection`)."""
     emb = np.asarray(embeddings, dtype=np.float32)
     n = len(emb)
     if len(titles) != n:
@@ -528,11 +597,19 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
         a = np.asarray(anchors)
         rows_all = np.flatnonzero(a) if a.dtype == bool else np.unique(a.astype(np.int64))
     cand_mask = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
-    groups = substitute_groups(emb, categories, cluster_size=cluster_size, seed=seed) if exclude_substitutes else None
+    if exclude_substitutes and groups is None:
+        groups = substitute_groups(emb, categories, cluster_size=cluster_size, seed=seed)
+    elif not exclude_substitutes:
+        groups = None
     tokens = title_tokens(titles) if exclude_substitutes else []
     u = model.anchor_vectors(emb)
     v = model.comp_vectors(emb)
     prior = model.comp_prior(emb, popularity)
+    if hub is not None and hub.prior_weight != 1.0:
+        prior = prior - np.float32(1.0 - hub.prior_weight) * (emb @ model.w_bias)
+    if hub is not None and hub.csls_k > 0 and hub.csls_weight:
+        prior = prior - np.float32(hub.csls_weight) * hub_penalty(u, v, prior, np.arange(n), hub.csls_k, hub.sample,
+                                                                  hub.seed)
     prior = np.where(cand_mask, prior, -np.inf).astype(np.float32)
     pool = min(max(pool, top_k), n)
     counts = np.zeros(n, dtype=np.int64)
@@ -556,9 +633,15 @@ def cold_start_complements(embeddings: np.ndarray, categories: Sequence[str] | N
             ok = np.isfinite(cs)
             cols, cs = cols[ok], cs[ok]
             if exclude_substitutes and len(cols):
-                cos = emb[cols] @ emb[row]
-                keep = cos < dup_cosine
-                keep &= np.asarray([_jaccard(tokens[row], tokens[c]) < dup_jaccard for c in cols.tolist()], dtype=bool)
+                keep = emb[cols] @ emb[row] < dup_cosine
+                kept = 0
+                for j, c in enumerate(cols.tolist()):  # Jaccard only until top_k are kept (same lists, less work)
+                    if kept >= top_k:
+                        keep[j:] = False
+                        break
+                    if keep[j]:
+                        keep[j] = _jaccard(tokens[row], tokens[c]) < dup_jaccard
+                        kept += int(keep[j])
                 cols, cs = cols[keep], cs[keep]
             cols, cs = cols[:top_k], cs[:top_k]
             counts[row] = len(cols)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COMPLEMENT_METHODS = ("learned", "npmi")
+COLD_START_SPACES = ("base", "served")
 _PATH_FIELDS = ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache", "ranker_judgments")
 
 
@@ -40,6 +41,12 @@ class BuildConfig:
     # (cold_start.py) when it is embedded by the base MiniLM the model was trained on; never-ordered items of a
     # catalog with orders get popularity + their aisle context (cold_start.context_complements)
     cold_start: bool = True
+    # the embeddings the cold-start model reads: "base" = the base MiniLM's (the served ones when the encoder is the
+    # base model, else the titles embedded once more with it, cached in <out>.work; bundlerec_export.base_space),
+    # "served" = the served encoder's as they are (refused when their width is not the model's)
+    cold_start_space: str = "base"
+    # anti-hub correction (cold_start.FOREIGN_HUB_CORRECTION) of the lists of a catalog without orders or categories
+    cold_start_hub: bool = True
     ranker_threads: int = 2  # LightGBM threads of the learned complements
     min_support: int = 2
     top_k: int = 20
@@ -91,6 +98,8 @@ class BuildConfig:
             raise ValueError("ray_actors and ray_actor_cpus must be positive")
         if self.complements not in COMPLEMENT_METHODS:
             raise ValueError(f"complements must be one of {COMPLEMENT_METHODS}")
+        if self.cold_start_space not in COLD_START_SPACES:
+            raise ValueError(f"cold_start_space must be one of {COLD_START_SPACES}")
         if self.finetune_epochs < 1:
             raise ValueError("finetune_epochs must be positive")
 
