@@ -164,3 +164,20 @@ def test_teacher_logits_invert_the_served_logistic():
     raw = np.array([-4.0, -0.3, 0.0, 2.5, 7.0])
     assert np.allclose(teacher_logits(positive(raw), learned=True), raw, atol=1e-9)
     assert np.array_equal(teacher_logits(np.array([0.3, 0.1]), learned=False), [0.3, 0.1])
+
+
+def test_dense_exact_reuses_the_artifact_catalog_and_matches_torch(tiny_artifact, tmp_path):
+    """benchmarks.dense_exact: the artifact's embeddings and a torch pass over the same encoder folder give the
+    same figures (the catalog check passes), and they are the evaluation module's metrics."""
+    from benchmarks import dense_exact
+
+    items = [json.loads(line) for line in (tiny_artifact / "items.jsonl").read_text().splitlines()]
+    judgments = write_judgments(items, tmp_path / "judgments.csv")
+    folder = json.loads((tiny_artifact / "manifest.json").read_text())["encoder"]["base_model_path"]
+    res = dense_exact.run(tiny_artifact, judgments, "all", [("npy", "artifact"), ("torch", folder)], threads=1,
+                          check_rows=50)
+    a, b = res["runs"]["npy"], res["runs"]["torch"]
+    assert res["catalog"] == len(items) and res["queries"] > 0
+    assert a["parity_min_cosine"] > 0.999
+    assert a["aggregate"]["ndcg"] == pytest.approx(b["aggregate"]["ndcg"], abs=0.02)
+    assert 0.0 < b["aggregate"]["ndcg"] <= 1.0
