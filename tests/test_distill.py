@@ -181,3 +181,13 @@ def test_dense_exact_reuses_the_artifact_catalog_and_matches_torch(tiny_artifact
     assert a["parity_min_cosine"] > 0.999
     assert a["aggregate"]["ndcg"] == pytest.approx(b["aggregate"]["ndcg"], abs=0.02)
     assert 0.0 < b["aggregate"]["ndcg"] <= 1.0
+
+
+def test_eval_only_reproduces_the_logged_dev_check(toy, tmp_path):
+    from bundlerec_export.finetune import LOG_FILE, evaluate_model, finetune
+
+    out = finetune(_cfg(toy, tmp_path / "m", max_steps=2, plot=False))
+    logged = json.loads((out / LOG_FILE).read_text())["epochs"][-1]["dev"]
+    res = evaluate_model(_cfg(toy, tmp_path / "unused", base_model=out))
+    assert res["dev"]["queries"] == logged["queries"] > 0
+    assert res["dev"]["ndcg"] == pytest.approx(logged["ndcg"], abs=1e-9)

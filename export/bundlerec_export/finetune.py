@@ -39,7 +39,7 @@ from .offline import ensure_offline
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FinetuneConfig", "finetune", "read_judgments", "split_of", "summary"]
+__all__ = ["FinetuneConfig", "evaluate_model", "finetune", "read_judgments", "split_of", "summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -571,6 +571,31 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+def evaluate_model(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The per-epoch dev check (same subsample catalog for the same seed and data) of ``cfg.base_model`` as is:
+    checkpoints trained elsewhere compare with a fine-tune's logged figures."""
+    ensure_offline()
+    import torch
+
+    if titles is None:
+        if cfg.products is None:
+            raise ValueError("FinetuneConfig.products (or titles=) is required")
+        titles = read_titles(cfg.products)
+    splits = split_judgments(read_judgments(cfg.judgments), cfg.dev_fraction, cfg.test_fraction)
+    if not splits.dev:
+        raise ValueError(f"{cfg.judgments}: no dev query")
+    dev_set = make_dev_set(splits.dev, titles, cfg.eval_random_products, cfg.seed)
+    prev = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        tok, model = load_model(cfg.base_model or _default_base_model())
+        res = evaluate_dense(model, tok, dev_set, cfg)
+    finally:
+        torch.set_num_threads(prev)
+    return {"model": str(cfg.base_model), "dev": res, "dev_eval": dev_set.describe()}
+
+
 def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Path:
     """Trains, writes the model folder + ``train_log.json`` + ``training.png`` into ``cfg.out``; returns it."""
     ensure_offline()
@@ -811,6 +836,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
     p.add_argument("--eval-before", action="store_true", help="also evaluate the base model on dev (epoch 0)")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: the dev check of --base-model (same subsample for the same --seed); --out unused")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -821,8 +848,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bundlerec_export").setLevel(logging.INFO)
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    kw = {k: v for k, v in vars(args).items() if k not in ("eval_before", "no_eval", "no_progress")}
+    kw = {k: v for k, v in vars(args).items() if k not in ("eval_before", "no_eval", "no_progress", "eval_only")}
     cfg = FinetuneConfig(**kw, eval_before=args.eval_before, eval_dev=not args.no_eval, progress=not args.no_progress)
+    if args.eval_only:
+        print(json.dumps(evaluate_model(cfg), indent=1))
+        return 0
     out = finetune(cfg)
     log = json.loads((out / LOG_FILE).read_text())
     print(json.dumps(summary(log), indent=1))
