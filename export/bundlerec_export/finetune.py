@@ -3,7 +3,8 @@
 Plain torch + transformers, mean pooling + L2 normalisation exactly like the serving
 :class:`bundlerec_server.encoder.Encoder`, so the ONNX export of the result serves without skew. Only ``train``
 queries of :func:`bundlerec_export.evaluation.split_of` are trained on (InfoNCE over in-batch + hard negatives,
-false negatives masked); ``dev`` is scored per epoch on a subsample catalog; ``test`` is never read. Writes an
+false negatives masked; optionally a listwise KL to the served hybrid ranking's teacher lists, ``--distill``);
+``dev`` is scored per epoch on a subsample catalog; ``test`` is never read. Writes an
 HF model folder, ``train_log.json`` and ``training.png`` into ``out``. Seeds, threads and data order are fixed.
 The sampling, loss and evaluation choices are described in ``docs/export-notes.md``.
 
@@ -38,7 +39,7 @@ from .offline import ensure_offline
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FinetuneConfig", "finetune", "read_judgments", "split_of", "summary"]
+__all__ = ["FinetuneConfig", "evaluate_model", "finetune", "read_judgments", "split_of", "summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class FinetuneConfig:
     typo_prob: float = 0.1
     seed: int = 0
     threads: int = 2
+    # distillation (docs/ranking.md): teacher lists of bundlerec_export.distill; off when None
+    distill: Path | None = None
+    distill_candidates: int = 3  # teacher-list products sampled per query per step (beside its positive)
+    distill_weight: float = 1.0  # KL weight beside the InfoNCE
+    distill_temperature: float = 1.0  # teacher scores / this (the student's cosines / ``temperature``)
     max_steps: int | None = None  # stop after N optimizer steps in total (tests / smoke runs)
     eval_dev: bool = True
     eval_before: bool = False  # also evaluate the base model (epoch 0) on dev
@@ -87,7 +93,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         self.judgments = Path(self.judgments)
         self.out = Path(self.out)
-        for name in ("products", "base_model"):
+        for name in ("products", "base_model", "distill"):
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, Path(v))
@@ -95,6 +101,8 @@ class FinetuneConfig:
             raise ValueError("epochs >= 1, batch_size >= 2 and hard_negatives >= 0 required")
         if not self.neg_max_rel < self.pos_min_rel:
             raise ValueError("neg_max_rel must be below pos_min_rel")
+        if self.distill_candidates < 1 or self.distill_temperature <= 0 or self.distill_weight < 0:
+            raise ValueError("distill_candidates >= 1, distill_temperature > 0 and distill_weight >= 0 required")
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = to_json(asdict(self))
@@ -105,6 +113,11 @@ class FinetuneConfig:
         d = self.as_dict()
         for k in ("judgments", "out", "products", "progress", "plot"):
             d.pop(k, None)
+        if self.distill is None:  # keys of fine-tunes without distillation stay what they were before the option
+            for k in DISTILL_SETTINGS:
+                d.pop(k, None)
+        else:
+            d["distill"] = file_digest(self.distill)[:16]
         for old, new in LEGACY_SETTINGS.items():  # hashed under the old name: caches from before the rename stay valid
             d[old] = d.pop(new)
         d["base_model"] = _model_digest(self.base_model or _default_base_model())
@@ -113,6 +126,7 @@ class FinetuneConfig:
 
 
 LEGACY_SETTINGS = {"max_query_tokens": "train_query_tokens"}  # old name -> FinetuneConfig field
+DISTILL_SETTINGS = ("distill", "distill_candidates", "distill_weight", "distill_temperature")
 
 
 def upgrade_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,6 +196,9 @@ class QueryData:
     forbidden_titles: frozenset[str]  # normalised titles of forbidden products
     judged_negatives: list[str]
     bm25_negatives: list[str] = field(default_factory=list)
+    teacher_ids: list[str] = field(default_factory=list)  # the served top of the query (distillation)
+    teacher_scores: list[float] = field(default_factory=list)  # teacher targets, judged labels applied
+    positive_targets: list[float] = field(default_factory=list)  # teacher target of each positive
 
 
 @dataclass
@@ -260,6 +277,36 @@ def mine_bm25_negatives(qdata: list[QueryData], titles: Mapping[str, str], k: in
         q.bm25_negatives = [p for p in cands if p not in q.forbidden and _norm_title(titles[p]) not in q.forbidden_titles]
 
 
+def label_target(rel: float, lo: float, hi: float) -> float:
+    """A judged product's teacher target: its gain (relevance - 1, 0..2) placed linearly on the query's teacher
+    range (relevance 3 = the list's best score, 1 = its worst)."""
+    return lo + (hi - lo) * min(max((rel - 1.0) / 2.0, 0.0), 1.0)
+
+
+def attach_teacher(qdata: list[QueryData], teacher: Mapping[str, tuple[Sequence[str], Any]],
+                   train: Mapping[str, Mapping[str, float]], titles: Mapping[str, str]) -> int:
+    """Fills the teacher lists of the train queries that have one (products with a title only); judged products
+    take :func:`label_target` instead of the teacher's score. Returns how many queries got a list."""
+    n = 0
+    for q in qdata:
+        entry = teacher.get(q.query)
+        if entry is None:
+            continue
+        ids, scores = entry
+        keep = [(p, float(s)) for p, s in zip(ids, scores) if p in titles]
+        if not keep:
+            continue
+        lo, hi = min(s for _, s in keep), max(s for _, s in keep)
+        if hi - lo < 1e-6:
+            hi = lo + 1.0
+        rel = train[q.query]
+        q.teacher_ids = [p for p, _ in keep]
+        q.teacher_scores = [label_target(rel[p], lo, hi) if p in rel else s for p, s in keep]
+        q.positive_targets = [label_target(rel[p], lo, hi) for p in q.positives]
+        n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------------------------- augmentation
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -293,6 +340,8 @@ class Example:
     qidx: int  # index into the QueryData list
     positive: str
     negatives: list[str]
+    distill: list[str] = field(default_factory=list)  # teacher-list products (the positive is not among them)
+    targets: list[float] = field(default_factory=list)  # teacher targets of [positive, *distill]
 
 
 def sample_epoch(qdata: list[QueryData], cfg: FinetuneConfig, rng: random.Random) -> list[Example]:
@@ -312,7 +361,13 @@ def sample_epoch(qdata: list[QueryData], cfg: FinetuneConfig, rng: random.Random
             if pool:
                 negs.append(rng.choice(pool))
         text = add_typo(q.query, rng) if rng.random() < cfg.typo_prob else q.query
-        out.append(Example(text, qi, pos, negs))
+        ex = Example(text, qi, pos, negs)
+        if cfg.distill is not None and q.teacher_ids:
+            listed = [i for i, p in enumerate(q.teacher_ids) if p != pos]
+            picked = sorted(rng.sample(listed, min(cfg.distill_candidates, len(listed))))
+            ex.distill = [q.teacher_ids[i] for i in picked]
+            ex.targets = [q.positive_targets[q.positives.index(pos)]] + [q.teacher_scores[i] for i in picked]
+        out.append(ex)
     return out
 
 
@@ -394,24 +449,67 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, mas
     return torch.nn.functional.cross_entropy(scores, labels)
 
 
-def batch_tensors(batch: list[Example], qdata: list[QueryData],
-                  titles: Mapping[str, str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Documents (positives first, then negatives), labels and the false-negative mask of one batch."""
+def distill_loss(q: torch.Tensor, d: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, temperature: float,
+                 teacher_temperature: float) -> torch.Tensor:
+    """Listwise KL(teacher || student) per query, averaged: q (B, dim), d (N, dim) normalised; index (B, L) rows of
+    d in each query's list (-1: padding); targets (B, L) teacher scores. Teacher softmax(targets /
+    ``teacher_temperature``), student softmax(cosine / ``temperature``) over the same list."""
     import torch
 
-    docs = [ex.positive for ex in batch] + [n for ex in batch for n in ex.negatives]
+    valid = index >= 0
+    s = (q.unsqueeze(1) * d[index.clamp(min=0)]).sum(-1) / temperature
+    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype)
+    log_s = torch.log_softmax(torch.where(valid, s, neg_inf), dim=-1)
+    log_t = torch.log_softmax(torch.where(valid, targets / teacher_temperature, neg_inf), dim=-1)
+    kl = torch.where(valid, log_t.exp() * (log_t - log_s), torch.zeros_like(s)).sum(-1)
+    rows = valid.sum(-1) > 1  # a one-product list carries no order
+    return kl[rows].mean() if bool(rows.any()) else s.sum() * 0.0
+
+
+def batch_tensors(batch: list[Example], qdata: list[QueryData],
+                  titles: Mapping[str, str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Documents (positives first, then negatives, then teacher-list products), labels and the false-negative mask
+    of one batch. A query's own teacher-list products count as InfoNCE negatives only where judged low (the KL
+    orders the rest)."""
+    import torch
+
+    docs = ([ex.positive for ex in batch] + [n for ex in batch for n in ex.negatives]
+            + [p for ex in batch for p in ex.distill])
+    owner = [-1] * (len(docs) - sum(len(ex.distill) for ex in batch)) + [i for i, ex in enumerate(batch)
+                                                                            for _ in ex.distill]
     doc_titles = [_norm_title(titles[p]) for p in docs]
     labels = torch.arange(len(batch))
     mask = torch.zeros((len(batch), len(docs)), dtype=torch.bool)
     for i, ex in enumerate(batch):
         q = qdata[ex.qidx]
         pos_title = doc_titles[i]
+        low = set(q.judged_negatives) if ex.distill else set()
         for j, (p, t) in enumerate(zip(docs, doc_titles)):
             if j == i:
                 continue
-            if p in q.forbidden or t in q.forbidden_titles or t == pos_title or p == ex.positive:
+            if (p in q.forbidden or t in q.forbidden_titles or t == pos_title or p == ex.positive
+                    or (owner[j] == i and p not in low)):
                 mask[i, j] = True
     return docs, labels, mask
+
+
+def distill_tensors(batch: list[Example], n_plain: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, targets) for :func:`distill_loss`: each query's list is its positive (row i of the documents of
+    :func:`batch_tensors`) and its teacher-list products (after the ``n_plain`` positives and negatives)."""
+    import torch
+
+    width = max((len(ex.targets) for ex in batch), default=0)
+    index = torch.full((len(batch), width), -1, dtype=torch.long)
+    targets = torch.zeros((len(batch), width), dtype=torch.float32)
+    nxt = n_plain
+    for i, ex in enumerate(batch):
+        if not ex.targets:
+            continue
+        rows = [i] + list(range(nxt, nxt + len(ex.distill)))
+        nxt += len(ex.distill)
+        index[i, : len(rows)] = torch.tensor(rows)
+        targets[i, : len(rows)] = torch.tensor(ex.targets, dtype=torch.float32)
+    return index, targets
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -473,6 +571,31 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+def evaluate_model(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The per-epoch dev check (same subsample catalog for the same seed and data) of ``cfg.base_model`` as is:
+    checkpoints trained elsewhere compare with a fine-tune's logged figures."""
+    ensure_offline()
+    import torch
+
+    if titles is None:
+        if cfg.products is None:
+            raise ValueError("FinetuneConfig.products (or titles=) is required")
+        titles = read_titles(cfg.products)
+    splits = split_judgments(read_judgments(cfg.judgments), cfg.dev_fraction, cfg.test_fraction)
+    if not splits.dev:
+        raise ValueError(f"{cfg.judgments}: no dev query")
+    dev_set = make_dev_set(splits.dev, titles, cfg.eval_random_products, cfg.seed)
+    prev = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        tok, model = load_model(cfg.base_model or _default_base_model())
+        res = evaluate_dense(model, tok, dev_set, cfg)
+    finally:
+        torch.set_num_threads(prev)
+    return {"model": str(cfg.base_model), "dev": res, "dev_eval": dev_set.describe()}
+
+
 def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Path:
     """Trains, writes the model folder + ``train_log.json`` + ``training.png`` into ``cfg.out``; returns it."""
     ensure_offline()
@@ -492,6 +615,14 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
     t = time.perf_counter()
     if cfg.hard_negatives:
         mine_bm25_negatives(qdata, titles, cfg.bm25_k)
+    teacher_meta: dict[str, Any] | None = None
+    if cfg.distill is not None:
+        from .distill import read_teacher
+
+        teacher = read_teacher(cfg.distill)
+        n = attach_teacher(qdata, teacher.lists, splits.train, titles)
+        teacher_meta = {**teacher.meta, "train_queries_with_list": n}
+        logger.info("teacher lists: %d of %d train queries (%s)", n, len(qdata), teacher.meta.get("teacher"))
     mining_s = time.perf_counter() - t
 
     prev_threads = torch.get_num_threads()
@@ -526,6 +657,7 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(total * cfg.warmup_ratio))))
 
         losses: list[float] = []
+        kl_losses: list[float] = []
         epochs_log: list[dict[str, Any]] = []
         eval_s = 0.0
         if dev_set is not None and cfg.eval_before:
@@ -556,6 +688,11 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
                 qv = embed(model, tok, [ex.query for ex in batch], cfg.train_query_tokens)
                 dv = embed(model, tok, [titles[p] for p in docs], cfg.max_title_tokens)
                 loss = contrastive_loss(qv, dv, labels, mask, cfg.temperature)
+                if cfg.distill is not None:
+                    index, targets = distill_tensors(batch, len(docs) - sum(len(ex.distill) for ex in batch))
+                    kl = distill_loss(qv, dv, index, targets, cfg.temperature, cfg.distill_temperature)
+                    kl_losses.append(float(kl.detach()))
+                    loss = loss + cfg.distill_weight * kl
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -591,7 +728,7 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
         torch.set_num_threads(prev_threads)
 
     seconds = round(time.perf_counter() - t_start, 1)
-    log = {
+    log: dict[str, Any] = {
         "base_model": str(base),
         "config": cfg.as_dict(),
         "split_sizes": splits.sizes(),
@@ -603,6 +740,7 @@ def finetune(cfg: FinetuneConfig, titles: Mapping[str, str] | None = None) -> Pa
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
         "loss": losses,
+        **({"kl_loss": kl_losses, "teacher": teacher_meta} if teacher_meta is not None else {}),
         "epochs": epochs_log,
         "dev_eval": (
             {"catalog": "subsample: all products judged for dev queries + "
@@ -637,7 +775,9 @@ def summary(log: Mapping[str, Any]) -> dict[str, Any]:
         "settings": {k: c[k] for k in ("epochs", "batch_size", "lr", "temperature", "train_query_tokens",
                                        "max_title_tokens", "pos_min_rel", "neg_max_rel", "hard_negatives",
                                        "typo_prob", "seed") if k in c},
-        "loss": "in-batch + hard negatives InfoNCE (MultipleNegativesRanking), false negatives masked",
+        "loss": "in-batch + hard negatives InfoNCE (MultipleNegativesRanking), false negatives masked"
+                + (" + listwise KL to the served hybrid ranking's teacher lists" if c.get("distill") else ""),
+        **({"distill": {k: c[k] for k in DISTILL_SETTINGS}} if c.get("distill") else {}),
     }
 
 
@@ -686,14 +826,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--products", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--base-model", type=Path)
+    p.add_argument("--distill", type=Path, help="teacher lists (python -m bundlerec_export.distill): add the KL loss")
     for name in ("epochs", "batch_size", "lr", "temperature", "train_query_tokens", "max_title_tokens", "pos_min_rel",
                  "neg_max_rel", "hard_negatives", "p_judged_negative", "bm25_k", "typo_prob", "seed", "threads",
-                 "max_steps", "eval_random_products", "warmup_ratio", "weight_decay"):
+                 "max_steps", "eval_random_products", "warmup_ratio", "weight_decay", "distill_candidates",
+                 "distill_weight", "distill_temperature"):
         default = getattr(d, name)
         typ = int if isinstance(default, int) or name == "max_steps" else float
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
     p.add_argument("--eval-before", action="store_true", help="also evaluate the base model on dev (epoch 0)")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: the dev check of --base-model (same subsample for the same --seed); --out unused")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -704,8 +848,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bundlerec_export").setLevel(logging.INFO)
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    kw = {k: v for k, v in vars(args).items() if k not in ("eval_before", "no_eval", "no_progress")}
+    kw = {k: v for k, v in vars(args).items() if k not in ("eval_before", "no_eval", "no_progress", "eval_only")}
     cfg = FinetuneConfig(**kw, eval_before=args.eval_before, eval_dev=not args.no_eval, progress=not args.no_progress)
+    if args.eval_only:
+        print(json.dumps(evaluate_model(cfg), indent=1))
+        return 0
     out = finetune(cfg)
     log = json.loads((out / LOG_FILE).read_text())
     print(json.dumps(summary(log), indent=1))
