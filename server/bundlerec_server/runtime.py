@@ -72,6 +72,8 @@ class Runtime:
         self.settings = settings
         self._serving: Serving | None = None
         self.pool = ThreadPoolExecutor(max_workers=settings.encode_workers, thread_name_prefix="encode")
+        # the cross-encoder stage (tens of ms a run) has its own thread, so it never holds up the encode workers
+        self.rerank_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
         self.admission = Admission(settings.max_in_flight, settings.max_queue,
                                    target_latency_s=settings.target_latency_ms / 1000,
                                    queue_target_s=settings.queue_target_ms / 1000)
@@ -184,7 +186,7 @@ class Runtime:
             if budget < reranker.cost.seconds(min(len(hits), reranker.depth)):
                 metrics.RERANKS.labels(RerankOutcome.SKIPPED_DEADLINE.value).inc()
                 return hits, RerankOutcome.SKIPPED_DEADLINE
-        work = asyncio.get_running_loop().run_in_executor(self.pool, reranker.rerank, text, hits)
+        work = asyncio.get_running_loop().run_in_executor(self.rerank_pool, reranker.rerank, text, hits)
         try:
             async with asyncio.timeout(budget):  # None: no deadline
                 out = await work
@@ -216,3 +218,4 @@ class Runtime:
         if self._serving is not None:
             await self._serving.batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.rerank_pool.shutdown(wait=False, cancel_futures=True)

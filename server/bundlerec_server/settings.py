@@ -51,7 +51,7 @@ class Settings:
     max_recent_item_counts: int = field(default=200, metadata={"help": "most recent_item_counts accepted"})
     max_excluded_items: int = field(default=200, metadata={"help": "most filters.exclude_item_ids accepted"})
     max_categories: int = field(default=50, metadata={"help": "most categories in each category filter"})
-    encode_workers: int = field(default=2, metadata={"help": "threads running the encoder and index (ORT and hnswlib release the GIL)"})
+    encode_workers: int = field(default=1, metadata={"help": "threads running the encoder, retrieval and bundling (ORT and hnswlib release the GIL); one measured best on 2 cores (docs/performance.md)"})
     max_batch: int = field(default=16, metadata={"help": "most queries encoded in one micro-batch (1 disables batching)"})
     max_batch_wait_ms: float = field(default=0.0, metadata={"help": "wait this long for a micro-batch to fill (0 = take what is queued when a worker is free)"})
     max_in_flight: int = field(default=32, metadata={"help": "calls worked on at once; more wait in the queue"})
