@@ -169,3 +169,13 @@ def write_judgments(items: list[dict], path: Path) -> Path:
             if len(words) > 2:
                 w.writerow([words[2], it["id"], 2.0])
     return path
+
+
+@pytest.fixture(scope="module")
+def cache_on_off(tiny_artifact):
+    """Two real servers on the tiny artifact, query cache on (64) and off; fresh for each test module."""
+    on = ServerThread(server_settings(tiny_artifact, query_cache_size=64)).start()
+    off = ServerThread(server_settings(tiny_artifact, query_cache_size=0)).start()
+    yield on, off
+    on.stop()
+    off.stop()

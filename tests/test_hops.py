@@ -91,17 +91,8 @@ async def _served(target: str, reqs: list, concurrent: bool) -> list[tuple[str, 
         return [await one(r) for r in reqs]
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_artifact):
-    off = ServerThread(server_settings(tiny_artifact, query_cache_size=0)).start()
-    on = ServerThread(server_settings(tiny_artifact, query_cache_size=64)).start()
-    yield off, on
-    off.stop()
-    on.stop()
-
-
-def test_results_equal_the_engines_own_pipeline_alone_and_concurrently(servers):
-    off, on = servers
+def test_results_equal_the_engines_own_pipeline_alone_and_concurrently(cache_on_off):
+    on, off = cache_on_off
     engine = off.app.runtime.engine()
     assert engine.batch_exact and engine.lexical is not None
     item_id = next(iter(engine.catalog.row_of))
@@ -318,8 +309,7 @@ async def test_the_deadline_covers_encode_and_retrieval_and_skips_the_work_of_a_
 
 @pytest.mark.parametrize("on_loop", [True, False])
 def test_a_cache_hit_runs_on_the_loop_without_a_hop_unless_turned_off(tiny_artifact, on_loop):
-    settings = Settings(**{**server_settings(tiny_artifact).__dict__, "query_cache_size": 8, "cache_hits_on_loop": on_loop})
-    rt = Runtime(settings)
+    rt = Runtime(server_settings(tiny_artifact, query_cache_size=8, cache_hits_on_loop=on_loop))
     rt.swap(rt.load(tiny_artifact))
 
     def where(vec):

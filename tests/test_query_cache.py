@@ -163,15 +163,6 @@ def test_reload_through_the_server_serves_the_new_encoders_results(tiny_artifact
 # --- never changes a ranking ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cache_on_off(tiny_artifact):
-    on = ServerThread(server_settings(tiny_artifact, query_cache_size=64)).start()
-    off = ServerThread(server_settings(tiny_artifact, query_cache_size=0)).start()
-    yield on, off
-    on.stop()
-    off.stop()
-
-
 async def _results(target: str, calls: list[tuple[str, str, dict]], concurrent: bool) -> list:
     async with AsyncClient(target) as c:
         async def one(rpc: str, q: str, kw: dict):

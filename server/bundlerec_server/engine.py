@@ -302,11 +302,11 @@ class Engine:
         return shopper_affinity([r for r in map(rows_of, q.recent_item_ids) if r is not None],
                                 [r for r in map(rows_of, history.recent) if r is not None]), self.settings.presence_weight
 
-    def recommend(self, q: RecommendQuery, vec: np.ndarray | None, history: History | Sequence[str] = (),
+    def recommend(self, q: RecommendQuery, vec: np.ndarray | None, history: History = History(),
                   now_ms: int | None = None) -> list[BundleOut]:
         """Anchors retrieved under the request's filters, then bundled under the same (resolved once); a known
         shopper's history (:meth:`affinity`: the request's and the recorded one) makes the complements
-        repeat-aware. ``history`` may also be a plain list of recorded recent item ids (newest first)."""
+        repeat-aware."""
         allowed = self.allow(q.filters)
         return self.bundle(q, self.anchors(q, vec, allowed), allowed, history, now_ms)
 
@@ -316,11 +316,9 @@ class Engine:
         with tracing.span("retrieve"):
             return self.retrieve(q.query, vec, pool, allowed, self.mode_for(q.mode), self.settings.min_relevance)
 
-    def bundle(self, q: RecommendQuery, anchors: list[Hit], allowed: RowFilter, history: History | Sequence[str] = (),
+    def bundle(self, q: RecommendQuery, anchors: list[Hit], allowed: RowFilter, history: History = History(),
                now_ms: int | None = None) -> list[BundleOut]:
         """Bundles around ``anchors`` (see :meth:`recommend`)."""
-        if not isinstance(history, History):
-            history = History(recent=tuple(history))
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         with tracing.span("bundle"):
             personal, weight = self.affinity(q, history, now_ms)

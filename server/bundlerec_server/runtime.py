@@ -41,12 +41,11 @@ def _filling(cache: QueryCache, text: str, then: Then | None) -> Then:
     return lambda vec: then(cache.put(text, vec))
 
 
-async def _none() -> None:
-    return None
-
-
-async def _value(vec: np.ndarray) -> np.ndarray:
-    return vec
+def _traced(then: Then) -> Then:
+    """``then`` running in the call's tracing context (spans started in a worker are children of the call's)."""
+    if not tracing.enabled():
+        return then
+    return functools.partial(contextvars.copy_context().run, then)  # type: ignore[call-arg]
 
 
 def settle_heap() -> None:
@@ -133,44 +132,33 @@ class Runtime:
                    *, lookup: bool = True) -> Any:
         """``then(vector of text)`` in an encode worker, right after the batch that encodes ``text`` (one hop
         per call; ``text`` None: ``then(None)``, no encoding). The vector comes from the snapshot's query cache
-        when it holds the text (``then`` then runs in a worker without encoding), and a miss fills it. OutOfTime
-        if the deadline (less the margin) comes before the result; the job is then dropped if its batch has not
+        when it holds the text (``then`` then runs on the event loop, or in a worker without encoding when
+        ``cache_hits_on_loop`` is off), and a miss fills it. OutOfTime if the deadline (less the margin) comes
+        before the result; the job is then dropped if its batch has not
         started, and its ``then`` skipped if it has not run yet."""
         batcher, cache = serving.batcher, serving.cache
-        if then is not None and tracing.enabled():  # spans started in the worker are children of the call's
-            then = functools.partial(contextvars.copy_context().run, then)  # type: ignore[call-arg]
-        if text is None:
-            job = batcher.run(None, then) if then is not None else _none()
-        elif cache is None:
-            job = batcher.submit(text, then)
-        else:
-            vec = cache.get(text) if lookup else None
-            if vec is not None and then is not None and self.settings.cache_hits_on_loop:
-                return self._on_loop(vec, then, time_left)
-            if vec is not None:
-                job = batcher.run(vec, then) if then is not None else _value(vec)
-            else:
-                job = batcher.submit(text, _filling(cache, text, then))
+        vec = cache.get(text) if text is not None and cache is not None and lookup else None
         left = time_left() if time_left else None
-        if left is None:
-            return await job
-        budget = left - self.settings.deadline_margin_ms / 1000.0
-        if budget <= 0:
-            job.close()
+        budget = None if left is None else left - self.settings.deadline_margin_ms / 1000.0
+        if budget is not None and budget <= 0:
             raise OutOfTime()
+        if text is None or vec is not None:  # nothing to encode
+            if then is None:
+                return vec
+            then = _traced(then)
+            if vec is not None and self.settings.cache_hits_on_loop:
+                return then(vec)  # a hit: run it right here on the loop, no hop
+            job = batcher.run(vec, then)
+        else:
+            then = _traced(then) if then is not None else None
+            job = batcher.submit(text, then if cache is None else _filling(cache, text, then))
+        if budget is None:
+            return await job
         try:
             async with asyncio.timeout(budget):  # no extra task, unlike wait_for
                 return await job
         except TimeoutError:
             raise OutOfTime() from None
-
-    def _on_loop(self, vec: Any, then: Then, time_left: TimeLeft | None) -> Any:
-        """``then(vec)`` right here on the loop (a cache hit: nothing to encode, so no hop); OutOfTime when the
-        deadline (less the margin) has already come."""
-        left = time_left() if time_left else None
-        if left is not None and left - self.settings.deadline_margin_ms / 1000.0 <= 0:
-            raise OutOfTime()
-        return then(vec)
 
     async def rerank(self, serving: Serving, text: str, hits: list[Hit],
                      time_left: Callable[[], float | None] | None) -> tuple[list[Hit], RerankOutcome]:
