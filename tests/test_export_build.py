@@ -343,3 +343,20 @@ def test_never_ordered_items_get_the_aisle_context_list(tmp_path, tiny_model, mo
     # an ordered item keeps its learned list (support = baskets holding both)
     ordered = int(np.argmax(items.orders))
     assert comp.of(ordered)[2].max() > 0
+
+
+def test_a_cached_folder_is_replaced_whole_or_left_as_it_was(tmp_path):
+    from bundlerec_export import folders
+
+    folder = tmp_path / "cache" / "model-abc"
+    with folders.filled(folder, ".model-") as work:
+        (work / "weights").write_text("v1")
+    assert (folder / "weights").read_text() == "v1"
+    with pytest.raises(RuntimeError), folders.filled(folder, ".model-") as work:
+        (work / "weights").write_text("half")
+        raise RuntimeError("training failed")
+    assert (folder / "weights").read_text() == "v1"  # the failed run left no trace
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["model-abc"]
+    with folders.filled(folder, ".model-") as work:
+        (work / "weights").write_text("v2")
+    assert (folder / "weights").read_text() == "v2"

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import folders
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,8 @@ def exported_base_model(cache: Path) -> Path:
     folder = cache / f"base-fp32-{_model_key(src)}"
     if (folder / "model" / "fp32.onnx").is_file() and (folder / "model" / "tokenizer.json").is_file():
         return folder / "model"
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".base-fp32-", dir=cache))
-    try:
+    with folders.filled(folder, ".base-fp32-") as work:
         ox.export_fp32(src, work / "model")
-        if folder.exists():
-            shutil.rmtree(folder)
-        work.rename(folder)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return folder / "model"
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -45,6 +44,7 @@ from bundlerec_server.artifact import (
 
 from . import cold_start as cs
 from . import complements as cmp
+from . import folders
 from . import onnx_export as ox
 from .config import BuildConfig
 from .datasets import Dataset, load_dataset
@@ -161,11 +161,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         manifest = write_manifest(tmp, _build_into(tmp, ds, cfg, stages, finetuned))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
         unpublished = publish_stage(tmp, cfg.publish_milvus) if cfg.publish_milvus else None
-        _swap_into_place(tmp, out)
+        folders.publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,7 +209,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
         stages.add({"lexical": None})
     stages.done("write", write_stage(root, ds, stats, finetuned))
     stages.add(encoder_part(root, cfg, base_model, finetuned))
-    stages.add(version_part(root, ds))  # content hash: every file is written by now
+    stages.add(version_part(root, ds.name))  # content hash: every file is written by now
     stages.add({"build_config": cfg.as_manifest()})
     if cfg.judgments is not None and cfg.lexical:
         if cfg.ranker:
@@ -221,21 +218,6 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
         if cfg.cross_encoder:
             stages.done("cross_encoder", cross_encoder_stage(root, stages.manifest, cfg.judgments, cfg))
     return stages.finish()
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -543,11 +525,11 @@ def encoder_part(root: Path, cfg: BuildConfig, base_model: Path, finetuned: Fine
     return {"encoder": info}
 
 
-def version_part(root: Path, ds: Dataset) -> Part:
-    """``artifact_version``: time + content hash, unique even for two builds within one second, equal content ->
-    same suffix."""
+def version_part(root: Path, name: str) -> Part:
+    """``artifact_version``: ``name`` + time + content hash, unique even for two builds within one second, equal
+    content -> same suffix."""
     now = datetime.now(UTC)
-    return {"artifact_version": f"{ds.name}-{now.strftime('%Y%m%dT%H%M%S')}-{_content_hash(root)}",
+    return {"artifact_version": f"{name}-{now.strftime('%Y%m%dT%H%M%S')}-{_content_hash(root)}",
             "created_at": now.isoformat(timespec="seconds").replace("+00:00", "Z")}
 
 
@@ -640,17 +622,9 @@ def finetune_for_build(cfg: BuildConfig, judgments: Path, ds: Dataset, out: Path
     if (folder / ft.LOG_FILE).is_file() and (folder / "config.json").is_file():
         logger.info("fine-tuned model reused from %s", folder)
         return FineTuned(folder, Path(start), json.loads((folder / ft.LOG_FILE).read_text()), cached=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".finetuned-{key}-", dir=cache))
-    try:
+    with folders.filled(folder, f".finetuned-{key}-") as work:
         fcfg.out = work
         ft.finetune(fcfg, titles={item.id: item.title for item in ds.items})
-        if folder.exists():
-            shutil.rmtree(folder)
-        work.rename(folder)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     log = json.loads((folder / ft.LOG_FILE).read_text())
     log["config"]["out"] = str(folder)
     (folder / ft.LOG_FILE).write_text(json.dumps(log, indent=1))

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import folders
 from .config import to_json
 from .evaluation import aggregate, query_metrics, read_judgments, split_of
 from .offline import ensure_offline
@@ -429,17 +430,9 @@ def train_and_ship(root: Path, engine: Engine, judgments: Path, cfg: CrossEncode
         logger.info("cross-encoder reused from %s", folder)
         log = json.loads((folder / LOG_FILE).read_text())
     else:
-        cache.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".cross-encoder-{key}-", dir=cache))
-        try:
+        with folders.filled(folder, f".cross-encoder-{key}-") as work:
             log = train_model(train, select, ids, titles, cfg, work, Path(base) / "tokenizer.json")
             (work / LOG_FILE).write_text(json.dumps(log, indent=1))
-            if folder.exists():
-                shutil.rmtree(folder)
-            work.rename(folder)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
     t_export = time.perf_counter()
     files = export_onnx(folder, root)
     t_export = time.perf_counter() - t_export

@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 from bundlerec_server import artifact as A
 
 from . import cold_start as cs
+from . import folders
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def recomplement(artifact: Path, out: Path | None = None, *, work: Path | None =
                  progress: bool = False) -> dict[str, Any]:
     """Recomputes the cold-start complements of ``artifact`` (a catalog without orders) into ``out`` (default: in
     place), atomically; returns the new manifest."""
-    from .build import _content_hash, _swap_into_place
+    from .build import version_part
 
     t0 = time.perf_counter()
     artifact = Path(artifact).resolve()
@@ -134,22 +134,17 @@ def recomplement(artifact: Path, out: Path | None = None, *, work: Path | None =
         (tmp / A.COMPLEMENTS).unlink()  # a hard link to the old file: write a new one, never into it
         comps.write(tmp / A.COMPLEMENTS)
         (tmp / A.MANIFEST).unlink()
-        now = datetime.now(UTC)
+        version = version_part(tmp, manifest.get("dataset", "artifact"))
         info["recomputed"] = {"from": manifest.get("artifact_version"), "previous_method":
                               (manifest.get("complements") or {}).get("method"),
                               "command": "python -m bundlerec_export.recomplement",
-                              "at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-                              "seconds": round(time.perf_counter() - t0, 2)}
+                              "at": version["created_at"], "seconds": round(time.perf_counter() - t0, 2)}
         new = {k2: v for k2, v in manifest.items() if k2 not in ("files", "format_version")}
         new["complements"] = info
-        new["artifact_version"] = f"{manifest.get('dataset', 'artifact')}-{now.strftime('%Y%m%dT%H%M%S')}-{_content_hash(tmp)}"
-        new["created_at"] = info["recomputed"]["at"]
+        new.update(version)
         written = A.write_manifest(tmp, new)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         A.read_manifest(tmp)  # what the server will verify
-        _swap_into_place(tmp, out)
+        folders.publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
