@@ -37,6 +37,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,24 +104,65 @@ def content_fallback(emb: np.ndarray, aisles: Sequence[str], anchors: np.ndarray
     return lambda anchor: lists.get(anchor, [])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    data = load_instacart(args.data_dir)
-    pr = prepare(data)
+@dataclass
+class ColdSplit:
+    """The protocol's data: user-level split, a seeded ``cold_pct`` % of products made cold (every order line of
+    them removed from TRAIN), the test baskets' cold anchors, and the products' title embeddings."""
+
+    pr: Any
+    split: Any
+    emb: np.ndarray
+    cold: np.ndarray
+    train: list[list[int]]
+    test: list[list[int]]
+    anchors: np.ndarray
+    rng: np.random.Generator
+
+
+def cold_split(args: argparse.Namespace) -> ColdSplit:
+    pr = prepare(load_instacart(args.data_dir))
     n = len(pr.ids)
-    full = np.asarray(embed_titles([r for r in _names(args.data_dir)], Path(args.embed_model), Path(args.embeddings)))
+    full = np.asarray(embed_titles(_names(args.data_dir), Path(args.embed_model), Path(args.embeddings)))
     rows = catalog_rows(Path(args.data_dir) / "products.csv")
-    emb = full[[rows[p] for p in pr.ids]]
     split = user_level_split(pr.users, pr.numbers)
     rng = np.random.default_rng(args.seed)
     cold = np.zeros(n, dtype=bool)
     cold[rng.choice(n, size=int(round(args.cold_pct / 100 * n)), replace=False)] = True
-    train = [[r for r in pr.baskets[i] if not cold[r]] for i in split.train]
     test = [pr.baskets[i] for i in split.test]
+    return ColdSplit(pr, split, full[[rows[p] for p in pr.ids]], cold,
+                     [[r for r in pr.baskets[i] if not cold[r]] for i in split.train], test,
+                     np.unique([r for b in test for r in b if cold[r]]), rng)
+
+
+def cold_records(rankers: dict[str, Any], cs_: ColdSplit) -> dict[str, dict[str, np.ndarray]]:
+    """Per method, the pair records of the test baskets' cold anchors (lists restricted to other aisles)."""
+    cold_set = set(cs_.anchors.tolist())
+    out = {}
+    for name, rank in rankers.items():
+        rec = pair_records(cs_.test, other_aisle(lambda a, rank=rank: rank(a) if a in cold_set else [], cs_.pr.aisles),
+                           cs_.pr.aisles, "other_aisle")
+        keep = np.isin(rec["anchor"], cs_.anchors)
+        out[name] = {k: v[keep] for k, v in rec.items()}
+    return out
+
+
+def recall_figures(rec: dict[str, np.ndarray], weights: np.ndarray, **refs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Recall@{5, 10, 20} with 95 % intervals, and the paired ratio to each of ``refs`` (``ratio_vs_<name>``)."""
+    ks = (5, 10, 20)
+    return {**{f"r{k}": mean_ci(rec[f"r{k}"], rec["basket"], weights) for k in ks},
+            **{f"ratio_vs_{name}": {f"r{k}": paired_ratio(rec[f"r{k}"], ref[f"r{k}"], rec["basket"], weights)
+                                    for k in ks} for name, ref in refs.items()}}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    data = cold_split(args)
+    pr, split, emb, cold, train, test, anchors, rng = (data.pr, data.split, data.emb, data.cold, data.train, data.test,
+                                                       data.anchors, data.rng)
+    n = len(pr.ids)
     counts = np.zeros(n)
     for b in train:
         counts[np.unique(np.asarray(b, dtype=np.int64))] += 1
-    anchors = np.unique([r for b in test for r in b if cold[r]])
     logger_info(f"{n} products, {cold.sum()} cold, {len(train)} train / {len(test)} test baskets, "
                 f"{len(anchors)} cold anchors in test")
     common = {"dim": args.dim, "epochs": args.epochs, "seed": args.seed, "lr": args.lr,
@@ -228,24 +270,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     weights = bootstrap_weights(len(test), args.draws, seed=args.seed)
     groups_aisle = cs.category_codes(pr.aisles, n)
     methods: dict[str, Any] = {}
-    ref = None
-    cold_set = set(anchors.tolist())
-    recs = {}
-    for name, rank in rankers.items():
-        rec = pair_records(test, other_aisle(lambda a, rank=rank: rank(a) if a in cold_set else [], pr.aisles),
-                           pr.aisles, "other_aisle")
-        keep = np.isin(rec["anchor"], anchors)
-        recs[name] = {k: v[keep] for k, v in rec.items()}
+    recs = cold_records(rankers, data)
     ref = recs["popularity"]
+    refs = {"popularity": ref, **({"learned_never_ordered": recs["learned_never_ordered"]}
+                                  if "learned_never_ordered" in recs else {})}
     for name, rec in recs.items():
         sub = cs.substitute_share(_comp_of(rankers[name], n, anchors), groups_aisle, emb, pr.titles, anchors, k=5)
         methods[name] = {
-            **{f"r{k}": mean_ci(rec[f"r{k}"], rec["basket"], weights) for k in (5, 10, 20)},
-            "ratio_vs_popularity": {f"r{k}": paired_ratio(rec[f"r{k}"], ref[f"r{k}"], rec["basket"], weights)
-                                    for k in (5, 10, 20)},
-            **({"ratio_vs_learned_never_ordered": {
-                f"r{k}": paired_ratio(rec[f"r{k}"], recs["learned_never_ordered"][f"r{k}"], rec["basket"], weights)
-                for k in (5, 10, 20)}} if "learned_never_ordered" in recs else {}),
+            **recall_figures(rec, weights, **refs),
             "substitute_share_top5": sub,
             "empty_pairs": float(rec["empty"].mean()) if len(rec["empty"]) else None,
         }

@@ -98,47 +98,25 @@ def catalogs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def instacart(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.bundle_quality import bootstrap_weights, load_instacart, mean_ci, pair_records, paired_ratio, prepare
-    from benchmarks.cold_start_eval import _cached_train, _names, catalog_rows, csr_rank, embed_titles, other_aisle
-    from bundlerec_export.splits import user_level_split
+    from benchmarks.bundle_quality import bootstrap_weights
+    from benchmarks.cold_start_eval import _cached_train, cold_records, cold_split, csr_rank, recall_figures
 
-    data = load_instacart(args.data_dir)
-    pr = prepare(data)
-    n = len(pr.ids)
-    full = np.asarray(embed_titles(_names(args.data_dir), Path(args.embed_model), Path(args.embeddings)))
-    rows = catalog_rows(Path(args.data_dir) / "products.csv")
-    emb = full[[rows[p] for p in pr.ids]]
-    split = user_level_split(pr.users, pr.numbers)
-    rng = np.random.default_rng(args.seed)
-    cold = np.zeros(n, dtype=bool)
-    cold[rng.choice(n, size=int(round(args.cold_pct / 100 * n)), replace=False)] = True
-    train = [[r for r in pr.baskets[i] if not cold[r]] for i in split.train]
-    test = [pr.baskets[i] for i in split.test]
-    anchors = np.unique([r for b in test for r in b if cold[r]])
+    data = cold_split(args)
+    pr, emb, train, test, anchors = data.pr, data.emb, data.train, data.test, data.anchors
     cfg = cs.TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, lr=args.lr, anchor_power=args.anchor_power,
                          min_support=args.min_support)
     model, _ = _cached_train(emb, train, pr.aisles, cfg, args)
     weights = bootstrap_weights(len(test), args.draws, seed=args.seed)
-    cold_set = set(anchors.tolist())
     out: dict[str, Any] = {"anchors": int(len(anchors)), "methods": {}}
     for cats_label, cats in (("aisles", pr.aisles), ("no_categories", None)):
-        recs: dict[str, Any] = {}
-        comps: dict[str, Any] = {}
-        for v in args.variants:
-            comps[v] = cs.cold_start_complements(emb, cats, pr.titles, model, top_k=KMAX, anchors=anchors,
-                                                 hub=VARIANTS[v])
-            rank = csr_rank(comps[v])
-            rec = pair_records(test, other_aisle(lambda a, rank=rank: rank(a) if a in cold_set else [], pr.aisles),
-                               pr.aisles, "other_aisle")
-            keep = np.isin(rec["anchor"], anchors)
-            recs[v] = {k: val[keep] for k, val in rec.items()}
+        comps = {v: cs.cold_start_complements(emb, cats, pr.titles, model, top_k=KMAX, anchors=anchors, hub=VARIANTS[v])
+                 for v in args.variants}
+        recs = cold_records({v: csr_rank(c) for v, c in comps.items()}, data)
         ref = recs["two_tower"]
         for v, rec in recs.items():
             hub = cs.hubness(comps[v], anchors[:50], k=3, k_occ=10)
             out["methods"][f"{cats_label}/{v}"] = {
-                **{f"r{k}": mean_ci(rec[f"r{k}"], rec["basket"], weights) for k in (5, 10, 20)},
-                "ratio_vs_uncorrected": {f"r{k}": paired_ratio(rec[f"r{k}"], ref[f"r{k}"], rec["basket"], weights)
-                                         for k in (5, 10, 20)},
+                **recall_figures(rec, weights, uncorrected=ref),
                 "hubness": {k: hub[k] for k in ("distinct", "slots", "max_occurrences", "skewness", "coverage")},
             }
             m = out["methods"][f"{cats_label}/{v}"]
