@@ -145,10 +145,9 @@ class Runtime:
         if text is None or vec is not None:  # nothing to encode
             if then is None:
                 return vec
-            then = _traced(then)
             if vec is not None and self.settings.cache_hits_on_loop:
                 return then(vec)  # a hit: run it right here on the loop, no hop
-            job = batcher.run(vec, then)
+            job = batcher.run(vec, _traced(then))
         else:
             then = _traced(then) if then is not None else None
             job = batcher.submit(text, then if cache is None else _filling(cache, text, then))
