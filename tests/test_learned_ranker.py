@@ -115,8 +115,32 @@ def test_learned_fusion_needs_a_ranker(tiny_artifact, ranked):
         Engine(tiny_artifact, server_settings(tiny_artifact, fusion="learned"))
     art, _ = ranked
     m = json.loads((art / "manifest.json").read_text())
-    with pytest.raises(ArtifactError, match="features"):
-        LearnedRanker(art, {**m["ranker"], "features": list(FEATURES)[:-1]}, Engine(art, server_settings(art)).catalog)
+    catalog = Engine(art, server_settings(art)).catalog
+    with pytest.raises(ArtifactError, match="does not compute \\['colour_matched'\\]"):
+        LearnedRanker(art, {**m["ranker"], "features": [*FEATURES, "colour_matched"]}, catalog)
+    with pytest.raises(ArtifactError, match="features"):  # the model file has len(FEATURES) features
+        LearnedRanker(art, {**m["ranker"], "features": list(FEATURES)[:-1]}, catalog)
+
+
+def test_a_model_over_fewer_features_scores_its_own_columns(ranked, tmp_path):
+    """A ranker trained before features were added (any subset of FEATURES, in its own order) keeps serving: it is
+    given exactly its columns of the full matrix."""
+    import lightgbm as lgb
+
+    art, _ = ranked
+    catalog = Engine(art, server_settings(art)).catalog
+    subset = ["trigram_recall", *FEATURES[:24]]
+    cols = [FEATURES.index(f) for f in subset]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, len(FEATURES)))
+    y = x[:, FEATURES.index("trigram_recall")] - x[:, 0] + rng.normal(scale=0.1, size=200)
+    booster = lgb.train({"objective": "regression", "num_leaves": 4, "verbose": -1, "seed": 0},
+                        lgb.Dataset(x[:, cols], y), 10)
+    (tmp_path / "ranker").mkdir()
+    booster.save_model(str(tmp_path / "ranker" / "model.txt"))
+    ranker = LearnedRanker(tmp_path, {"file": "ranker/model.txt", "features": subset}, catalog)
+    np.testing.assert_allclose(ranker.scores(x), booster.predict(x[:, cols]), rtol=1e-9)
+    assert not np.allclose(ranker.scores(x), booster.predict(x[:, : len(subset)]))  # not simply the first columns
 
 
 def test_standalone_adds_a_ranker_to_an_existing_artifact(artifact_root, ranked):

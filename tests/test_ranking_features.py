@@ -68,6 +68,13 @@ def test_each_feature_by_hand(lexical):
     close(f["query_units"], [1, 1, 1])
     close(f["query_brand"], [1, 1, 1])
     close(f["spelling_changed"], [0, 0, 0])
+    # the query's BM25 words: husky (in 3 of the 5 titles), 1, 2 and socket (each in 1)
+    husky, socket = np.log1p((5 - 3 + 0.5) / (3 + 0.5)), np.log1p((5 - 1 + 0.5) / (1 + 0.5))
+    close(f["idf_coverage"], [1.0, 0.0, husky / (husky + 3 * socket)], rtol=1e-6)
+    close(f["missing_idf"], [0.0, socket, socket], rtol=1e-6)
+    close(f["query_max_idf"], [socket] * 3, rtol=1e-6)
+    # "husky12socket": hus usk sky ky1 y12 12s 2so soc ock cke ket; "husky12indrivesocketset" has all but 12s and 2so
+    close(f["trigram_recall"], [9 / 11, 0.0, 3 / 11], rtol=1e-6)
 
 
 def test_phrase_and_spelling(lexical):

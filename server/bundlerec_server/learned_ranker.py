@@ -30,15 +30,19 @@ class LearnedRanker:
         import lightgbm as lgb
 
         features = tuple(meta.get("features", ()))
-        if features != FEATURES:
-            raise ArtifactError(f"{root}: the ranker was trained on features {list(features)}, this server computes "
-                                f"{list(FEATURES)}; retrain it (python -m bundlerec_export.train_ranker)")
+        unknown = [f for f in features if f not in FEATURES]
+        if not features or unknown:
+            raise ArtifactError(f"{root}: the ranker was trained on features {list(features)}; this server does not "
+                                f"compute {unknown or 'an empty list'} (it computes {list(FEATURES)}); retrain it "
+                                "(python -m bundlerec_export.train_ranker)")
+        # the model's columns of the full feature matrix: a model trained before features were added keeps working
+        self.columns = None if features == FEATURES else np.array([FEATURES.index(f) for f in features], dtype=np.int64)
         path = root / str(meta.get("file", RANKER_MODEL))
         if not path.is_file():
             raise ArtifactError(f"{root}: the manifest names a ranker model {path.name} that is missing")
         self.booster = lgb.Booster(model_file=str(path))
-        if self.booster.num_feature() != len(FEATURES):
-            raise ArtifactError(f"{path}: {self.booster.num_feature()} features, expected {len(FEATURES)}")
+        if self.booster.num_feature() != len(features):
+            raise ArtifactError(f"{path}: {self.booster.num_feature()} features, the manifest lists {len(features)}")
         # Booster.predict builds a predictor per call; one cached predictor (one thread: a request is small, the
         # server runs many) saves most of the fixed cost of scoring ~100 rows
         self._predictor = lgb.basic._InnerPredictor.from_booster(self.booster, {"num_threads": 1})
@@ -53,9 +57,11 @@ class LearnedRanker:
         return feature_matrix(self.titles, lexical, text, c, dense_rows, lexical_rows, keep)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """Model scores of a feature matrix."""
+        """Model scores of a full feature matrix (:data:`FEATURES` columns)."""
         if len(x) == 0:
             return np.zeros(0, dtype=np.float64)
+        if self.columns is not None:
+            x = x[:, self.columns]
         return np.asarray(self._predictor.predict(x, num_iteration=-1), dtype=np.float64)
 
     def rank(self, lexical: Lexical, text: str, c: Candidates, dense: list[Hit], lexical_hits: list[Hit],

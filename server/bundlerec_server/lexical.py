@@ -52,6 +52,9 @@ class Lexical:
             import Stemmer
 
             self.stemmer = Stemmer.Stemmer(algorithm)
+        n_docs = float(self.retriever.scores["num_docs"])
+        df = np.diff(self.retriever.scores["indptr"]).astype(np.float64)
+        self.idf = np.log1p((n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)  # per vocabulary id
         # typos: query words unknown to the catalog are corrected against the titles' own words (None = off)
         self.speller = SpellCorrector(titles) if titles is not None else None
         # search and score_rows of one request (and repeated queries) tokenise once; per instance, so a reload
@@ -87,14 +90,36 @@ class Lexical:
         ids, n_words = (self._query if corrected else self._raw_query)(text)
         bm25 = np.zeros(len(rows), dtype=np.float32)
         matched = np.zeros(len(rows), dtype=np.float32)
-        index = self.retriever.scores
         for t in ids:
-            lo, hi = int(index["indptr"][t]), int(index["indptr"][t + 1])
-            if hi == lo:
-                continue
-            postings = index["indices"][lo:hi]
-            at = np.minimum(np.searchsorted(postings, rows), hi - lo - 1)
-            hit = postings[at] == rows
-            bm25[hit] += index["data"][lo:hi][at[hit]]
-            matched += hit
+            hit, scores = self._postings_hit(t, rows)
+            if scores is not None:
+                bm25[hit] += scores
+                matched += hit
         return bm25, matched / max(n_words, 1)
+
+    def _postings_hit(self, t: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Which of ``rows`` (ascending) have word ``t``, and their BM25 term scores (None: the word has no postings)."""
+        index = self.retriever.scores
+        lo, hi = int(index["indptr"][t]), int(index["indptr"][t + 1])
+        if hi == lo:
+            return np.zeros(len(rows), dtype=bool), None
+        postings = index["indices"][lo:hi]
+        at = np.minimum(np.searchsorted(postings, rows), hi - lo - 1)
+        hit = postings[at] == rows
+        return hit, index["data"][lo:hi][at[hit]]
+
+    def idf_evidence(self, text: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per-term evidence of the (spelling-corrected) query's catalog words for each of ``rows`` (ascending):
+        the idf-weighted share of them the title has, the highest idf among those it lacks (0 when none), and
+        the query's highest idf. idf = ln(1 + (N - df + 0.5) / (df + 0.5)), BM25's."""
+        ids = self._query(text)[0]
+        covered = np.zeros(len(rows), dtype=np.float32)
+        missing = np.zeros(len(rows), dtype=np.float32)
+        if not ids:
+            return covered, missing, 0.0
+        weights = self.idf[ids]
+        for t, w in zip(ids, weights.tolist(), strict=True):
+            hit = self._postings_hit(t, rows)[0]
+            covered += w * hit
+            np.maximum(missing, np.where(hit, 0.0, w), out=missing)
+        return covered / float(weights.sum()), missing, float(weights.max())

@@ -1,7 +1,8 @@
 """Features of a (query, candidate) pair for the learned hybrid ranker: computed in the server from what the
 artifact has (catalog titles, embeddings, BM25 index, quality prior), vectorised over a query's ~100-130
 candidates. The export trains on exactly these (``bundlerec_export.train_ranker``); the model records the
-feature list and the server refuses a model whose list differs from :data:`FEATURES`.
+feature list; the server scores a model over any subset of :data:`FEATURES` (an older model keeps working) and
+refuses one that names a feature it does not compute.
 
 Title-side evidence is precomputed once per catalog (:class:`TitleFeatures`):
 
@@ -9,6 +10,7 @@ Title-side evidence is precomputed once per catalog (:class:`TitleFeatures`):
 * numbers with units: a number followed by a unit (``1/2 in.``, ``1/2"``, ``60-in``, ``3/4 inch``, ``5 gal``,
   ``60-Watt``, ``2 sq. ft.``), canonicalised to ``<number><unit>`` (``1/2in``, ``60w``); ``1 1/2`` and
   ``1-1/2`` are the same number;
+* character trigrams of the title with spaces and punctuation removed (posting lists, like the words);
 * brand: the title's first word when it starts with a letter (Home Depot titles start with the brand:
   "Husky 1/2 in. Drive ..."); a query mentions a brand when one of its words is the first word of at least
   :data:`BRAND_MIN_TITLES` titles.
@@ -33,12 +35,15 @@ FEATURES = (
     "numbers_matched", "units_matched", "brand_matched", "phrase", "bigrams",
     "title_words", "quality", "dense_rank", "lexical_rank", "in_both",
     "query_words", "query_numbers", "query_units", "query_brand", "spelling_changed",
+    "idf_coverage", "missing_idf", "query_max_idf",  # idf-weighted share of the query's words; rarest missing; rarest
+    "trigram_recall",  # share of the query's character trigrams in the title (typos, compounds: "deckover")
 )
 BRAND_MIN_TITLES = 3
 MISSING_RANK = 1000.0  # the rank feature of a candidate the other list did not return (independent of the pool)
 STOPWORDS = frozenset({"a", "an", "the", "and", "or", "for", "with", "of", "to", "in", "on", "by", "x", "is", "at"})
 _WORD = re.compile(r"[a-z]+|\d+(?:[./]\d+)*")
 _NUMBER = re.compile(r"\d")
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 _UNITS = {
     "inches": "in", "inch": "in", "in": "in", '"': "in", "''": "in",
     "feet": "ft", "foot": "ft", "ft": "ft", "'": "ft",
@@ -74,6 +79,12 @@ def units_of(text: str) -> frozenset[str]:
     return frozenset(out)
 
 
+def trigrams_of(text: str) -> frozenset[str]:
+    """Character trigrams of the lower-cased text with everything but letters and digits removed."""
+    s = _NOT_ALNUM.sub("", text.lower())
+    return frozenset(s[i:i + 3] for i in range(len(s) - 2))
+
+
 @dataclass(frozen=True)
 class QueryText:
     words: tuple[str, ...]  # distinct, in order
@@ -81,6 +92,7 @@ class QueryText:
     units: frozenset[str]
     bigrams: tuple[str, ...]  # "w1 w2" of consecutive lower-cased raw words
     phrase: str  # lower-cased, whitespace collapsed
+    trigrams: frozenset[str]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -88,7 +100,7 @@ def parse_query_text(text: str) -> QueryText:
     raw = _WORD.findall(text.lower())
     words = tuple(dict.fromkeys(w for w in raw if w not in STOPWORDS))
     return QueryText(words, frozenset(w for w in words if _NUMBER.match(w)), units_of(text),
-                     tuple(f"{a} {b}" for a, b in zip(raw, raw[1:], strict=False)), " ".join(raw))
+                     tuple(f"{a} {b}" for a, b in zip(raw, raw[1:], strict=False)), " ".join(raw), trigrams_of(text))
 
 
 def _postings(sets: Sequence[frozenset[str]]) -> dict[str, np.ndarray]:
@@ -117,6 +129,7 @@ class TitleFeatures:
         words = [frozenset(words_of(t)) for t in titles]
         self.words = _postings(words)
         self.units = _postings([units_of(t) for t in titles])
+        self.trigrams = _postings([trigrams_of(t) for t in titles])
         self.text = [" ".join(_WORD.findall(t.lower())) for t in titles]  # the phrase/bigram haystack
         self.n_words = np.array([len(w) for w in words], dtype=np.float32)
         first = [m.group(0) if (m := re.match(r"[a-z]+", t.strip().lower())) else "" for t in titles]
@@ -177,6 +190,7 @@ def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candid
         bigrams = np.fromiter((sum(b in t for b in q.bigrams) for t in cand_text), np.float32, n) / max(len(q.bigrams), 1)
     else:
         phrase = bigrams = np.zeros(n, dtype=np.float32)
+    idf_coverage, missing_idf, query_max_idf = lexical.idf_evidence(text, rows)
     dense_rank = _ranks(c.rows, dense_rows)[sel]
     lexical_rank = _ranks(c.rows, lexical_rows)[sel]
     columns = (
@@ -186,6 +200,7 @@ def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candid
         numbers, units, brand, phrase, bigrams,
         titles.n_words[rows], c.quality[sel], dense_rank, lexical_rank, (dense_rank < MISSING_RANK) & (lexical_rank < MISSING_RANK),
         len(q.words), len(q.numbers), len(q.units), bool(query_brands), corrected,
+        idf_coverage, missing_idf, query_max_idf, _fraction(titles.trigrams, q.trigrams, rows),
     )
     for j, col in enumerate(columns):
         x[:, j] = col
