@@ -135,7 +135,8 @@ class Runtime:
         """``then(vector of text)`` in an encode worker, right after the batch that encodes ``text`` (one hop
         per call; ``text`` None: ``then(None)``, no encoding). The vector comes from the snapshot's query cache
         when it holds the text (``then`` then runs on the event loop, or in a worker without encoding when
-        ``cache_hits_on_loop`` is off), and a miss fills it. OutOfTime if the deadline (less the margin) comes
+        ``cache_hits_on_loop`` is off), and a miss fills it. With ``encode_inline``, a miss of the only call in
+        flight that finds the batcher idle is encoded and worked on right here, on the event loop. OutOfTime if the deadline (less the margin) comes
         before the result; the job is then dropped if its batch has not
         started, and its ``then`` skipped if it has not run yet."""
         batcher, cache = serving.batcher, serving.cache
@@ -147,6 +148,8 @@ class Runtime:
             if vec is not None and self.settings.cache_hits_on_loop:
                 return then(vec)  # a hit: run it right here on the loop, no hop
             job = batcher.run(vec, _traced(then))
+        elif self.settings.encode_inline and self.admission.in_flight <= 1 and batcher.idle:
+            return batcher.inline(text, then if cache is None else _filling(cache, text, then))  # alone: no hop
         else:
             then = _traced(then) if then is not None else None
             job = batcher.submit(text, then if cache is None else _filling(cache, text, then))

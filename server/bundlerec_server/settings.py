@@ -96,6 +96,7 @@ class Settings:
     query_cache_size: int = field(default=0, metadata={"help": "query embeddings kept per artifact in an LRU (exact text, whitespace-collapsed where the tokenizer provably ignores it; emptied on reload); 0 = off. About 1.7 KB an entry at dim 384: 4096 ~ 7 MB"})
     reply_cache: bool = field(default=True, metadata={"help": "with the query cache on, also keep whole Recommend replies (same size) for requests nothing personalises (no user, recent items or counts; no re-ranking), so a hit skips retrieval and bundling; emptied on reload"})
     cache_hits_on_loop: bool = field(default=True, metadata={"help": "a query-cache hit runs its retrieval and bundling on the event loop (nothing to encode: no thread hop, no wait behind a batch's encode); off: in an encode worker like a miss"})
+    encode_inline: bool = field(default=False, metadata={"help": "a query of the only call in flight that finds the encode workers idle is encoded, retrieved and bundled on the event loop (no thread hop; the loop is busy for those ~2 ms); measured in docs/performance.md"})
     # --- replicas (client-side load balancing: docs/replicas.md)
     max_connection_age_s: float = field(default=300.0, metadata={"help": "close each client connection (GOAWAY) after about this long, so clients rebalance onto new replicas; gRPC adds up to 10 percent jitter (0 = never)"})
     max_connection_age_grace_s: float = field(default=30.0, metadata={"help": "after max_connection_age_s, calls in flight get this long to finish before the connection is closed"})
