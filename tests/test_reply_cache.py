@@ -200,6 +200,18 @@ def test_a_hit_keeps_its_own_pacing_and_summary(servers):
     assert all(not m.HasField("summary") for m in cached)
 
 
+def test_an_empty_reply_is_cached_and_streams_no_match(servers):
+    on, _ = servers
+    req = pb.RecommendRequest(query="sparkling water", retrieval_mode=pb.RETRIEVAL_MODE_DENSE,
+                              filters=pb.Filters(include_categories=["no such aisle"]))  # nothing passes
+    replies = on.app.runtime.serving().replies
+    hits = replies.hits
+    first, second = asyncio.run(_streams(on.target, [req, req], False))
+    assert first == second and len(first) == 1 and replies.hits == hits + 1
+    summary = pb.RecommendResponse.FromString(first[0]).summary
+    assert summary.bundles_sent == 0 and summary.stop_reason == pb.STOP_REASON_NO_MATCH
+
+
 # --- hot reload ---------------------------------------------------------------------------------------------
 
 
