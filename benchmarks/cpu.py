@@ -154,7 +154,13 @@ class Counters:
             return None
         hits = self.delta.get("bundlerec_query_cache_hits_total", 0.0)
         misses = self.delta.get("bundlerec_query_cache_misses_total", 0.0)
-        return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
+        # a reply-cache hit skips the query cache's lookup: it counts as a hit of the query (nothing encoded)
+        reply_hits = self.delta.get("bundlerec_reply_cache_hits_total", 0.0)
+        reply_misses = self.delta.get("bundlerec_reply_cache_misses_total", 0.0)
+        lookups = hits + misses + reply_hits
+        return {"hits": hits + reply_hits, "misses": misses, "hit_rate": (hits + reply_hits) / lookups if lookups else None,
+                "reply_hits": reply_hits, "reply_misses": reply_misses,
+                "reply_hit_rate": reply_hits / (reply_hits + reply_misses) if reply_hits + reply_misses else None}
 
     def codes(self, method: str = "Recommend") -> dict[str, int]:
         """Calls of ``method`` by final gRPC status code, as the server counted them."""

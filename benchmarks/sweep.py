@@ -166,6 +166,7 @@ def generator_rows(entries: dict[str, dict[str, Any]], rps: float = COMPARE_AT_R
                          "server_cpu_ms_per_call": c.get("server_ms_per_call"),
                          "generator_cpu_ms_per_call": c.get("generator_ms_per_call"),
                          "cache_hit_rate": (r.get("query_cache") or {}).get("hit_rate"),
+                         "reply_hit_rate": (r.get("query_cache") or {}).get("reply_hit_rate"),
                          "ttfb_p50_ms": ttfb.get("p50"), "ttfb_p99_ms": ttfb.get("p99"),
                          "full_p50_ms": full.get("p50"), "full_p99_ms": full.get("p99"), "full_mean_ms": full.get("mean"),
                          "error_rate": r.get("error_rate"), "loadavg_1m": (c.get("loadavg") or [None])[0]})
@@ -175,6 +176,7 @@ def generator_rows(entries: dict[str, dict[str, Any]], rps: float = COMPARE_AT_R
 def print_generator_table(rows: list[dict[str, Any]]) -> None:
     cols = [("server", "server", 16), ("generator", "gen", 7), ("server_cpu_ms_per_call", "srv cpu ms", 10),
             ("generator_cpu_ms_per_call", "gen cpu ms", 10), ("cache_hit_rate", "hits", 5),
+            ("reply_hit_rate", "reply", 5),
             ("ttfb_p50_ms", "ttfb p50", 8), ("ttfb_p99_ms", "ttfb p99", 8), ("full_p50_ms", "full p50", 8),
             ("full_p99_ms", "full p99", 8), ("full_mean_ms", "full mean", 9), ("error_rate", "err", 6),
             ("loadavg_1m", "load", 5)]

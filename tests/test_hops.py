@@ -331,3 +331,59 @@ def test_a_cache_hit_runs_on_the_loop_without_a_hop_unless_turned_off(tiny_artif
     assert (t2 == threading.current_thread().name) is on_loop and t2.startswith("encode") is not on_loop
     assert np.array_equal(v1, v2)
     assert rt.serving().cache.hits == 2  # the second call and the late one both found the vector
+
+
+# --- encode inline: the only call in flight, the batcher idle (``encode_inline``) ----------------------------
+
+
+def test_encode_inline_runs_a_lone_call_on_the_loop_and_anything_else_in_a_worker(tiny_artifact):
+    rt = Runtime(server_settings(tiny_artifact, encode_inline=True, query_cache_size=8))
+    rt.swap(rt.load(tiny_artifact))
+    engine = rt.engine()
+
+    def where(vec):
+        return threading.current_thread().name, np.asarray(vec).copy()
+
+    async def main():
+        serving = rt.serving()
+        batcher = serving.batcher
+        try:
+            alone = await rt.call(serving, "organic milk", where, None)  # nothing in flight: inline
+            assert serving.cache.get("organic milk") is not None  # and the miss filled the cache
+            rt.admission.in_flight = 2  # another call holds a slot: through the batcher
+            busy_calls = await rt.call(serving, "dark chocolate", where, None)
+            gate, inner = threading.Event(), batcher.encode_fn
+            batcher.encode_fn = lambda texts: (gate.wait(10), inner(texts))[1]
+            held = asyncio.ensure_future(rt.call(serving, "frozen pizza", where, None))  # a batch in the worker
+            await asyncio.sleep(0)
+            assert not batcher.idle
+            rt.admission.in_flight = 0
+            queued = asyncio.ensure_future(rt.call(serving, "bananas", where, None))  # alone, the batcher busy: queued
+            await asyncio.sleep(0.05)
+            assert not queued.done()
+            gate.set()
+            return alone, busy_calls, await held, await queued
+        finally:
+            await rt.close()
+
+    loop_thread = threading.current_thread().name
+    results = asyncio.run(main())
+    assert [t for t, _ in results] == [loop_thread, "encode_0", "encode_0", "encode_0"]
+    for (_, vec), text in zip(results, ["organic milk", "dark chocolate", "frozen pizza", "bananas"], strict=True):
+        assert np.array_equal(vec, engine.encoder.encode([text])[0])  # the same vector either way
+    assert Settings().encode_inline is False and Settings.load(["--encode-inline"]).encode_inline is True
+
+
+def test_encode_inline_serves_the_engines_own_results(tiny_artifact):
+    srv = ServerThread(server_settings(tiny_artifact, encode_inline=True)).start()
+    try:
+        engine = srv.app.runtime.engine()
+        reqs = requests(next(iter(engine.catalog.row_of)))
+        want = [(engine.version, reference_recommend(engine, r) if isinstance(r, pb.RecommendRequest) else reference_search(engine, r))
+                for r in reqs]
+        batcher = srv.app.runtime.serving().batcher
+        assert asyncio.run(_served(srv.target, reqs, concurrent=False)) == want
+        assert asyncio.run(_served(srv.target, reqs * 3, concurrent=True)) == want * 3
+        assert batcher.batches < batcher.encoded  # the concurrent calls still formed micro-batches
+    finally:
+        srv.stop()

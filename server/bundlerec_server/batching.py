@@ -57,6 +57,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: deque[_Job] = deque()
+        self.workers = workers
         self._free = workers  # worker slots not running a batch (touched on the event loop only)
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,6 +83,21 @@ class MicroBatcher:
     def running(self) -> bool:
         """Whether jobs are queued or running (there is no dispatcher task: completions start the next batch)."""
         return bool(self._queue) or self._timer is not None
+
+    @property
+    def idle(self) -> bool:
+        """No batch running, none waiting to fill, nobody queued."""
+        return self._free == self.workers and not self._queue and self._timer is None
+
+    def inline(self, text: str, then: Then | None = None) -> Any:
+        """``then(vector of text)`` (the vector itself without ``then``) computed right here, in the caller's thread:
+        for a caller on the event loop that finds the batcher :attr:`idle` (no thread hop; the loop is busy
+        meanwhile, so the caller decides when that is worth it)."""
+        self.batches += 1
+        self.encoded += 1
+        metrics.BATCH_SIZE.observe(1)
+        vec = self.encode_fn([text])[0]
+        return vec if then is None else then(vec)
 
     async def submit(self, text: str, then: Then | None = None) -> Any:
         """``then(vector of text)`` computed in a worker (the vector itself without ``then``)."""

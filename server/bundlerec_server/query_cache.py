@@ -1,4 +1,5 @@
-"""A bounded LRU of query embeddings, one per :class:`~bundlerec_server.runtime.Serving` snapshot.
+"""Bounded LRUs of query embeddings and of whole Recommend replies, one each per
+:class:`~bundlerec_server.runtime.Serving` snapshot.
 
 What is cached is the encoder's output for a query text, BEFORE personalisation (the history blend happens
 per call, after the lookup), so a hit returns exactly the vector a miss would compute: the served graphs are
@@ -11,23 +12,34 @@ Normalisation is conservative: the exact text, except that runs of ASCII whitesp
 are collapsed to one space and trimmed at the ends, and only when the artifact's tokenizer provably gives
 the same tokens for both (a BERT normaliser with ``clean_text`` and a whitespace-splitting pre-tokenizer,
 confirmed by a probe at construction). Case, accents and Unicode whitespace are never folded here.
+
+The reply cache sits beside the query cache (on with it unless ``reply_cache`` is off): for a request that
+nothing personalises, the bundle messages a miss built are reused as they are, so a hit skips retrieval and
+bundling too. What is per call (pacing, stop reason, summary, metrics) is never cached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge
 
+from .domain import Mode, RecommendQuery
+
 HITS = Counter("bundlerec_query_cache_hits_total", "Query embeddings served from the query cache")
 MISSES = Counter("bundlerec_query_cache_misses_total", "Query embeddings computed by the encoder (cache on, not cached)")
 ENTRIES = Gauge("bundlerec_query_cache_entries", "Query embeddings held by the current query cache",
                 multiprocess_mode="livesum")  # with --workers N: summed over the live workers
+REPLY_HITS = Counter("bundlerec_reply_cache_hits_total", "Recommend replies served from the reply cache")
+REPLY_MISSES = Counter("bundlerec_reply_cache_misses_total", "Recommend replies computed (reply cache on, request cacheable, not cached)")
+REPLY_ENTRIES = Gauge("bundlerec_reply_cache_entries", "Recommend replies held by the current reply cache",
+                      multiprocess_mode="livesum")
 
 _ASCII_WS = re.compile(r"[ \t\r\n]+")
 # normalisers and pre-tokenizers (tokenizers' Python class names) under which ASCII whitespace runs only
@@ -64,34 +76,58 @@ def key_function(tokenizer: Any) -> Callable[[str], str]:
     return collapse_whitespace
 
 
-class QueryCache:
-    """Bounded LRU: text -> read-only float32 query vector (the encoder's output, before personalisation).
+class _LRU:
+    """A bounded LRU under one lock (each lookup or insert), counting its lookups in ``hits``/``misses`` and in
+    the given Prometheus counters (which count the same across snapshots)."""
 
-    Thread-safe (one lock around each lookup or insert). ``hits``/``misses`` count lookups; the Prometheus
-    counters above count the same across snapshots."""
-
-    def __init__(self, capacity: int, variant: str, version: str, normalise: Callable[[str], str] = exact) -> None:
+    def __init__(self, capacity: int, hits: Counter, misses: Counter) -> None:
         if capacity < 1:
-            raise ValueError("a query cache holds at least one entry (use no cache for size 0)")
-        self.capacity, self.variant, self.version, self.normalise = capacity, variant, version, normalise
-        self._entries: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
+            raise ValueError("a cache holds at least one entry (use no cache for size 0)")
+        self.capacity = capacity
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._counters = (hits, misses)
         self.hits = 0
         self.misses = 0
+
+    def _get(self, key: Hashable) -> Any:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        self._counters[value is None].inc()
+        return value
+
+    def _put(self, key: Hashable, value: Any) -> int:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            return len(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self), "capacity": self.capacity}
+
+
+class QueryCache(_LRU):
+    """Bounded LRU: text -> read-only float32 query vector (the encoder's output, before personalisation)."""
+
+    def __init__(self, capacity: int, variant: str, version: str, normalise: Callable[[str], str] = exact) -> None:
+        super().__init__(capacity, HITS, MISSES)
+        self.variant, self.version, self.normalise = variant, version, normalise
 
     def key(self, text: str) -> tuple[str, str, str]:
         return self.normalise(text), self.variant, self.version
 
     def get(self, text: str) -> np.ndarray | None:
-        key = self.key(text)
-        with self._lock:
-            vec = self._entries.get(key)
-            if vec is None:
-                self.misses += 1
-            else:
-                self._entries.move_to_end(key)
-                self.hits += 1
-        (MISSES if vec is None else HITS).inc()
+        vec: np.ndarray | None = self._get(self.key(text))
         return vec
 
     def put(self, text: str, vec: np.ndarray) -> np.ndarray:
@@ -99,21 +135,38 @@ class QueryCache:
         returns it."""
         own = np.array(vec, dtype=np.float32, copy=True)
         own.setflags(write=False)
-        key = self.key(text)
-        with self._lock:
-            self._entries[key] = own
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-            size = len(self._entries)
-        ENTRIES.set(size)
+        ENTRIES.set(self._put(self.key(text), own))
         return own
 
-    def __len__(self) -> int:
-        return len(self._entries)
 
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self), "capacity": self.capacity}
+class ReplyCache(_LRU):
+    """Bounded LRU: an impersonal Recommend request -> its reply's bundle messages, best first (a tuple of
+    protobuf messages that nobody modifies: each call streams them under its own pacing and summary).
+
+    Keys are the whole validated request (every field, so a new field is part of the key by default) with the
+    retrieval mode resolved, the text normalised as the query cache does for dense retrieval (exact otherwise:
+    BM25, spelling and the learned ranker read the text itself), the model variant and the artifact version.
+    A personalised request (user id, recent items, purchase counts) or one that re-ranks (its outcome depends
+    on the call's deadline) has no key: it never uses the cache."""
+
+    def __init__(self, capacity: int, variant: str, version: str, normalise: Callable[[str], str] = exact) -> None:
+        super().__init__(capacity, REPLY_HITS, REPLY_MISSES)
+        self.variant, self.version, self.normalise = variant, version, normalise
+
+    def key(self, q: RecommendQuery, mode: Mode, rerank: bool) -> Hashable | None:
+        if rerank or q.user_id or q.recent_item_ids or q.recent_item_counts:
+            return None
+        text = self.normalise(q.query) if mode is Mode.DENSE else q.query
+        return dataclasses.replace(q, query=text, mode=mode, rerank=False), self.variant, self.version
+
+    def get(self, key: Hashable) -> tuple[Any, ...] | None:
+        messages: tuple[Any, ...] | None = self._get(key)
+        return messages
+
+    def put(self, key: Hashable, messages: Sequence[Any]) -> tuple[Any, ...]:
+        own = tuple(messages)
+        REPLY_ENTRIES.set(self._put(key, own))
+        return own
 
 
 def for_engine(engine: Any, capacity: int) -> QueryCache | None:
@@ -125,3 +178,11 @@ def for_engine(engine: Any, capacity: int) -> QueryCache | None:
                        key_function(tokenizer))
     ENTRIES.set(0)
     return cache
+
+
+def replies_for(cache: QueryCache | None) -> ReplyCache | None:
+    """A fresh reply cache beside the query cache ``cache`` (same size, keys and normalisation); None without one."""
+    if cache is None:
+        return None
+    REPLY_ENTRIES.set(0)
+    return ReplyCache(cache.capacity, cache.variant, cache.version, cache.normalise)

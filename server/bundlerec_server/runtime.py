@@ -11,7 +11,7 @@ import contextvars
 import functools
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from .domain import Hit, RerankOutcome
 from .engine import Engine
 from .errors import NotReady, OutOfTime
 from .events import EventStore
-from .query_cache import QueryCache, for_engine
+from .query_cache import QueryCache, ReplyCache, for_engine, replies_for
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -58,12 +58,13 @@ def settle_heap() -> None:
 
 @dataclass(frozen=True)
 class Serving:
-    """An engine, the micro-batcher in front of its encoder and its query cache (None: off): taken together by a
-    call, swapped together (a reload starts with an empty cache)."""
+    """An engine, the micro-batcher in front of its encoder, its query cache and its reply cache (None: off):
+    taken together by a call, swapped together (a reload starts with empty caches)."""
 
     engine: Engine
     batcher: MicroBatcher
     cache: QueryCache | None = None
+    replies: ReplyCache | None = None
 
 
 class Runtime:
@@ -109,7 +110,8 @@ class Runtime:
             workers=self.settings.encode_workers,
         )
         cache = for_engine(engine, self.settings.query_cache_size)
-        old, self._serving = self._serving, Serving(engine, batcher, cache)
+        replies = replies_for(cache) if self.settings.reply_cache else None
+        old, self._serving = self._serving, Serving(engine, batcher, cache, replies)
         if old is not None:
             old.batcher.retire()  # calls still holding the old pair keep using it; its task ends once idle
         if not engine.batch_exact and self.settings.max_batch > 1:
@@ -133,21 +135,21 @@ class Runtime:
         """``then(vector of text)`` in an encode worker, right after the batch that encodes ``text`` (one hop
         per call; ``text`` None: ``then(None)``, no encoding). The vector comes from the snapshot's query cache
         when it holds the text (``then`` then runs on the event loop, or in a worker without encoding when
-        ``cache_hits_on_loop`` is off), and a miss fills it. OutOfTime if the deadline (less the margin) comes
+        ``cache_hits_on_loop`` is off), and a miss fills it. With ``encode_inline``, a miss of the only call in
+        flight that finds the batcher idle is encoded and worked on right here, on the event loop. OutOfTime if the deadline (less the margin) comes
         before the result; the job is then dropped if its batch has not
         started, and its ``then`` skipped if it has not run yet."""
         batcher, cache = serving.batcher, serving.cache
         vec = cache.get(text) if text is not None and cache is not None and lookup else None
-        left = time_left() if time_left else None
-        budget = None if left is None else left - self.settings.deadline_margin_ms / 1000.0
-        if budget is not None and budget <= 0:
-            raise OutOfTime()
+        budget = self.budget(time_left)
         if text is None or vec is not None:  # nothing to encode
             if then is None:
                 return vec
             if vec is not None and self.settings.cache_hits_on_loop:
                 return then(vec)  # a hit: run it right here on the loop, no hop
             job = batcher.run(vec, _traced(then))
+        elif self.settings.encode_inline and self.admission.in_flight <= 1 and batcher.idle:
+            return batcher.inline(text, then if cache is None else _filling(cache, text, then))  # alone: no hop
         else:
             then = _traced(then) if then is not None else None
             job = batcher.submit(text, then if cache is None else _filling(cache, text, then))
@@ -158,6 +160,23 @@ class Runtime:
                 return await job
         except TimeoutError:
             raise OutOfTime() from None
+
+    def budget(self, time_left: TimeLeft | None) -> float | None:
+        """Seconds left for a call's work (its deadline less the margin; None: no deadline); OutOfTime when none."""
+        left = time_left() if time_left else None
+        budget = None if left is None else left - self.settings.deadline_margin_ms / 1000.0
+        if budget is not None and budget <= 0:
+            raise OutOfTime()
+        return budget
+
+    def reply(self, serving: Serving, key: Hashable, time_left: TimeLeft | None) -> tuple[Any, ...] | None:
+        """The reply cached under ``key`` in the snapshot's reply cache, or None; OutOfTime (as for a computed
+        reply) when the call's deadline, less the margin, has come."""
+        assert serving.replies is not None
+        messages = serving.replies.get(key)
+        if messages is not None:
+            self.budget(time_left)
+        return messages
 
     async def rerank(self, serving: Serving, text: str, hits: list[Hit],
                      time_left: Callable[[], float | None] | None) -> tuple[list[Hit], RerankOutcome]:

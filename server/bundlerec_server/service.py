@@ -9,7 +9,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
@@ -126,17 +126,28 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         self.settings = runtime.settings
 
     async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
-                       ) -> tuple[list[pb.RecommendResponse], Personalization, Stop | None, RerankOutcome]:
+                       ) -> tuple[Sequence[pb.RecommendResponse], Personalization, Stop | None, RerankOutcome]:
         """The call's bundle messages, best first, and how the query was personalised; Stop.DEADLINE (no bundles)
-        when the deadline comes first. Without re-ranking, the encode worker retrieves, bundles and builds the
-        messages right after its encode (one hop); with it, the anchors go through the cross-encoder stage first."""
+        when the deadline comes first. A request nothing personalises may find its messages in the reply cache;
+        otherwise, without re-ranking, the encode worker retrieves, bundles and builds the messages right after
+        its encode (one hop); with it, the anchors go through the cross-encoder stage first."""
         engine = serving.engine
         rerank = engine.wants_rerank(q.rerank, recommend=True)
+        mode = engine.mode_for(q.mode)
+        replies = serving.replies
+        key = replies.key(q, mode, rerank) if replies is not None else None
+        if key is not None:
+            try:
+                cached = self.rt.reply(serving, key, time_left)
+            except OutOfTime:
+                return [], Personalization(), Stop.DEADLINE, RerankOutcome.NOT_USED
+            if cached is not None:
+                return cached, Personalization(), None, RerankOutcome.NOT_USED
         history = History()
         if q.user_id and self.rt.events is not None:
             with tracing.span("history"):
                 history = await self.rt.events.history(q.user_id)
-        encoded = engine.needs_vector(engine.mode_for(q.mode))
+        encoded = engine.needs_vector(mode)
         began = time.time_ns()
         request_ids = (*q.recent_item_ids, *(c.item_id for c in q.recent_item_counts))
         allowed = engine.allow(q.filters)
@@ -158,6 +169,9 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         except OutOfTime:
             return [], Personalization(), Stop.DEADLINE, RerankOutcome.NOT_USED
         if not rerank:
+            if key is not None:
+                assert replies is not None
+                out = replies.put(key, out)
             return out, info, None, RerankOutcome.NOT_USED
         with tracing.span("rerank"):
             anchors, outcome = await self.rt.rerank(serving, q.query, out, time_left)
