@@ -8,7 +8,15 @@ import pytest
 from bundlerec_export.build import build_lexical
 from bundlerec_server.fusion import Candidates
 from bundlerec_server.lexical import Lexical
-from bundlerec_server.ranking_features import FEATURES, MISSING_RANK, TitleFeatures, feature_matrix, units_of
+from bundlerec_server.ranking_features import (
+    FEATURES,
+    MISSING_RANK,
+    RowTokens,
+    TitleFeatures,
+    feature_matrix,
+    trigrams_of,
+    units_of,
+)
 
 TITLES = [
     "Husky 1/2 in. Drive Socket Set",
@@ -106,3 +114,19 @@ def test_kept_rows_equal_the_full_matrix(lexical, query, keep):
     full = feature_matrix(*args)
     part = feature_matrix(*args, keep=np.array(keep, dtype=np.int64))
     np.testing.assert_array_equal(part, full[keep])
+
+
+def test_row_tokens_fraction_equals_set_arithmetic():
+    """The gathered count equals the share of the query's tokens found in each title's set, empty titles (first,
+    middle, last, all) included, repeated and unknown query tokens counted in the denominator as written."""
+    titles = ["", "Husky 1/2 in. Socket", "ab", "Husky socket set", "", "deck over stain", "x"]
+    sets = [trigrams_of(t) for t in titles]
+    table = RowTokens(sets)
+    for query in ("husky socket", "deckover", "zzz", "husk"):
+        q = trigrams_of(query)
+        for rows in ([0, 1, 2, 3, 4, 5, 6], [4], [1, 4], [0, 6], [5, 6], [2, 3]):
+            r = np.array(rows, dtype=np.int64)
+            expected = [len(q & sets[i]) / len(q) if q else 0.0 for i in rows]
+            np.testing.assert_allclose(table.fraction(q, r), expected, rtol=1e-6)
+    assert table.fraction(frozenset(), np.array([1, 3])).tolist() == [0.0, 0.0]
+    assert table.fraction(trigrams_of("husky"), np.zeros(0, dtype=np.int64)).shape == (0,)

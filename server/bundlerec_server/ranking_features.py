@@ -121,6 +121,37 @@ def _has(postings: dict[str, np.ndarray], token: str, rows: np.ndarray) -> np.nd
     return hit
 
 
+class RowTokens:
+    """Each title's distinct tokens as ids (one flat int32 array, offsets per row): the share of a query's tokens
+    each candidate title has is one gather over the candidates' tokens, whatever the number of query tokens
+    (a query has ~20 character trigrams; a posting-list probe per token would cost ~5 us each)."""
+
+    def __init__(self, sets: Sequence[frozenset[str]]) -> None:
+        self.ids: dict[str, int] = {}
+        lists = [[self.ids.setdefault(t, len(self.ids)) for t in tokens] for tokens in sets]
+        self.offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in lists], out=self.offsets[1:])
+        self.flat = np.fromiter((i for x in lists for i in x), dtype=np.int32, count=int(self.offsets[-1]))
+
+    def fraction(self, tokens: Sequence[str] | frozenset[str], rows: np.ndarray) -> np.ndarray:
+        """Fraction of ``tokens`` (known to the catalog or not) each of ``rows`` has (0 when there are none)."""
+        out = np.zeros(len(rows), dtype=np.float32)
+        ids = [i for t in tokens if (i := self.ids.get(t)) is not None]
+        if not ids or not len(rows):
+            return out
+        wanted = np.zeros(len(self.ids), dtype=bool)
+        wanted[ids] = True
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        sizes = ends - starts
+        at = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
+        # one False appended: every start (an empty last row's too) is inside the array; reduceat gives an empty
+        # row one element of its neighbour, hence the where
+        hit = np.append(wanted[self.flat[at]], False)
+        counts = np.add.reduceat(hit, np.cumsum(sizes) - sizes, dtype=np.int64)
+        out[:] = np.where(sizes > 0, counts, 0)
+        return out / np.float32(len(tokens))
+
+
 class TitleFeatures:
     """Per-title evidence, computed once per catalog (about a second for 55k titles): posting lists of words and
     numbers-with-units, a brand code per title, the lower-cased title text for phrase matches."""
@@ -129,7 +160,7 @@ class TitleFeatures:
         words = [frozenset(words_of(t)) for t in titles]
         self.words = _postings(words)
         self.units = _postings([units_of(t) for t in titles])
-        self.trigrams = _postings([trigrams_of(t) for t in titles])
+        self.trigrams = RowTokens([trigrams_of(t) for t in titles])
         self.text = [" ".join(_WORD.findall(t.lower())) for t in titles]  # the phrase/bigram haystack
         self.n_words = np.array([len(w) for w in words], dtype=np.float32)
         first = [m.group(0) if (m := re.match(r"[a-z]+", t.strip().lower())) else "" for t in titles]
@@ -200,7 +231,7 @@ def feature_matrix(titles: TitleFeatures, lexical: Lexical, text: str, c: Candid
         numbers, units, brand, phrase, bigrams,
         titles.n_words[rows], c.quality[sel], dense_rank, lexical_rank, (dense_rank < MISSING_RANK) & (lexical_rank < MISSING_RANK),
         len(q.words), len(q.numbers), len(q.units), bool(query_brands), corrected,
-        idf_coverage, missing_idf, query_max_idf, _fraction(titles.trigrams, q.trigrams, rows),
+        idf_coverage, missing_idf, query_max_idf, titles.trigrams.fraction(q.trigrams, rows),
     )
     for j, col in enumerate(columns):
         x[:, j] = col
