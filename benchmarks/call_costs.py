@@ -2,7 +2,9 @@
 
     python -m benchmarks.call_costs [--artifact artifacts/demo] [--n 200]
 
-Prints milliseconds of this thread's CPU per call for: encoding one query (and per query in batches of 4),
+Prints milliseconds of this thread's CPU per call for: encoding one query (back to back; after a 10 ms pause, the
+gap between calls at 100 RPS; and after 64 MB more have passed through the caches in that pause, as a server's
+other work and the machine's neighbours do), per query in batches of 4,
 tokenising, the request-limit token count, dense retrieval (and hnswlib's knn_query alone), Engine.recommend
 (retrieval + bundling), building the 5 bundle messages, serialising them, parsing a request, and the 7 metric
 updates a call makes. What issue 13's hop changes could and could not save is read from these.
@@ -15,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec_server import convert, metrics
 from bundlerec_server.domain import Filters, RecommendQuery
@@ -22,11 +26,16 @@ from bundlerec_server.engine import Engine
 from bundlerec_server.settings import Settings
 
 
-def cpu_ms(fn: Callable[[int], object], n: int) -> float:
-    t = time.thread_time()
+def cpu_ms(fn: Callable[[int], object], n: int, before: Callable[[], object] | None = None) -> float:
+    """This thread's CPU ms per ``fn(i)``; ``before`` (a pause, a cache flush) runs untimed before each call."""
+    total = 0.0
     for i in range(n):
+        if before is not None:
+            before()
+        t = time.thread_time()
         fn(i)
-    return (time.thread_time() - t) / n * 1000
+        total += time.thread_time() - t
+    return total / n * 1000
 
 
 def main() -> None:
@@ -54,28 +63,37 @@ def main() -> None:
         metrics.IN_FLIGHT.dec()
         metrics.BATCH_SIZE.observe(1)
 
-    rows = [
-        ("encode one query", lambda i: e.encoder.encode([queries[i]])),
-        ("encode, per query in batches of 4", None),
-        ("tokenize", lambda i: e.encoder.tokenize([queries[i]])),
-        ("token count (request limit)", lambda i: e.check_tokens(queries[i])),
-        ("dense retrieval (64 anchors)", lambda i: e.dense(vecs[i], 64, Filters())),
-        ("  of which hnswlib knn_query", lambda i: e.vectors.index.knn_query(vecs[i], k=64)),  # type: ignore[attr-defined]
-        ("Engine.recommend (retrieval + bundling)", lambda i: e.recommend(qs[i], vecs[i])),
-        ("5 bundle messages", lambda i: [convert.bundle_message(b, r, e.catalog) for r, b in enumerate(bundles[i], 1)]),
-        ("serialise them", lambda i: [m.SerializeToString() for m in msgs[i]]),
-        ("parse + validate a request", lambda i: convert.recommend_query(pb.RecommendRequest(query=queries[i]), settings)),
-        ("7 metric updates", metric_updates),
+    flush = np.ones(8_000_000)  # 64 MB
+
+    def pause_and_flush() -> None:
+        time.sleep(0.01)
+        flush.sum()
+
+    rows: list[tuple[str, Callable[[int], object] | None, Callable[[], object] | None]] = [
+        ("encode one query", lambda i: e.encoder.encode([queries[i]]), None),
+        ("  the same after a 10 ms pause", lambda i: e.encoder.encode([queries[i]]), lambda: time.sleep(0.01)),
+        ("  after a pause and 64 MB through the caches", lambda i: e.encoder.encode([queries[i]]), pause_and_flush),
+        ("encode, per query in batches of 4", None, None),
+        ("tokenize", lambda i: e.encoder.tokenize([queries[i]]), None),
+        ("token count (request limit)", lambda i: e.check_tokens(queries[i]), None),
+        ("dense retrieval (64 anchors)", lambda i: e.dense(vecs[i], 64, Filters()), None),
+        ("  of which hnswlib knn_query", lambda i: e.vectors.index.knn_query(vecs[i], k=64), None),  # type: ignore[attr-defined]
+        ("Engine.recommend (retrieval + bundling)", lambda i: e.recommend(qs[i], vecs[i]), None),
+        ("  after a pause and 64 MB through the caches", lambda i: e.recommend(qs[i], vecs[i]), pause_and_flush),
+        ("5 bundle messages", lambda i: [convert.bundle_message(b, r, e.catalog) for r, b in enumerate(bundles[i], 1)], None),
+        ("serialise them", lambda i: [m.SerializeToString() for m in msgs[i]], None),
+        ("parse + validate a request", lambda i: convert.recommend_query(pb.RecommendRequest(query=queries[i]), settings), None),
+        ("7 metric updates", metric_updates, None),
     ]
-    for name, fn in rows:
+    for name, fn, before in rows:
         if fn is None:
             t = time.thread_time()
             for i in range(0, n, 4):
                 e.encoder.encode(queries[i : i + 4])
             ms = (time.thread_time() - t) / n * 1000
         else:
-            ms = cpu_ms(fn, n)
-        print(f"{name:<42} {ms:7.3f} ms CPU / call")
+            ms = cpu_ms(fn, n, before)
+        print(f"{name:<46} {ms:7.3f} ms CPU / call")
 
 
 if __name__ == "__main__":
