@@ -89,6 +89,12 @@ def test_cli_trains_on_titles_and_train_queries_only(teacher, tmp_path):
     assert log["titles"] + log["holdout_titles"] == len(items)
     assert log["teacher_check_cosine"] > 0.999
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    more = tmp_path / "student-more"  # more epochs from that student: its weights, not the teacher's layer 0
+    assert main(["--teacher", str(teacher), "--init", str(out), "--artifact", str(artifact), "--out", str(more),
+                 "--epochs", "1", "--threads", "1", "--no-progress"]) == 0
+    more_log = json.loads((more / "shrink_log.json").read_text())
+    assert more_log["init"] == str(out)
+    assert more_log["val_cosine_start"] == pytest.approx(log["epochs"][-1]["val_cosine"], abs=1e-5)
     other = make_tiny_bert(tmp_path / "other", seed=7)
     with pytest.raises(SystemExit, match="not"):  # an artifact of another model is refused
         main(["--teacher", str(other), "--artifact", str(artifact), "--out", str(tmp_path / "x"), "--layers", "0"])

@@ -164,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, required=True, help="artifact built from the teacher (titles + vectors)")
     p.add_argument("--judgments", type=Path, help="query,product_id,relevance CSV: its TRAIN queries are added")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--init", type=Path, help="continue from this student folder (its layers) instead of the teacher's")
     p.add_argument("--epochs", type=int, default=DistillSettings.epochs)
     p.add_argument("--batch-size", type=int, default=DistillSettings.batch_size)
     p.add_argument("--lr", type=float, default=DistillSettings.lr)
@@ -201,13 +202,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep = [i for i in range(len(titles)) if i not in hold]
     texts = [titles[i] for i in keep] + queries
     all_targets = np.concatenate([targets[keep], q_targets]).astype(np.float32)
-    out = make_student(args.teacher, layers, args.out)
+    if args.init is not None:  # more epochs on an earlier student (a new warm-up and decay)
+        shutil.copytree(args.init, args.out, dirs_exist_ok=True)
+        out = args.out
+    else:
+        out = make_student(args.teacher, layers, args.out)
     tok, student = load_model(out)
     logger.info("student: layers %s of %s, %d titles + %d train queries", layers, args.teacher, len(keep), len(queries))
     log = distill(student, tok, texts, all_targets, settings, progress=not args.no_progress,
                   val=(val_titles, val_targets))
     student.save_pretrained(out, safe_serialization=True)
-    log.update(teacher=str(args.teacher), layers=layers, titles=len(keep), train_queries=len(queries),
+    log.update(teacher=str(args.teacher), init=str(args.init) if args.init else None, layers=layers, titles=len(keep), train_queries=len(queries),
                holdout_titles=len(val_titles), teacher_check_cosine=check, settings=asdict(settings))
     (out / "shrink_log.json").write_text(json.dumps(log, indent=2))
     print(json.dumps(log, indent=2))
