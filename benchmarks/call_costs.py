@@ -1,6 +1,6 @@
 """CPU cost of each step of one Recommend call, in process (thread CPU time, one query at a time).
 
-    python -m benchmarks.call_costs [--artifact artifacts/demo] [--n 200]
+    python -m benchmarks.call_costs [--artifact artifacts/demo] [--n 200] [--queries benchmarks/queries/instacart.txt]
 
 Prints milliseconds of this thread's CPU per call for: encoding one query (back to back; after a 10 ms pause, the
 gap between calls at 100 RPS; and after 64 MB more have passed through the caches in that pause, as a server's
@@ -42,11 +42,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", type=Path, default=Path("artifacts/demo"))
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--queries", type=Path, default=Path("benchmarks/queries/instacart.txt"), help="one query a line")
     args = p.parse_args()
     settings = Settings(artifact=args.artifact)
     e = Engine(args.artifact.resolve(), settings)
     e.warmup()
-    queries = [line.strip() for line in open("benchmarks/queries/instacart.txt") if line.strip()][: args.n]
+    queries = [line.strip() for line in open(args.queries) if line.strip()][: args.n]
     n = len(queries)
     vecs = [e.encoder.encode([q])[0] for q in queries]
     qs = [RecommendQuery(query=q, user_id="", recent_item_ids=(), max_bundles=5, items_per_bundle=3, filters=Filters(),
