@@ -11,13 +11,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
+
+from benchmarks.procs import free_port
+from benchmarks.report import emit
 
 
 def reply() -> list[Any]:
@@ -73,12 +75,6 @@ def serve_sync(port: int) -> None:
     server.wait_for_termination()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import h2load
 
@@ -96,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     procs, rows = {}, []
     try:
         for kind in ("aio", "sync"):
-            port = _port()
+            port = free_port()
             procs[kind] = (subprocess.Popen([sys.executable, "-m", "benchmarks.grpc_floor", "--serve", kind, "--port", str(port)]), port)
         time.sleep(3)
         for rnd in range(args.rounds):
@@ -114,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc, _ in procs.values():
             proc.terminate()
             proc.wait()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    emit({"rows": rows}, args.json, echo=False)  # each row was printed as it came
     return 0
 
 

@@ -8,10 +8,11 @@ engine with its default settings), the difference and the ratio with 95 % paired
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.report import emit
 
 BM25_TEST = 0.3553  # plain BM25 on the Home Depot test split (the reference)
 
@@ -57,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
               "bootstrap": "10,000 paired resamples of the queries, seed 0"}
     if args.split == "test":
         report |= {"new_x_bm25": round(float(n.mean()) / BM25_TEST, 4), "new_x_bm25_95ci": ci(n[idx].mean(1) / BM25_TEST)}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.json)
     return 0
 
 

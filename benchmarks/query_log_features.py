@@ -15,12 +15,13 @@ with the evidence constrained to raise a score only (LightGBM ``monotone_constra
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.report import emit
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "dev": {"ranker": fit(False, False), "ranker + log features": fit(True, False),
                 "ranker + log features, monotone": fit(True, True)},
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.json)
     return 0
 
 
