@@ -35,20 +35,3 @@ def test_settings_are_frozen():
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
     assert s.replace(port=1).port == 1
-
-
-def test_switch_interval_is_set_for_a_serving_process_only_when_asked():
-    import sys
-
-    from bundlerec_server.app import tune_interpreter
-
-    before = sys.getswitchinterval()
-    try:
-        tune_interpreter(Settings())
-        assert sys.getswitchinterval() == before  # 0: Python's own
-        tune_interpreter(Settings.load(["--switch-interval-ms", "0.5"]))
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-    finally:
-        sys.setswitchinterval(before)
-    with pytest.raises(ValueError, match="switch_interval_ms"):
-        Settings(switch_interval_ms=-1).check()

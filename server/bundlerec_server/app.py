@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,15 +128,7 @@ async def create_server(settings: Settings) -> App:
     return app
 
 
-def tune_interpreter(settings: Settings) -> None:
-    """Process-wide interpreter settings of a serving process (not of an in-process test server)."""
-    if settings.switch_interval_ms > 0:
-        sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
-        logger.info("thread switch interval %.2f ms", sys.getswitchinterval() * 1000)
-
-
 async def serve(settings: Settings) -> None:
-    tune_interpreter(settings)
     app = await create_server(settings)
     if settings.metrics_port:
         serve_metrics(settings.metrics_port, settings.metrics_host)

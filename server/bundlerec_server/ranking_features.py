@@ -124,7 +124,8 @@ def _has(postings: dict[str, np.ndarray], token: str, rows: np.ndarray) -> np.nd
 class RowTokens:
     """Each title's distinct tokens as ids (one flat int32 array, offsets per row): the share of a query's tokens
     each candidate title has is one gather over the candidates' tokens, whatever the number of query tokens
-    (a query has ~20 character trigrams; a posting-list probe per token would cost ~5 us each)."""
+    (a query has ~20 character trigrams; a posting-list probe per token would cost ~5 us each). Words and units,
+    a few a query, keep their posting lists: this for them too measured 0.25 against 0.23 ms a query."""
 
     def __init__(self, sets: Sequence[frozenset[str]]) -> None:
         self.ids: dict[str, int] = {}

@@ -97,7 +97,6 @@ class Settings:
     reply_cache: bool = field(default=True, metadata={"help": "with the query cache on, also keep whole Recommend replies (same size) for requests nothing personalises (no user, recent items or counts; no re-ranking), so a hit skips retrieval and bundling; emptied on reload. About 6.6 KB an entry at 5 bundles x 3 items: 4096 ~ 27 MB"})
     cache_hits_on_loop: bool = field(default=True, metadata={"help": "a query-cache hit runs its retrieval and bundling on the event loop (nothing to encode: no thread hop, no wait behind a batch's encode); off: in an encode worker like a miss"})
     encode_inline: bool = field(default=False, metadata={"help": "a query of the only call in flight that finds the encode workers idle is encoded, retrieved and bundled on the event loop (no thread hop; the loop is busy for those ~2 ms); measured in docs/performance.md"})
-    switch_interval_ms: float = field(default=0.0, metadata={"help": "the interpreter's thread switch interval (sys.setswitchinterval, whole process): how long a thread waiting for the GIL lets the holder run before it asks for a hand-off (0 = Python's own, 5 ms)"})
     # --- replicas (client-side load balancing: docs/replicas.md)
     max_connection_age_s: float = field(default=300.0, metadata={"help": "close each client connection (GOAWAY) after about this long, so clients rebalance onto new replicas; gRPC adds up to 10 percent jitter (0 = never)"})
     max_connection_age_grace_s: float = field(default=30.0, metadata={"help": "after max_connection_age_s, calls in flight get this long to finish before the connection is closed"})
@@ -194,8 +193,6 @@ class Settings:
                 problems.append(f"{name} must be >= 1")
         if self.workers < 1:
             problems.append("workers must be >= 1")
-        if self.switch_interval_ms < 0:
-            problems.append("switch_interval_ms must be >= 0 (0 = Python's default)")
         if self.query_cache_size < 0:
             problems.append("query_cache_size must be >= 0 (0 = off)")
         if self.workers > 1 and self.port == 0:
