@@ -16,7 +16,7 @@ from bundlerec_server.artifact import ArtifactError, read_manifest
 from bundlerec_server.domain import Filters, Hit
 from bundlerec_server.engine import Engine
 from bundlerec_server.fusion import Candidates, Fusion, fused_scores
-from bundlerec_server.learned_ranker import RANKER_MODEL, SCORED_CANDIDATES, LearnedRanker
+from bundlerec_server.learned_ranker import RANKER_MODEL, SCORED_CANDIDATES, LearnedRanker, compiled, probe_rows
 from bundlerec_server.ranking_features import FEATURES
 
 
@@ -99,15 +99,50 @@ def test_ties_are_broken_by_row(ranked):
     engine = Engine(art, server_settings(art))
     assert engine.ranker is not None and engine.lexical is not None
 
-    class Constant:
-        def predict(self, x, num_iteration=-1):
-            return np.zeros(len(x))
-
-    engine.ranker._predictor = Constant()
+    engine.ranker._predict = lambda x: np.zeros(len(x))
     rows = np.array([2, 5, 9, 11], dtype=np.int64)
     c = Candidates(rows, np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32))
     hits = engine.ranker.rank(engine.lexical, "x", c, [Hit(11, 1.0), Hit(2, 0.5)], [], 3)
     assert [h.row for h in hits] == [2, 5, 9]
+
+
+def test_the_compiled_engine_gives_lightgbm_scores(ranked):
+    """lleaves' machine code and LightGBM's predictor agree on real feature rows and at every split threshold."""
+    import lightgbm as lgb
+
+    art, judgments = ranked
+    fast = Engine(art, server_settings(art))
+    slow = Engine(art, server_settings(art, ranker_engine="lightgbm"))
+    assert fast.ranker is not None and slow.ranker is not None and fast.lexical is not None
+    assert (fast.ranker.engine, slow.ranker.engine) == ("compiled", "lightgbm")
+    rows = []
+    for q in _queries(judgments):
+        vec = fast.encoder.encode([q])[0]
+        dense, lexical = fast.dense(vec, 64, Filters()), fast.lexical_hits(q, 64, Filters())
+        rows.append(fast.ranker.features(fast.lexical, q, fast.candidates(vec, q, dense, lexical), dense, lexical))
+    probe = probe_rows(lgb.Booster(model_file=str(art / RANKER_MODEL)))
+    for x in (np.concatenate(rows), probe):
+        np.testing.assert_allclose(fast.ranker.scores(x), slow.ranker.scores(x), rtol=0, atol=1e-9)
+    assert len(np.unique(fast.ranker.scores(probe))) > 1  # the probe reaches different leaves
+
+
+def test_the_compiled_engine_is_refused_when_it_disagrees_or_is_missing(ranked, monkeypatch):
+    import sys
+
+    import lightgbm as lgb
+
+    art, _ = ranked
+    booster = lgb.Booster(model_file=str(art / RANKER_MODEL))
+    with pytest.raises(ArtifactError, match="differs from LightGBM"):
+        compiled(art / RANKER_MODEL, booster, lambda x: booster.predict(x) + 1e-6)
+    m = read_manifest(art)
+    catalog = Engine(art, server_settings(art, ranker_engine="lightgbm")).catalog
+    monkeypatch.setitem(sys.modules, "lleaves", None)  # not installed
+    with pytest.raises(ArtifactError, match="--ranker-engine lightgbm"):
+        LearnedRanker(art, m["ranker"], catalog, "compiled")
+    assert LearnedRanker(art, m["ranker"], catalog, "lightgbm").engine == "lightgbm"
+    with pytest.raises(ValueError, match="ranker_engine"):
+        server_settings(art, ranker_engine="xgboost").check()
 
 
 def test_learned_fusion_needs_a_ranker(tiny_artifact, ranked):
@@ -165,14 +200,13 @@ def test_prefilter_scores_only_the_best_by_the_scores_fusion(ranked, monkeypatch
     engine = Engine(art, server_settings(art))
     assert engine.ranker is not None and engine.lexical is not None
     seen: list[int] = []
-    predict = engine.ranker._predictor.predict
+    predict = engine.ranker._predict
 
-    class Counting:
-        def predict(self, x, num_iteration=-1):
-            seen.append(len(x))
-            return predict(x, num_iteration=num_iteration)
+    def counting(x):
+        seen.append(len(x))
+        return predict(x)
 
-    engine.ranker._predictor = Counting()
+    engine.ranker._predict = counting
     monkeypatch.setattr(lr, "SCORED_CANDIDATES", 3)
     q = "husky socket"
     vec = engine.encoder.encode([q])[0]

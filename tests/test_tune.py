@@ -10,7 +10,7 @@ from conftest import ServerThread, build_tiny_artifact, server_settings
 from bundlerec import Client
 from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec_export.evaluation import split_of
-from bundlerec_export.tune import tune_serving
+from bundlerec_export.tune import EF_GRID, EF_TOLERANCE, choose_ef, engine_for, tune_serving
 
 
 def test_tune_writes_serving_choice_used_by_the_server(artifact_root, tmp_path):
@@ -38,8 +38,35 @@ def test_tune_writes_serving_choice_used_by_the_server(artifact_root, tmp_path):
         expected = {"dense": pb.RETRIEVAL_MODE_DENSE, "lexical": pb.RETRIEVAL_MODE_LEXICAL, "hybrid": pb.RETRIEVAL_MODE_HYBRID}
         assert info.default_retrieval_mode == expected[serving["default_retrieval_mode"]]
         assert srv.app.runtime.engine().fusion.method == serving["fusion"]["method"]
+        if serving["default_retrieval_mode"] != "lexical":  # ef tuned on the served ranking, and served
+            assert srv.app.runtime.engine().ef == serving["ef_search"] <= manifest["index"]["ef_search"]
+        else:
+            assert "ef_search" not in serving
     finally:
         srv.stop()
+
+
+def test_choose_ef_takes_the_cheapest_beam_within_tolerance_and_restores_the_index(artifact_root, tmp_path):
+    from bundlerec_server.domain import Filters, Mode
+    from bundlerec_server.fusion import Fusion
+
+    art = build_tiny_artifact(artifact_root, name="tiny-ef")
+    engine = engine_for(art)
+    engine.manifest["index"]["ef_search"] = 150  # as if recall had needed a wide beam: 64, 96, 128 and 150 tried
+    items = [json.loads(line) for line in (art / "items.jsonl").read_text().splitlines()]
+    queries = sorted({" ".join(it["title"].lower().split()[:2]) for it in items})[:12]
+    judged = {q: {it["id"]: 3.0 for it in items if it["title"].lower().startswith(q)} for q in queries}
+    lists = {}
+    for q in queries:
+        vec = engine.encoder.encode([q])[0]
+        lists[q] = (vec, engine.dense(vec, 100, Filters()), engine.lexical_hits(q, 100, Filters()))
+    before = [h.row for h in engine.dense(lists[queries[0]][0], 64, Filters())]
+    ef, table = choose_ef(engine, judged, lists, Mode.HYBRID, Fusion("scores", alpha=0.5, coverage=0.5))
+    tried = [int(e) for e in table["ndcg"]]
+    assert tried == [e for e in EF_GRID if e < 150] + [150] and table["index_ef"] == 150
+    ok = [e for e in tried if table["ndcg"][str(e)] >= table["ndcg"]["150"] * (1 - EF_TOLERANCE)]
+    assert ef == min(ok)
+    assert [h.row for h in engine.dense(lists[queries[0]][0], 64, Filters())] == before
 
 
 def _queries(path):

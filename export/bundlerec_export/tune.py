@@ -34,6 +34,10 @@ RRF_KS = (20, 60)
 SCORE_ALPHAS = (0.5, 0.6, 0.7, 0.8)
 COVERAGE_WEIGHTS = (0.0, 0.3, 0.5, 0.7, 1.0, 1.5)
 POOL = 100
+# HNSW ef: the cheapest beam whose served ranking stays within EF_TOLERANCE (relative NDCG@k on dev) of the index's
+# recall-tuned ef, which stays the ceiling (docs/ranking.md, "HNSW ef chosen by the served ranking")
+EF_GRID = (64, 96, 128, 192, 256)
+EF_TOLERANCE = 0.001
 
 
 def tune_serving(artifact: Path, judgments: Path, split: str = "dev", k: int = 10, progress: bool = True) -> dict[str, Any]:
@@ -142,15 +146,58 @@ def choose_serving(engine: Engine, judgments: Path, split: str = "dev", k: int =
         best_scores = configs[max((n for n in scores if n.startswith("scores")), key=lambda n: scores[n])][1]
         assert best_scores is not None
         chosen.update(alpha=best_scores.alpha, coverage=best_scores.coverage)
-    serving = {
+    serving: dict[str, Any] = {
         "default_retrieval_mode": configs[best][0].value,
         "fusion": chosen,
         "tuned_on": {"judgments": str(judgments), "split": split, "queries": len(queries), "metric": f"ndcg@{k}",
                      "pool": POOL, "ndcg": {n: round(v, 4) for n, v in scores.items()}, "best": best},
     }
+    if configs[best][0] is not Mode.LEXICAL:
+        ef, table = choose_ef(engine, judged, lists, configs[best][0], Fusion.from_dict(chosen), k)
+        if ef:
+            serving["ef_search"] = ef
+            serving["tuned_on"]["ef"] = table
     logger.info("tuned on %d %s queries: best %s (NDCG@%d %.4f); lexical %.4f, dense %.4f", len(queries), split, best, k,
                 scores[best], scores["lexical"], scores["dense"])
     return serving
+
+
+def choose_ef(engine: Engine, judged: dict[str, dict[str, float]], lists: dict[str, Any], mode: Mode, fusion: Fusion,
+              k: int = 10) -> tuple[int, dict[str, Any]]:
+    """(ef, table): the smallest ef of :data:`EF_GRID` (at most the index's recall-tuned ef, which is always tried)
+    whose served ranking (``mode`` and ``fusion`` over the server's default anchor pool) has NDCG@k within
+    :data:`EF_TOLERANCE` of the recall-tuned ef's; (0, {}) for a vector backend without a settable ef."""
+    from bundlerec_server.domain import Filters, Mode
+    from bundlerec_server.settings import Settings
+    from bundlerec_server.vectors import HnswVectors
+
+    if not isinstance(engine.vectors, HnswVectors):
+        return 0, {}
+    pool = Settings.anchor_pool  # the served candidate lists (the dataclass default)
+    ceiling = int(engine.manifest.get("index", {}).get("ef_search", 0)) or engine.ef
+    grid = sorted({e for e in EF_GRID if e < ceiling} | {ceiling})
+    ids = engine.catalog.ids
+    # as served: the lexical list retrieved at the served pool (ties at its end are cut as the server cuts them)
+    lexical = {q: engine.lexical_hits(q, pool, Filters()) for q in lists} if mode is Mode.HYBRID else {}
+    ndcg = {}
+    vectors, tuning_pool = engine.vectors, engine.vectors.anchor_pool
+    vectors.anchor_pool = pool  # the server's HNSW fetch (the tuning engine fetches POOL)
+    try:
+        for ef in grid:
+            vectors.set_ef(ef)
+            per_query = []
+            for q, (vec, _, _) in lists.items():
+                dense = engine.dense(vec, pool, Filters())
+                hits = dense[:k] if mode is Mode.DENSE else engine.fuse(vec, q, dense, lexical[q], fusion, k)
+                per_query.append(query_metrics([ids[h.row] for h in hits], judged[q], k))
+            ndcg[ef] = aggregate(per_query)["ndcg"] or 0.0
+    finally:
+        vectors.anchor_pool = tuning_pool
+        vectors.set_ef(max(engine.ef, tuning_pool))
+    chosen = min(ef for ef in grid if ndcg[ef] >= ndcg[ceiling] * (1.0 - EF_TOLERANCE))
+    logger.info("ef %d chosen (NDCG@%d %.4f; %.4f at the recall-tuned ef %d)", chosen, k, ndcg[chosen], ndcg[ceiling], ceiling)
+    return chosen, {"pool": pool, "index_ef": ceiling, "tolerance": EF_TOLERANCE,
+                    "ndcg": {str(ef): round(v, 4) for ef, v in ndcg.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,9 @@ class Engine:
         self.complements = A.Complements.read(self.root / A.COMPLEMENTS)
         if len(self.complements.indptr) != len(self.catalog) + 1:
             raise A.ArtifactError(f"{self.root}: complements.npz does not cover {len(self.catalog)} items")
-        idx = m.get("index", {})
-        self.ef = settings.ef_search or int(idx.get("ef_search", 64))
+        idx, serving = m.get("index", {}), m.get("serving", {})
+        # HNSW ef: the setting, else the one tuned on judgments (tune), else the index's recall-tuned one
+        self.ef = settings.ef_search or int(serving.get("ef_search") or idx.get("ef_search", 64))
         self.vectors: VectorIndex = open_vectors(
             settings.vector_backend, index_path=self.root / A.INDEX, version=self.version, embeddings=self.embeddings,
             catalog=self.catalog, ef=self.ef, anchor_pool=settings.anchor_pool,
@@ -89,11 +90,10 @@ class Engine:
         if self.encoder.dim != self.dim:
             raise A.ArtifactError(f"{self.root}: encoder dimension {self.encoder.dim}, index {self.dim}")
         self.modes = [Mode.DENSE] + ([Mode.LEXICAL, Mode.HYBRID] if self.lexical else [])
-        serving = m.get("serving", {})
         self.fusion = Fusion.from_dict({**serving.get("fusion", {}), **settings.fusion_overrides()})
         self.ranker: LearnedRanker | None = None
         if m.get("ranker") and self.lexical is not None:
-            self.ranker = LearnedRanker(self.root, m["ranker"], self.catalog)
+            self.ranker = LearnedRanker(self.root, m["ranker"], self.catalog, settings.ranker_engine)
         if self.fusion.method == "learned" and self.ranker is None:
             raise A.ArtifactError(f"{self.root}: fusion 'learned' needs a ranker model (and a lexical index), which "
                                   "this artifact lacks; add one with python -m bundlerec_export.train_ranker")

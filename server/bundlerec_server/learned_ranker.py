@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,19 @@ RANKER_MODEL = "ranker/model.txt"
 SCORED_CANDIDATES = 50
 
 
-class LearnedRanker:
-    """The model, the catalog's title evidence and the scoring of one query's candidates."""
+# LightGBM reads a feature value within this of 0 as 0 (kZeroThreshold, a float): the compiled model is given the same
+ZERO_BAND = float(np.float32(1e-35))
+# the compiled model must give LightGBM's scores on probe rows at every split threshold (and one ulp either side)
+COMPILED_TOLERANCE = 1e-9
+PROBE_ROWS = 2048
 
-    def __init__(self, root: Path, meta: dict[str, Any], catalog: Catalog) -> None:
+
+class LearnedRanker:
+    """The model, the catalog's title evidence and the scoring of one query's candidates. ``engine``: ``compiled``
+    runs the trees as machine code (lleaves, compiled at load and checked against LightGBM on probe rows; about
+    5x faster on 50 rows), ``lightgbm`` through LightGBM's own predictor."""
+
+    def __init__(self, root: Path, meta: dict[str, Any], catalog: Catalog, engine: str = "compiled") -> None:
         import lightgbm as lgb
 
         features = tuple(meta.get("features", ()))
@@ -45,7 +56,13 @@ class LearnedRanker:
             raise ArtifactError(f"{path}: {self.booster.num_feature()} features, the manifest lists {len(features)}")
         # Booster.predict builds a predictor per call; one cached predictor (one thread: a request is small, the
         # server runs many) saves most of the fixed cost of scoring ~100 rows
-        self._predictor = lgb.basic._InnerPredictor.from_booster(self.booster, {"num_threads": 1})
+        predictor = lgb.basic._InnerPredictor.from_booster(self.booster, {"num_threads": 1})
+        self._predict: Callable[[np.ndarray], np.ndarray] = functools.partial(predictor.predict, num_iteration=-1)
+        if engine == "compiled":
+            self._predict = compiled(path, self.booster, self._predict)
+        elif engine != "lightgbm":
+            raise ValueError(f"ranker engine {engine!r} is not compiled or lightgbm")
+        self.engine = engine
         self.meta = meta
         self.titles = TitleFeatures(catalog.titles)
 
@@ -62,7 +79,7 @@ class LearnedRanker:
             return np.zeros(0, dtype=np.float64)
         if self.columns is not None:
             x = x[:, self.columns]
-        return np.asarray(self._predictor.predict(x, num_iteration=-1), dtype=np.float64)
+        return np.asarray(self._predict(x), dtype=np.float64)
 
     def rank(self, lexical: Lexical, text: str, c: Candidates, dense: list[Hit], lexical_hits: list[Hit],
              k: int, prefilter: Fusion | None = None) -> list[Hit]:
@@ -75,6 +92,50 @@ class LearnedRanker:
             keep = np.sort(np.argsort(-fused_scores(c, prefilter), kind="stable")[: max(SCORED_CANDIDATES, k)])
         rows = c.rows if keep is None else c.rows[keep]
         return top_hits(rows, positive(self.scores(self.features(lexical, text, c, dense, lexical_hits, keep))), k)
+
+
+def compiled(path: Path, booster: Any, reference: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """The model at ``path`` compiled by lleaves (about 1 s for 150 trees), refused unless it gives ``reference``'s
+    scores on probe rows made of the model's own split thresholds, each exactly and one ulp either side."""
+    try:
+        import lleaves
+    except ImportError as exc:
+        raise ArtifactError(f"the compiled ranker engine needs lleaves ({exc}); install it or start with "
+                            "--ranker-engine lightgbm") from None
+    model = lleaves.Model(model_file=str(path))
+    model.compile()
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        x = np.where(np.abs(x) <= ZERO_BAND, 0.0, x)  # LightGBM's zero band (a fresh C-contiguous float64 array)
+        return np.asarray(model.predict(x, n_jobs=1), dtype=np.float64)
+
+    probe = probe_rows(booster)
+    gap = float(np.max(np.abs(predict(probe) - reference(probe)), initial=0.0))
+    if gap > COMPILED_TOLERANCE:
+        raise ArtifactError(f"{path}: the compiled model differs from LightGBM by {gap:g} on probe rows; start with "
+                            "--ranker-engine lightgbm")
+    return predict
+
+
+def probe_rows(booster: Any, n: int = PROBE_ROWS, seed: int = 0) -> np.ndarray:
+    """``n`` rows whose every value is one of its feature's split thresholds in the model, or one ulp above or
+    below it (0 for a feature the model never splits on)."""
+    thresholds: list[list[float]] = [[] for _ in range(booster.num_feature())]
+
+    def walk(node: dict[str, Any]) -> None:
+        if "split_index" in node:
+            thresholds[node["split_feature"]].append(float(node["threshold"]))
+            walk(node["left_child"])
+            walk(node["right_child"])
+
+    for tree in booster.dump_model()["tree_info"]:
+        walk(tree["tree_structure"])
+    rng = np.random.default_rng(seed)
+    columns = []
+    for values in thresholds:
+        v = np.array(values or [0.0])
+        columns.append(rng.choice(np.concatenate([v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)]), n))
+    return np.ascontiguousarray(np.stack(columns, axis=1), dtype=np.float64)
 
 
 def positive(raw: np.ndarray) -> np.ndarray:

@@ -74,11 +74,12 @@ class Settings:
     min_relevance: float = field(default=0.3, metadata={"help": "dense anchors need at least this cosine to the query; below it nothing matched"})
     min_complement_strength: float = field(default=0.1, metadata={"help": "weakest complement association kept in a bundle, in [0, 1]"})
     complement_bonus: float = field(default=0.25, metadata={"help": "bundle score = anchor score x (1 + bonus x mean complement strength)"})
-    ef_search: int = field(default=0, metadata={"help": "HNSW ef at query time (0 = the artifact's recorded value)"})
+    ef_search: int = field(default=0, metadata={"help": "HNSW ef at query time (0 = the artifact's: tuned on judgments where it has them, else its index's recall-tuned value)"})
     retrieval_mode: str = field(default="", metadata={"help": "default retrieval: dense, lexical or hybrid ('' = the artifact's recommendation)"})
     fusion: str = field(default="", metadata={"help": "hybrid fusion: rrf, blend, scores or learned (the artifact's LambdaRank model) ('' = the artifact's tuned choice)"})
     fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     fusion_coverage: float = field(default=-1.0, metadata={"help": "scores fusion: weight of query-word coverage (-1 = the artifact's tuned value)"})
+    ranker_engine: str = field(default="compiled", metadata={"help": "how the learned ranker's trees run: compiled (lleaves: the LightGBM model compiled to machine code at load, checked against LightGBM) or lightgbm", "choices": ("compiled", "lightgbm")})
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
     rerank: str = field(default="", metadata={"help": "cross-encoder re-ranking of the top hits by default: on (refused at start if the artifact has no cross-encoder), off (not loaded; requests asking for it are refused) or '' (the artifact's dev-tuned choice); requests may opt in or out", "choices": ("", "on", "off")})
     rerank_depth: int = field(default=0, metadata={"help": "hits re-ranked by the cross-encoder, 2 to 100 (0 = the depth it was trained on)"})
@@ -173,6 +174,8 @@ class Settings:
             problems.append(f"model_variant {self.model_variant!r} is not fp32, int8, int8_pertoken or fp16")
         if self.fusion not in ("", "rrf", "blend", "scores", "learned"):
             problems.append(f"fusion {self.fusion!r} is not rrf, blend, scores or learned")
+        if self.ranker_engine not in ("compiled", "lightgbm"):
+            problems.append(f"ranker_engine {self.ranker_engine!r} is not compiled or lightgbm")
         if self.rerank not in ("", "on", "off"):
             problems.append(f"rerank {self.rerank!r} is not on, off or ''")
         if self.rerank_depth != 0 and not 2 <= self.rerank_depth <= 100:

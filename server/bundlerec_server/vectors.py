@@ -79,6 +79,10 @@ class HnswVectors:
     def describe(self) -> str:
         return "hnswlib (in process)"
 
+    def set_ef(self, ef: int) -> None:
+        """The beam width of later searches (hnswlib searches with at least the k asked for)."""
+        self.index.set_ef(ef)
+
     def search(self, vec: np.ndarray, k: int, allowed: RowFilter, floor: float = -1.0) -> list[Hit]:
         n = len(self.embeddings)
         rows = allowed.category_rows()
