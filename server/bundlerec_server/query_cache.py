@@ -113,6 +113,11 @@ class _LRU:
         self._counters[value is None].inc()
         return value
 
+    def peek(self, key: Hashable) -> Any:
+        """The entry under ``key`` or None, not counted as a lookup (after waiting on another call's flight)."""
+        with self._lock:
+            return self._entries.get(key)
+
     def _put(self, key: Hashable, value: Any) -> int:
         with self._lock:
             self._entries[key] = value

@@ -120,6 +120,9 @@ class Runtime:
         cache = for_engine(engine, self.settings.query_cache_size)
         replies = replies_for(cache) if self.settings.reply_cache else None
         searches = replies_for(cache, SearchCache) if self.settings.reply_cache else None
+        for c in (cache, replies, searches):
+            if c is not None:
+                c.flights.enabled = self.settings.single_flight
         old, self._serving = self._serving, Serving(engine, batcher, cache, replies, searches)
         if old is not None:
             old.batcher.retire()  # calls still holding the old pair keep using it; its task ends once idle
@@ -150,6 +153,8 @@ class Runtime:
             vec = cache.find(key)
             if vec is None and cache.flights.running(key):
                 vec = await cache.flights.join(key, functools.partial(self.budget, time_left))
+                if vec is None:  # its leader had none; a next one may have stored it meanwhile
+                    vec = cache.peek(key)
             if vec is not None and then is None:
                 return vec
         budget = self.budget(time_left)
@@ -198,6 +203,8 @@ class Runtime:
         reply = replies.get(key)
         if reply is None and replies.flights.running(key):
             reply = await replies.flights.join(key, functools.partial(self.budget, time_left))
+            if reply is None:  # its leader had none; a next one may have stored it meanwhile
+                reply = replies.peek(key)
         if reply is not None:
             self.budget(time_left)
             return reply
