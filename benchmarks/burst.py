@@ -5,7 +5,9 @@ given, so alternate them): server CPU ms per call (/proc), texts the encoder ran
 coalesced, latency p50/p99 and the load average.
 
     python -m benchmarks.burst --artifact artifacts/demo --rpc recommend --texts 40 --burst 16 \\
-        --setting "sf=--query-cache-size 4096" --setting "nosf=--query-cache-size 4096 --no-single-flight" [--json F]
+        --setting "cache=--query-cache-size 4096" --setting "off=--query-cache-size 0" [--json F]
+
+(The single-flight A/B in docs/performance.md used a ``--no-single-flight`` flag that exists only in commit 51eca85.)
 """
 
 from __future__ import annotations

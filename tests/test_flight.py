@@ -253,6 +253,27 @@ async def _until(predicate) -> None:
         await asyncio.sleep(0.005)
 
 
+def _held_run(held: Held, main):
+    """``asyncio.run(main())``, then ``held`` released and removed whatever happened."""
+    try:
+        return asyncio.run(main())
+    finally:
+        held.gate.set()
+        held.restore()
+
+
+def _reference(server: ServerThread, req):
+    """What ``server`` (no cache) replies to ``req``."""
+    return asyncio.run(_replies(server.target, [req], False))[0]
+
+
+def _held_request(server: ServerThread, rpc: str, text: str, fail: bool = False) -> tuple[object, Held]:
+    """A ``rpc`` request for ``text``, and the engine method its work runs (Search: ``search``; Recommend:
+    ``anchors``) held for its first call."""
+    req = _search(text) if rpc == "search" else _recommend(text)
+    return req, Held(server.app.runtime.serving().engine, "search" if rpc == "search" else "anchors", fail)
+
+
 @pytest.fixture(scope="module")
 def flights_servers(tiny_artifact):
     """Caches on (query cache 64, reply caches), and no cache at all: the reference replies."""
@@ -266,12 +287,10 @@ def flights_servers(tiny_artifact):
 @pytest.mark.parametrize("rpc", ["search", "recommend"])
 def test_concurrent_identical_misses_compute_once_and_get_identical_replies(flights_servers, rpc):
     on, off = flights_servers
-    text = f"organic milk {rpc}"
-    req = _search(text) if rpc == "search" else _recommend(text)
     serving = on.app.runtime.serving()
     cache = serving.searches if rpc == "search" else serving.replies
     metric = f"bundlerec_{'search' if rpc == 'search' else 'reply'}_cache_coalesced_total"
-    held = Held(serving.engine, "search" if rpc == "search" else "anchors")
+    req, held = _held_request(on, rpc, f"organic milk {rpc}")
     coalesced0, misses0 = counter(metric), cache.misses
 
     async def main():
@@ -282,17 +301,8 @@ def test_concurrent_identical_misses_compute_once_and_get_identical_replies(flig
             held.gate.set()
             return await asyncio.gather(*calls)
 
-    try:
-        got = asyncio.run(main())
-    finally:
-        held.gate.set()
-        held.restore()
-
-    async def reference():
-        async with grpc.aio.insecure_channel(off.target) as ch:
-            return await _one(pb_grpc.BundleRecommenderStub(ch), req)
-
-    want = asyncio.run(reference())
+    got = _held_run(held, main)
+    want = _reference(off, req)
     assert want and got == [want] * 6  # exactly what an uncached server computes
     assert held.calls == 1 and cache.misses - misses0 == 6 and len(cache.flights) == 0
     assert counter(metric) - coalesced0 == 5
@@ -301,10 +311,7 @@ def test_concurrent_identical_misses_compute_once_and_get_identical_replies(flig
 @pytest.mark.parametrize("rpc", ["search", "recommend"])
 def test_a_waiter_out_of_time_gets_deadline_while_the_leader_completes(flights_servers, rpc):
     on, off = flights_servers
-    text = f"sparkling water {rpc}"
-    req = _search(text) if rpc == "search" else _recommend(text)
-    serving = on.app.runtime.serving()
-    held = Held(serving.engine, "search" if rpc == "search" else "anchors")
+    req, held = _held_request(on, rpc, f"sparkling water {rpc}")
 
     async def main():
         async with grpc.aio.insecure_channel(on.target) as ch:
@@ -316,11 +323,7 @@ def test_a_waiter_out_of_time_gets_deadline_while_the_leader_completes(flights_s
             held.gate.set()
             return late, await lead
 
-    try:
-        late, lead = asyncio.run(main())
-    finally:
-        held.gate.set()
-        held.restore()
+    late, lead = _held_run(held, main)
     if rpc == "search":
         assert late == grpc.StatusCode.DEADLINE_EXCEEDED
     else:  # the stream's own DEADLINE stop, or the client's deadline if it came first
@@ -328,19 +331,13 @@ def test_a_waiter_out_of_time_gets_deadline_while_the_leader_completes(flights_s
             pb.RecommendResponse.FromString(late[-1]).summary.stop_reason == pb.STOP_REASON_DEADLINE)
     assert isinstance(lead, (bytes, list)) and held.calls == 1
 
-    async def reference():
-        async with grpc.aio.insecure_channel(off.target) as ch:
-            return await _one(pb_grpc.BundleRecommenderStub(ch), req)
-
-    assert lead == asyncio.run(reference())
+    assert lead == _reference(off, req)
 
 
 @pytest.mark.parametrize("ending", ["fails", "cancelled"])
 def test_a_failing_or_cancelled_leader_neither_hangs_nor_fails_its_waiters(flights_servers, ending):
     on, off = flights_servers
-    req = _search(f"frozen pizza {ending}")
-    serving = on.app.runtime.serving()
-    held = Held(serving.engine, "search", fail=ending == "fails")
+    req, held = _held_request(on, "search", f"frozen pizza {ending}", fail=ending == "fails")
 
     async def main():
         async with grpc.aio.insecure_channel(on.target) as ch:
@@ -362,17 +359,9 @@ def test_a_failing_or_cancelled_leader_neither_hangs_nor_fails_its_waiters(fligh
                 lead = err.code() if isinstance(err, grpc.aio.AioRpcError) else grpc.StatusCode.CANCELLED
             return lead, got
 
-    try:
-        lead, got = asyncio.run(main())
-    finally:
-        held.gate.set()
-        held.restore()
+    lead, got = _held_run(held, main)
 
-    async def reference():
-        async with grpc.aio.insecure_channel(off.target) as ch:
-            return await _one(pb_grpc.BundleRecommenderStub(ch), req)
-
-    want = asyncio.run(reference())
+    want = _reference(off, req)
     assert lead in (grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)  # the leader's own end
     assert got == [want] * 3 and held.calls == 2  # the first waiter computed; the others took its reply
 
@@ -449,15 +438,11 @@ def test_a_reload_empties_the_search_cache_and_never_joins_the_old_snapshots_wor
                 held.gate.set()
                 return await on_old, on_new
 
-        try:
-            old_reply, new_reply = asyncio.run(main())
-        finally:
-            held.gate.set()
-            held.restore()
+        old_reply, new_reply = _held_run(held, main)
         new = cached.app.runtime.serving().searches
         assert new is not None and new is not old.searches and new.misses == 1 and len(new) == 1
-        assert old_reply == asyncio.run(_replies(fresh_a.target, [held_req], False))[0]
-        assert new_reply == asyncio.run(_replies(fresh_b.target, [held_req], False))[0] != old_reply
+        assert old_reply == _reference(fresh_a, held_req)
+        assert new_reply == _reference(fresh_b, held_req) != old_reply
         on_b = asyncio.run(_replies(cached.target, reqs, False))
         assert on_b == asyncio.run(_replies(fresh_b.target, reqs, False)) and on_b != on_a
         assert asyncio.run(_replies(cached.target, reqs, False)) == on_b and new.hits == len(reqs)

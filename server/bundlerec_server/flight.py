@@ -48,7 +48,6 @@ class Flights:
         self._running: dict[Hashable, asyncio.Future[Any]] = {}
         self._counter = coalesced
         self.coalesced = 0  # calls served by another call's computation
-        self.enabled = True
 
     def __len__(self) -> int:
         return len(self._running)
@@ -58,7 +57,7 @@ class Flights:
 
     def lead(self, key: Hashable) -> Flight:
         """Registers the caller as ``key``'s leader (use as ``with``); a no-op flight if another call leads it."""
-        if key in self._running or not self.enabled:
+        if key in self._running:
             return Flight(None, key, None)
         future = asyncio.get_running_loop().create_future()
         self._running[key] = future

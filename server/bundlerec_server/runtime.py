@@ -120,9 +120,6 @@ class Runtime:
         cache = for_engine(engine, self.settings.query_cache_size)
         replies = replies_for(cache) if self.settings.reply_cache else None
         searches = replies_for(cache, SearchCache) if self.settings.reply_cache else None
-        for c in (cache, replies, searches):
-            if c is not None:
-                c.flights.enabled = self.settings.single_flight
         old, self._serving = self._serving, Serving(engine, batcher, cache, replies, searches)
         if old is not None:
             old.batcher.retire()  # calls still holding the old pair keep using it; its task ends once idle
