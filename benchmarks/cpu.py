@@ -154,13 +154,17 @@ class Counters:
             return None
         hits = self.delta.get("bundlerec_query_cache_hits_total", 0.0)
         misses = self.delta.get("bundlerec_query_cache_misses_total", 0.0)
-        # a reply-cache hit skips the query cache's lookup: it counts as a hit of the query (nothing encoded)
-        reply_hits = self.delta.get("bundlerec_reply_cache_hits_total", 0.0)
-        reply_misses = self.delta.get("bundlerec_reply_cache_misses_total", 0.0)
+        # a reply-cache hit (Recommend or Search) skips the query cache's lookup: it counts as a hit of the query
+        # (nothing encoded); the reply rate is the Recommend reply cache's, else the Search one's
+        reply_hits, reply_misses = (self.delta.get(f"bundlerec_reply_cache_{k}_total", 0.0) for k in ("hits", "misses"))
+        if not reply_hits + reply_misses:
+            reply_hits, reply_misses = (self.delta.get(f"bundlerec_search_cache_{k}_total", 0.0) for k in ("hits", "misses"))
+        coalesced = sum(self.delta.get(f"bundlerec_{c}_cache_coalesced_total", 0.0) for c in ("query", "reply", "search"))
         lookups = hits + misses + reply_hits
         return {"hits": hits + reply_hits, "misses": misses, "hit_rate": (hits + reply_hits) / lookups if lookups else None,
                 "reply_hits": reply_hits, "reply_misses": reply_misses,
-                "reply_hit_rate": reply_hits / (reply_hits + reply_misses) if reply_hits + reply_misses else None}
+                "reply_hit_rate": reply_hits / (reply_hits + reply_misses) if reply_hits + reply_misses else None,
+                "coalesced": coalesced}
 
     def codes(self, method: str = "Recommend") -> dict[str, int]:
         """Calls of ``method`` by final gRPC status code, as the server counted them."""

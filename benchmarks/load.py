@@ -522,10 +522,11 @@ def _f(v: float | None, nd: int = 1) -> str:
 def format_cpu(r: dict[str, Any]) -> str:
     """CPU ms per call (server / generator), the cache's hit rate and the load average, for a result row."""
     c = r.get("cpu") or {}
-    hit, reply = ((r.get("query_cache") or {}).get(k) for k in ("hit_rate", "reply_hit_rate"))
+    hit, reply, coalesced = ((r.get("query_cache") or {}).get(k) for k in ("hit_rate", "reply_hit_rate", "coalesced"))
     load = c.get("loadavg") or r.get("loadavg_before")
     return (f"  cpu ms/call srv/gen {_f(c.get('server_ms_per_call'), 2)}/{_f(c.get('generator_ms_per_call'), 2)}"
             + (f"  hits {hit:.0%}" if hit is not None else "") + (f" (replies {reply:.0%})" if reply is not None else "")
+            + (f" coalesced {coalesced:.0f}" if coalesced else "")
             + (f"  load {load[0]:.1f}" if load else ""))
 
 

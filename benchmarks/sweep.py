@@ -94,7 +94,7 @@ def run_server_sweep(name: str, argv: list[str], port: int, out: Path, args: arg
         if "python" in args.generator:
             entry.update(load.run_sweep(
                 target, args.rates, args.duration, queries, p99_bound_ms=args.p99_bound_ms,
-                must_run=[COMPARE_AT_RPS], warmup_s=args.warmup, procs=args.procs, rpc="recommend",
+                must_run=[COMPARE_AT_RPS], warmup_s=args.warmup, procs=args.procs, rpc=args.rpc,
                 max_bundles=args.max_bundles, items=args.items, seed=args.seed, timeout=args.timeout,
                 server_pid=pid, metrics_url=metrics_url, query_mix=args.query_mix, zipf_s=args.zipf_s,
                 log=lambda m: print(m, flush=True)))
@@ -167,6 +167,7 @@ def generator_rows(entries: dict[str, dict[str, Any]], rps: float = COMPARE_AT_R
                          "generator_cpu_ms_per_call": c.get("generator_ms_per_call"),
                          "cache_hit_rate": (r.get("query_cache") or {}).get("hit_rate"),
                          "reply_hit_rate": (r.get("query_cache") or {}).get("reply_hit_rate"),
+                         "coalesced": (r.get("query_cache") or {}).get("coalesced"),
                          "ttfb_p50_ms": ttfb.get("p50"), "ttfb_p99_ms": ttfb.get("p99"),
                          "full_p50_ms": full.get("p50"), "full_p99_ms": full.get("p99"), "full_mean_ms": full.get("mean"),
                          "error_rate": r.get("error_rate"), "loadavg_1m": (c.get("loadavg") or [None])[0]})
@@ -176,7 +177,7 @@ def generator_rows(entries: dict[str, dict[str, Any]], rps: float = COMPARE_AT_R
 def print_generator_table(rows: list[dict[str, Any]]) -> None:
     cols = [("server", "server", 16), ("generator", "gen", 7), ("server_cpu_ms_per_call", "srv cpu ms", 10),
             ("generator_cpu_ms_per_call", "gen cpu ms", 10), ("cache_hit_rate", "hits", 5),
-            ("reply_hit_rate", "reply", 5),
+            ("reply_hit_rate", "reply", 5), ("coalesced", "coal", 5),
             ("ttfb_p50_ms", "ttfb p50", 8), ("ttfb_p99_ms", "ttfb p99", 8), ("full_p50_ms", "full p50", 8),
             ("full_p99_ms", "full p99", 8), ("full_mean_ms", "full mean", 9), ("error_rate", "err", 6),
             ("loadavg_1m", "load", 5)]
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--h2load-connections", type=int, default=4)
     p.add_argument("--query-mix", choices=load.QUERY_MIXES, default="uniform")
     p.add_argument("--zipf-s", type=float, default=1.0)
+    p.add_argument("--rpc", choices=["recommend", "search"], default="recommend", help="the Python harness's RPC")
     args = p.parse_args(argv)
     if not (args.artifact / "items.jsonl").is_file():
         print(f"{args.artifact}: not an artifact folder (no items.jsonl)", file=sys.stderr)
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     series = {name: e["results"] for name, e in entries.items() if e.get("results")}
     if series:
         load.plot_latency(series, args.out / "sweep.png", p99_bound_ms=args.p99_bound_ms,
-                          title=f"Recommend latency vs load, {args.artifact.name}: " + " vs ".join(series))
+                          title=f"{args.rpc.capitalize()} latency vs load, {args.artifact.name}: " + " vs ".join(series))
     print(f"\nwrote {args.out / 'sweep.json'}" + (f" and {args.out / 'sweep.png'}" if series else "")
           + f" in {time.time() - started:.0f}s")
     return 0

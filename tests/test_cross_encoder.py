@@ -140,8 +140,9 @@ def test_rerank_is_deterministic_under_concurrency(shipped):
 def test_deadline_too_short_skips_the_stage_and_says_so(shipped):
     _, art, judgments, _ = shipped
     # a reserve of 100 s: any deadline is too short, no deadline is not
+    # with the reply caches on: a re-ranked call's outcome depends on its deadline, so it never uses them
     srv = ServerThread(server_settings(art, rerank="on", rerank_depth=DEPTH, retrieval_mode="hybrid",
-                                       rerank_reserve_ms=100_000.0)).start()
+                                       rerank_reserve_ms=100_000.0, query_cache_size=16)).start()
     channel, stub = _stub(srv.target)
     try:
         q = _queries(judgments)[0]
@@ -154,6 +155,10 @@ def test_deadline_too_short_skips_the_stage_and_says_so(shipped):
         assert summary.rerank == pb.RERANK_OUTCOME_SKIPPED_DEADLINE and summary.bundles_sent > 0
         summary = list(stub.Recommend(req))[-1].summary
         assert summary.rerank == pb.RERANK_OUTCOME_APPLIED and summary.bundles_sent > 0
+        serving = srv.app.runtime.serving()
+        searches, replies = serving.searches, serving.replies
+        assert (searches.hits, searches.misses, len(searches)) == (0, 1, 1)  # the RERANK_OFF call alone
+        assert (replies.hits, replies.misses, len(replies)) == (0, 0, 0)
     finally:
         channel.close()
         srv.stop()

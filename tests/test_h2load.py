@@ -97,11 +97,16 @@ bundlerec_query_cache_misses_total 2.0
     c.before, c.delta = {}, {k: v for k, v in cpu.parse_metrics(text).items()}
     assert c.codes("Recommend") == {"OK": 7, "DEADLINE_EXCEEDED": 2} and c.codes("Search") == {"OK": 3}
     assert c.cache() == {"hits": 6.0, "misses": 2.0, "hit_rate": 0.75, "reply_hits": 0.0, "reply_misses": 0.0,
-                         "reply_hit_rate": None}
-    # a reply-cache hit skips the query cache's lookup: it is a hit of the query too
-    c.delta |= {"bundlerec_reply_cache_hits_total": 12.0, "bundlerec_reply_cache_misses_total": 4.0}
+                         "reply_hit_rate": None, "coalesced": 0.0}
+    # a Search reply-cache hit skips the query cache's lookup: it is a hit of the query too
+    search = c.delta | {"bundlerec_search_cache_hits_total": 12.0, "bundlerec_search_cache_misses_total": 4.0,
+                        "bundlerec_search_cache_coalesced_total": 1.0, "bundlerec_query_cache_coalesced_total": 2.0}
+    c.delta |= {"bundlerec_reply_cache_hits_total": 12.0, "bundlerec_reply_cache_misses_total": 4.0}  # so does a Recommend one
     assert c.cache() == {"hits": 18.0, "misses": 2.0, "hit_rate": 0.9, "reply_hits": 12.0, "reply_misses": 4.0,
-                         "reply_hit_rate": 0.75}
+                         "reply_hit_rate": 0.75, "coalesced": 0.0}
+    c.delta = search
+    assert c.cache() == {"hits": 18.0, "misses": 2.0, "hit_rate": 0.9, "reply_hits": 12.0, "reply_misses": 4.0,
+                         "reply_hit_rate": 0.75, "coalesced": 3.0}
     with pytest.raises(ValueError):
         cpu.scrape("http://10.0.0.1:9100/")
 

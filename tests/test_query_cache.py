@@ -140,7 +140,7 @@ async def test_reload_to_another_encoder_never_serves_a_stale_vector(tiny_artifa
 
 def test_reload_through_the_server_serves_the_new_encoders_results(tiny_artifact, other_encoder_artifact):
     """Search on A (cache filled), hot reload to B: the same query's hits equal a cache-off server's on B."""
-    cached = ServerThread(server_settings(tiny_artifact, query_cache_size=32)).start()
+    cached = ServerThread(server_settings(tiny_artifact, query_cache_size=32, reply_cache=False)).start()  # the query cache alone
     fresh_b = ServerThread(server_settings(other_encoder_artifact)).start()
 
     async def hits(target: str, q: str) -> list[tuple[str, float]]:

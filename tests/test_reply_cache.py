@@ -65,7 +65,7 @@ def test_bounded_lru_of_tuples():
     cache.get(keys[0])  # most recently used: b goes next
     cache.put(keys[2], [4])
     assert cache.get(keys[1]) is None and cache.get(keys[0]) == (1, 2) and len(cache) == 2
-    assert cache.stats() == {"hits": 3, "misses": 1, "entries": 2, "capacity": 2}
+    assert cache.stats() == {"hits": 3, "misses": 1, "entries": 2, "capacity": 2, "coalesced": 0}
 
 
 def test_settings_and_the_snapshot(tiny_artifact):
@@ -90,13 +90,21 @@ async def test_a_hit_whose_deadline_has_come_is_out_of_time(tiny_artifact):
     rt = Runtime(Settings(artifact=tiny_artifact, provider="cpu", intra_op_threads=1, query_cache_size=4))
     try:
         rt.swap(rt.load(tiny_artifact))
-        serving = rt.serving()
-        key = serving.replies.key(RecommendQuery(query="milk"), Mode.DENSE, False)
-        assert rt.reply(serving, key, lambda: 0.001) is None  # a miss: the caller computes (and sees the deadline)
-        serving.replies.put(key, ["m"])
-        assert rt.reply(serving, key, lambda: 1.0) == ("m",) and rt.reply(serving, key, None) == ("m",)
+        replies = rt.serving().replies
+        key = replies.key(RecommendQuery(query="milk"), Mode.DENSE, False)
+        computed = []
+
+        async def compute(reply=("m",)):
+            computed.append(reply)
+            return reply
+
+        # a miss: the caller computes (and sees the deadline itself)
+        assert await rt.cached(replies, key, compute, lambda: 0.001) == ("m",) and len(computed) == 1
+        assert await rt.cached(replies, key, compute, lambda: 1.0) == ("m",)
+        assert await rt.cached(replies, key, compute, None) == ("m",) and len(computed) == 1
         with pytest.raises(OutOfTime):
-            rt.reply(serving, key, lambda: rt.settings.deadline_margin_ms / 1000 / 2)
+            await rt.cached(replies, key, compute, lambda: rt.settings.deadline_margin_ms / 1000 / 2)
+        assert await rt.cached(replies, None, compute, None) == ("m",) and len(computed) == 2  # no key: never stored
     finally:
         await rt.close()
 

@@ -13,9 +13,11 @@ are collapsed to one space and trimmed at the ends, and only when the artifact's
 the same tokens for both (a BERT normaliser with ``clean_text`` and a whitespace-splitting pre-tokenizer,
 confirmed by a probe at construction). Case, accents and Unicode whitespace are never folded here.
 
-The reply cache sits beside the query cache (on with it unless ``reply_cache`` is off): for a request that
-nothing personalises, the bundle messages a miss built are reused as they are, so a hit skips retrieval and
-bundling too. What is per call (pacing, stop reason, summary, metrics) is never cached.
+The reply caches sit beside the query cache (on with it unless ``reply_cache`` is off): for a Recommend request
+that nothing personalises, the bundle messages a miss built are reused as they are, so a hit skips retrieval and
+bundling too; a Search request's whole response likewise. What is per call (pacing, stop reason, summary,
+metrics) is never cached. Each cache has its :class:`~bundlerec_server.flight.Flights`: concurrent misses of one
+key compute it once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from .domain import Mode, RecommendQuery
+from .domain import Mode, RecommendQuery, SearchQuery
+from .flight import Flights
 
 HITS = Counter("bundlerec_query_cache_hits_total", "Query embeddings served from the query cache")
 MISSES = Counter("bundlerec_query_cache_misses_total", "Query embeddings computed by the encoder (cache on, not cached)")
@@ -40,6 +43,13 @@ REPLY_HITS = Counter("bundlerec_reply_cache_hits_total", "Recommend replies serv
 REPLY_MISSES = Counter("bundlerec_reply_cache_misses_total", "Recommend replies computed (reply cache on, request cacheable, not cached)")
 REPLY_ENTRIES = Gauge("bundlerec_reply_cache_entries", "Recommend replies held by the current reply cache",
                       multiprocess_mode="livesum")
+SEARCH_HITS = Counter("bundlerec_search_cache_hits_total", "Search replies served from the search reply cache")
+SEARCH_MISSES = Counter("bundlerec_search_cache_misses_total", "Search replies computed (reply cache on, request cacheable, not cached)")
+SEARCH_ENTRIES = Gauge("bundlerec_search_cache_entries", "Search replies held by the current search reply cache",
+                       multiprocess_mode="livesum")
+COALESCED = Counter("bundlerec_query_cache_coalesced_total", "Query embeddings a call took from another call's encode in flight")
+REPLY_COALESCED = Counter("bundlerec_reply_cache_coalesced_total", "Recommend replies a call took from another call's computation in flight")
+SEARCH_COALESCED = Counter("bundlerec_search_cache_coalesced_total", "Search replies a call took from another call's computation in flight")
 
 _ASCII_WS = re.compile(r"[ \t\r\n]+")
 # normalisers and pre-tokenizers (tokenizers' Python class names) under which ASCII whitespace runs only
@@ -78,9 +88,10 @@ def key_function(tokenizer: Any) -> Callable[[str], str]:
 
 class _LRU:
     """A bounded LRU under one lock (each lookup or insert), counting its lookups in ``hits``/``misses`` and in
-    the given Prometheus counters (which count the same across snapshots)."""
+    the given Prometheus counters (which count the same across snapshots), with the keys being computed now
+    (``flights``, on the event loop)."""
 
-    def __init__(self, capacity: int, hits: Counter, misses: Counter) -> None:
+    def __init__(self, capacity: int, hits: Counter, misses: Counter, coalesced: Counter) -> None:
         if capacity < 1:
             raise ValueError("a cache holds at least one entry (use no cache for size 0)")
         self.capacity = capacity
@@ -89,6 +100,7 @@ class _LRU:
         self._counters = (hits, misses)
         self.hits = 0
         self.misses = 0
+        self.flights = Flights(coalesced)
 
     def _get(self, key: Hashable) -> Any:
         with self._lock:
@@ -100,6 +112,11 @@ class _LRU:
                 self.hits += 1
         self._counters[value is None].inc()
         return value
+
+    def peek(self, key: Hashable) -> Any:
+        """The entry under ``key`` or None, not counted as a lookup (after waiting on another call's flight)."""
+        with self._lock:
+            return self._entries.get(key)
 
     def _put(self, key: Hashable, value: Any) -> int:
         with self._lock:
@@ -113,21 +130,26 @@ class _LRU:
         return len(self._entries)
 
     def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self), "capacity": self.capacity}
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self), "capacity": self.capacity,
+                "coalesced": self.flights.coalesced}
 
 
 class QueryCache(_LRU):
     """Bounded LRU: text -> read-only float32 query vector (the encoder's output, before personalisation)."""
 
     def __init__(self, capacity: int, variant: str, version: str, normalise: Callable[[str], str] = exact) -> None:
-        super().__init__(capacity, HITS, MISSES)
+        super().__init__(capacity, HITS, MISSES, COALESCED)
         self.variant, self.version, self.normalise = variant, version, normalise
 
     def key(self, text: str) -> tuple[str, str, str]:
         return self.normalise(text), self.variant, self.version
 
     def get(self, text: str) -> np.ndarray | None:
-        vec: np.ndarray | None = self._get(self.key(text))
+        return self.find(self.key(text))
+
+    def find(self, key: Hashable) -> np.ndarray | None:
+        """The vector under ``key`` (:meth:`key` of its text), or None."""
+        vec: np.ndarray | None = self._get(key)
         return vec
 
     def put(self, text: str, vec: np.ndarray) -> np.ndarray:
@@ -149,24 +171,34 @@ class ReplyCache(_LRU):
     A personalised request (user id, recent items, purchase counts) or one that re-ranks (its outcome depends
     on the call's deadline) has no key: it never uses the cache."""
 
-    def __init__(self, capacity: int, variant: str, version: str, normalise: Callable[[str], str] = exact) -> None:
-        super().__init__(capacity, REPLY_HITS, REPLY_MISSES)
-        self.variant, self.version, self.normalise = variant, version, normalise
+    _metrics = (REPLY_HITS, REPLY_MISSES, REPLY_COALESCED, REPLY_ENTRIES)
 
-    def key(self, q: RecommendQuery, mode: Mode, rerank: bool) -> Hashable | None:
-        if rerank or q.user_id or q.recent_item_ids or q.recent_item_counts:
+    def __init__(self, capacity: int, variant: str, version: str, normalise: Callable[[str], str] = exact) -> None:
+        super().__init__(capacity, *self._metrics[:3])
+        self.variant, self.version, self.normalise = variant, version, normalise
+        self._metrics[3].set(0)
+
+    def key(self, q: RecommendQuery | SearchQuery, mode: Mode, rerank: bool) -> Hashable | None:
+        if rerank or isinstance(q, RecommendQuery) and (q.user_id or q.recent_item_ids or q.recent_item_counts):
             return None
         text = self.normalise(q.query) if mode is Mode.DENSE else q.query
         return dataclasses.replace(q, query=text, mode=mode, rerank=False), self.variant, self.version
 
-    def get(self, key: Hashable) -> tuple[Any, ...] | None:
-        messages: tuple[Any, ...] | None = self._get(key)
-        return messages
+    def get(self, key: Hashable) -> Any:
+        return self._get(key)
 
-    def put(self, key: Hashable, messages: Sequence[Any]) -> tuple[Any, ...]:
-        own = tuple(messages)
-        REPLY_ENTRIES.set(self._put(key, own))
+    def put(self, key: Hashable, reply: Any) -> Any:
+        """Stores ``reply`` (a sequence of messages: as a tuple) and returns what is stored."""
+        own = tuple(reply) if isinstance(reply, Sequence) else reply
+        self._metrics[3].set(self._put(key, own))
         return own
+
+
+class SearchCache(ReplyCache):
+    """Bounded LRU: a Search request that does not re-rank -> its whole ``SearchResponse`` (never modified after
+    it is built), keyed as :class:`ReplyCache` keys (the whole validated ``SearchQuery``, mode resolved)."""
+
+    _metrics = (SEARCH_HITS, SEARCH_MISSES, SEARCH_COALESCED, SEARCH_ENTRIES)
 
 
 def for_engine(engine: Any, capacity: int) -> QueryCache | None:
@@ -180,9 +212,9 @@ def for_engine(engine: Any, capacity: int) -> QueryCache | None:
     return cache
 
 
-def replies_for(cache: QueryCache | None) -> ReplyCache | None:
-    """A fresh reply cache beside the query cache ``cache`` (same size, keys and normalisation); None without one."""
+def replies_for(cache: QueryCache | None, kind: type[ReplyCache] = ReplyCache) -> ReplyCache | None:
+    """A fresh reply cache of ``kind`` beside the query cache ``cache`` (same size, keys and normalisation); None
+    without one."""
     if cache is None:
         return None
-    REPLY_ENTRIES.set(0)
-    return ReplyCache(cache.capacity, cache.variant, cache.version, cache.normalise)
+    return kind(cache.capacity, cache.variant, cache.version, cache.normalise)

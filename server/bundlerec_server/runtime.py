@@ -11,7 +11,7 @@ import contextvars
 import functools
 import gc
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,8 @@ from .domain import Hit, RerankOutcome
 from .engine import Engine
 from .errors import NotReady, OutOfTime
 from .events import EventStore
-from .query_cache import QueryCache, ReplyCache, for_engine, replies_for
+from .flight import Flight
+from .query_cache import QueryCache, ReplyCache, SearchCache, for_engine, replies_for
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,16 @@ logger = logging.getLogger(__name__)
 TimeLeft = Callable[[], float | None]
 
 
-def _filling(cache: QueryCache, text: str, then: Then | None) -> Then:
-    """``then`` after storing the encoder's vector in ``cache`` (``then`` gets the cached, read-only copy)."""
-    if then is None:
-        return functools.partial(cache.put, text)
-    return lambda vec: then(cache.put(text, vec))
+def _filling(cache: QueryCache, text: str, then: Then | None, flight: Flight | None = None) -> Then:
+    """``then`` after storing the encoder's vector in ``cache`` and as ``flight``'s result (``then`` gets the
+    cached, read-only copy)."""
+    def fill(vec: np.ndarray) -> Any:
+        own = cache.put(text, vec)
+        if flight is not None:
+            flight.result = own
+        return own if then is None else then(own)
+
+    return fill
 
 
 def _traced(then: Then) -> Then:
@@ -58,13 +64,15 @@ def settle_heap() -> None:
 
 @dataclass(frozen=True)
 class Serving:
-    """An engine, the micro-batcher in front of its encoder, its query cache and its reply cache (None: off):
-    taken together by a call, swapped together (a reload starts with empty caches)."""
+    """An engine, the micro-batcher in front of its encoder, its query cache and its Recommend and Search reply
+    caches (None: off), each with the keys it is computing now: taken together by a call, swapped together (a
+    reload starts with empty caches and nothing in flight)."""
 
     engine: Engine
     batcher: MicroBatcher
     cache: QueryCache | None = None
     replies: ReplyCache | None = None
+    searches: ReplyCache | None = None
 
 
 class Runtime:
@@ -111,7 +119,8 @@ class Runtime:
         )
         cache = for_engine(engine, self.settings.query_cache_size)
         replies = replies_for(cache) if self.settings.reply_cache else None
-        old, self._serving = self._serving, Serving(engine, batcher, cache, replies)
+        searches = replies_for(cache, SearchCache) if self.settings.reply_cache else None
+        old, self._serving = self._serving, Serving(engine, batcher, cache, replies, searches)
         if old is not None:
             old.batcher.retire()  # calls still holding the old pair keep using it; its task ends once idle
         if not engine.batch_exact and self.settings.max_batch > 1:
@@ -123,36 +132,48 @@ class Runtime:
         OutOfTime if the deadline comes first (the query is then dropped from the queue if its batch has not
         started: no encoder work). With the cache on, the vector is read-only, and a hit is returned even when
         the encoding budget is spent (it costs no encoder work)."""
-        cache = serving.cache
-        if cache is not None:
-            vec = cache.get(text)
-            if vec is not None:
-                return vec
-        return await self.call(serving, text, None, time_left, lookup=False)  # type: ignore[no-any-return]
+        return await self.call(serving, text, None, time_left)  # type: ignore[no-any-return]
 
-    async def call(self, serving: Serving, text: str | None, then: Then | None, time_left: TimeLeft | None,
-                   *, lookup: bool = True) -> Any:
+    async def call(self, serving: Serving, text: str | None, then: Then | None, time_left: TimeLeft | None) -> Any:
         """``then(vector of text)`` in an encode worker, right after the batch that encodes ``text`` (one hop
         per call; ``text`` None: ``then(None)``, no encoding). The vector comes from the snapshot's query cache
-        when it holds the text (``then`` then runs on the event loop, or in a worker without encoding when
-        ``cache_hits_on_loop`` is off), and a miss fills it. With ``encode_inline``, a miss of the only call in
-        flight that finds the batcher idle is encoded and worked on right here, on the event loop. OutOfTime if the deadline (less the margin) comes
-        before the result; the job is then dropped if its batch has not
-        started, and its ``then`` skipped if it has not run yet."""
+        when it holds the text, or from another call encoding the same text now (single-flight); ``then`` then
+        runs on the event loop, or in a worker without encoding when ``cache_hits_on_loop`` is off. A miss fills
+        the cache. With ``encode_inline``, a miss of the only call in flight that finds the batcher idle is
+        encoded and worked on right here, on the event loop. OutOfTime if the deadline (less the margin) comes
+        before the result; the job is then dropped if its batch has not started, and its ``then`` skipped if it
+        has not run yet. ``then`` None: the vector itself (a hit is returned even when the budget is spent)."""
         batcher, cache = serving.batcher, serving.cache
-        vec = cache.get(text) if text is not None and cache is not None and lookup else None
+        vec = key = None
+        if text is not None and cache is not None:
+            key = cache.key(text)
+            vec = cache.find(key)
+            if vec is None and cache.flights.running(key):
+                vec = await cache.flights.join(key, functools.partial(self.budget, time_left))
+                if vec is None:  # its leader had none; a next one may have stored it meanwhile
+                    vec = cache.peek(key)
+            if vec is not None and then is None:
+                return vec
         budget = self.budget(time_left)
         if text is None or vec is not None:  # nothing to encode
             if then is None:
                 return vec
             if vec is not None and self.settings.cache_hits_on_loop:
                 return then(vec)  # a hit: run it right here on the loop, no hop
-            job = batcher.run(vec, _traced(then))
-        elif self.settings.encode_inline and self.admission.in_flight <= 1 and batcher.idle:
-            return batcher.inline(text, then if cache is None else _filling(cache, text, then))  # alone: no hop
-        else:
-            then = _traced(then) if then is not None else None
-            job = batcher.submit(text, then if cache is None else _filling(cache, text, then))
+            return await self._within(batcher.run(vec, _traced(then)), budget)
+        if self.settings.encode_inline and self.admission.in_flight <= 1 and batcher.idle:
+            if cache is None:
+                return batcher.inline(text, then)  # alone: no hop
+            return batcher.inline(text, _filling(cache, text, then))  # synchronous: nobody can join it
+        then = _traced(then) if then is not None else None
+        if cache is None:
+            return await self._within(batcher.submit(text, then), budget)
+        with cache.flights.lead(key) as flight:
+            return await self._within(batcher.submit(text, _filling(cache, text, then, flight)), budget)
+
+    @staticmethod
+    async def _within(job: Awaitable[Any], budget: float | None) -> Any:
+        """``job``'s result; OutOfTime when ``budget`` seconds (None: no limit) pass first."""
         if budget is None:
             return await job
         try:
@@ -169,14 +190,24 @@ class Runtime:
             raise OutOfTime()
         return budget
 
-    def reply(self, serving: Serving, key: Hashable, time_left: TimeLeft | None) -> tuple[Any, ...] | None:
-        """The reply cached under ``key`` in the snapshot's reply cache, or None; OutOfTime (as for a computed
-        reply) when the call's deadline, less the margin, has come."""
-        assert serving.replies is not None
-        messages = serving.replies.get(key)
-        if messages is not None:
+    async def cached(self, replies: ReplyCache | None, key: Hashable | None, compute: Callable[[], Awaitable[Any]],
+                     time_left: TimeLeft | None) -> Any:
+        """The reply cached under ``key`` in ``replies``, else the one another call is computing for it now
+        (single-flight), else ``await compute()``, stored (``key`` None: computed, never stored). OutOfTime (as for
+        a computed reply) when the call's deadline, less the margin, comes first."""
+        if replies is None or key is None:
+            return await compute()
+        reply = replies.get(key)
+        if reply is None and replies.flights.running(key):
+            reply = await replies.flights.join(key, functools.partial(self.budget, time_left))
+            if reply is None:  # its leader had none; a next one may have stored it meanwhile
+                reply = replies.peek(key)
+        if reply is not None:
             self.budget(time_left)
-        return messages
+            return reply
+        with replies.flights.lead(key) as flight:
+            flight.result = reply = replies.put(key, await compute())
+        return reply
 
     async def rerank(self, serving: Serving, text: str, hits: list[Hit],
                      time_left: Callable[[], float | None] | None) -> tuple[list[Hit], RerankOutcome]:

@@ -21,7 +21,7 @@ from bundlerec.v1 import bundlerec_pb2 as pb
 from bundlerec.v1 import bundlerec_pb2_grpc as pb_grpc
 
 from . import __version__, convert, metrics, tracing
-from .domain import History, Hit, Personalization, RecommendQuery, RerankOutcome, Stop
+from .domain import History, Hit, Mode, Personalization, RecommendQuery, RerankOutcome, SearchQuery, Stop
 from .errors import InvalidRequest, OutOfTime, Unsupported, Violation, abort_with, status_code
 from .events import EventRecord
 from .runtime import Runtime, Serving
@@ -128,21 +128,32 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
     async def _bundles(self, serving: Serving, q: RecommendQuery, time_left: TimeLeft
                        ) -> tuple[Sequence[pb.RecommendResponse], Personalization, Stop | None, RerankOutcome]:
         """The call's bundle messages, best first, and how the query was personalised; Stop.DEADLINE (no bundles)
-        when the deadline comes first. A request nothing personalises may find its messages in the reply cache;
-        otherwise, without re-ranking, the encode worker retrieves, bundles and builds the messages right after
-        its encode (one hop); with it, the anchors go through the cross-encoder stage first."""
+        when the deadline comes first. A request nothing personalises may find its messages in the reply cache
+        (or being computed by another call)."""
         engine = serving.engine
         rerank = engine.wants_rerank(q.rerank, recommend=True)
         mode = engine.mode_for(q.mode)
         replies = serving.replies
         key = replies.key(q, mode, rerank) if replies is not None else None
-        if key is not None:
-            try:
-                cached = self.rt.reply(serving, key, time_left)
-            except OutOfTime:
-                return [], Personalization(), Stop.DEADLINE, RerankOutcome.NOT_USED
-            if cached is not None:
-                return cached, Personalization(), None, RerankOutcome.NOT_USED
+
+        async def compute() -> list[pb.RecommendResponse]:
+            return (await self._computed(serving, q, mode, rerank, time_left))[0]
+
+        try:
+            if key is None:
+                messages, info, outcome = await self._computed(serving, q, mode, rerank, time_left)
+            else:  # nothing personalises or re-ranks it: the messages are the whole reply
+                messages, info, outcome = await self.rt.cached(replies, key, compute, time_left), Personalization(), RerankOutcome.NOT_USED
+        except OutOfTime:
+            return [], Personalization(), Stop.DEADLINE, RerankOutcome.NOT_USED
+        return messages, info, None, outcome
+
+    async def _computed(self, serving: Serving, q: RecommendQuery, mode: Mode, rerank: bool, time_left: TimeLeft
+                        ) -> tuple[list[pb.RecommendResponse], Personalization, RerankOutcome]:
+        """Without re-ranking, the encode worker retrieves, bundles and builds the messages right after its encode
+        (one hop); with it, the anchors go through the cross-encoder stage first. OutOfTime when the deadline
+        comes before the messages."""
+        engine = serving.engine
         history = History()
         if q.user_id and self.rt.events is not None:
             with tracing.span("history"):
@@ -164,18 +175,12 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
             anchors = engine.anchors(q, vec, allowed)
             return (anchors if rerank else messages(anchors)), info
 
-        try:
-            out, info = await self.rt.call(serving, q.query if encoded else None, work, time_left)
-        except OutOfTime:
-            return [], Personalization(), Stop.DEADLINE, RerankOutcome.NOT_USED
+        out, info = await self.rt.call(serving, q.query if encoded else None, work, time_left)
         if not rerank:
-            if key is not None:
-                assert replies is not None
-                out = replies.put(key, out)
-            return out, info, None, RerankOutcome.NOT_USED
+            return out, info, RerankOutcome.NOT_USED
         with tracing.span("rerank"):
             anchors, outcome = await self.rt.rerank(serving, q.query, out, time_left)
-        return messages(anchors), info, None, outcome
+        return messages(anchors), info, outcome
 
     @observed
     async def Recommend(self, request: pb.RecommendRequest, context: Context) -> AsyncIterator[pb.RecommendResponse]:
@@ -222,27 +227,38 @@ class BundleRecommenderServicer(pb_grpc.BundleRecommenderServicer):
         async with tracing.entering("admission", self.rt.admission.slot()):
             engine.check_tokens(q.query)
             rerank = engine.wants_rerank(q.rerank)
-            depth = engine.reranker.depth if rerank and engine.reranker else 0
-            encoded = engine.needs_vector(engine.mode_for(q.mode))
-            began = time.time_ns()
+            mode = engine.mode_for(q.mode)
+            searches = serving.searches
+            key = searches.key(q, mode, rerank) if searches is not None else None
+            compute = functools.partial(self._search, serving, q, mode, rerank, context.time_remaining)
+            response: pb.SearchResponse = await self.rt.cached(searches, key, compute, context.time_remaining)
+        return response
 
-            def reply(hits: list[Hit], outcome: RerankOutcome) -> pb.SearchResponse:
-                return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits[: q.k]],
-                                         artifact_version=engine.version, rerank=convert.RERANK_TO_PB[outcome])
+    async def _search(self, serving: Serving, q: SearchQuery, mode: Mode, rerank: bool, time_left: TimeLeft
+                      ) -> pb.SearchResponse:
+        """Without re-ranking, the encode worker retrieves and builds the reply right after its encode (one hop);
+        with it, the hits go through the cross-encoder stage first."""
+        engine = serving.engine
+        depth = engine.reranker.depth if rerank and engine.reranker else 0
+        began = time.time_ns()
 
-            def work(vec: np.ndarray | None) -> Any:  # in a worker, right after the encode
-                if vec is not None:
-                    tracing.record("encode", began)
-                with tracing.span("retrieve"):
-                    hits = engine.search(q, vec, depth)
-                return hits if rerank else reply(hits, RerankOutcome.NOT_USED)  # the reply built here: one hop
+        def reply(hits: list[Hit], outcome: RerankOutcome) -> pb.SearchResponse:
+            return pb.SearchResponse(hits=[convert.search_hit(h, engine.catalog) for h in hits[: q.k]],
+                                     artifact_version=engine.version, rerank=convert.RERANK_TO_PB[outcome])
 
-            out = await self.rt.call(serving, q.query if encoded else None, work, context.time_remaining)
-            if not rerank:
-                response: pb.SearchResponse = out
-                return response
-            with tracing.span("rerank"):
-                hits, outcome = await self.rt.rerank(serving, q.query, out, context.time_remaining)
+        def work(vec: np.ndarray | None) -> Any:  # in a worker, right after the encode
+            if vec is not None:
+                tracing.record("encode", began)
+            with tracing.span("retrieve"):
+                hits = engine.search(q, vec, depth)
+            return hits if rerank else reply(hits, RerankOutcome.NOT_USED)  # the reply built here: one hop
+
+        out = await self.rt.call(serving, q.query if engine.needs_vector(mode) else None, work, time_left)
+        if not rerank:
+            response: pb.SearchResponse = out
+            return response
+        with tracing.span("rerank"):
+            hits, outcome = await self.rt.rerank(serving, q.query, out, time_left)
         return reply(hits, outcome)
 
     @observed

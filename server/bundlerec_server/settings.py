@@ -95,7 +95,7 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     # --- latency
     query_cache_size: int = field(default=0, metadata={"help": "query embeddings kept per artifact in an LRU (exact text, whitespace-collapsed where the tokenizer provably ignores it; emptied on reload); 0 = off. About 1.7 KB an entry at dim 384: 4096 ~ 7 MB"})
-    reply_cache: bool = field(default=True, metadata={"help": "with the query cache on, also keep whole Recommend replies (same size) for requests nothing personalises (no user, recent items or counts; no re-ranking), so a hit skips retrieval and bundling; emptied on reload. About 6.6 KB an entry at 5 bundles x 3 items: 4096 ~ 27 MB"})
+    reply_cache: bool = field(default=True, metadata={"help": "with the query cache on, also keep whole Recommend replies (same size) for requests nothing personalises (no user, recent items or counts; no re-ranking), so a hit skips retrieval and bundling, and whole Search replies (same size) for requests that do not re-rank; emptied on reload. About 6.6 KB a Recommend entry at 5 bundles x 3 items: 4096 ~ 27 MB"})
     cache_hits_on_loop: bool = field(default=True, metadata={"help": "a query-cache hit runs its retrieval and bundling on the event loop (nothing to encode: no thread hop, no wait behind a batch's encode); off: in an encode worker like a miss"})
     encode_inline: bool = field(default=False, metadata={"help": "a query of the only call in flight that finds the encode workers idle is encoded, retrieved and bundled on the event loop (no thread hop; the loop is busy for those ~2 ms); measured in docs/performance.md"})
     # --- replicas (client-side load balancing: docs/replicas.md)
