@@ -34,9 +34,10 @@ def main(work: Path) -> int:
     venv, artifacts = work / "bundlerec", work / "artifacts"
     listed = subprocess.run([venv / "bin" / "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
-    heavy = names & {"torch", "transformers", "optimum", "scipy", "pytest", "bundlerec-export"}
+    heavy = names & {"torch", "transformers", "optimum", "pytest", "bundlerec-export"}  # scipy comes with lightgbm
     assert not heavy, f"the runtime venv carries {heavy}"
-    print(f"venv: {len(names)} packages, none of torch/transformers/optimum/scipy/pytest/export")
+    assert {"lightgbm", "lleaves", "llvmlite"} <= names, "the learned ranker's packages are missing"
+    print(f"venv: {len(names)} packages, none of torch/transformers/optimum/pytest/export; lightgbm and lleaves present")
 
     # the environment a pod gets: the base ConfigMap (ports moved to free ones), a token file
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"}
