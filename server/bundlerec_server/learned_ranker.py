@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,11 @@ class LearnedRanker:
         # Booster.predict builds a predictor per call; one cached predictor (one thread: a request is small, the
         # server runs many) saves most of the fixed cost of scoring ~100 rows
         predictor = lgb.basic._InnerPredictor.from_booster(self.booster, {"num_threads": 1})
-        self._predict: Callable[[np.ndarray], np.ndarray] = functools.partial(predictor.predict, num_iteration=-1)
+
+        def reference(x: np.ndarray) -> np.ndarray:
+            return np.asarray(predictor.predict(x, num_iteration=-1), dtype=np.float64)
+
+        self._predict: Callable[[np.ndarray], np.ndarray] = reference
         if engine == "compiled":
             self._predict = compiled(path, self.booster, self._predict)
         elif engine != "lightgbm":
