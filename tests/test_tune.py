@@ -72,3 +72,29 @@ def test_choose_ef_takes_the_cheapest_beam_within_tolerance_and_restores_the_ind
 def _queries(path):
     with open(path, newline="") as fh:
         return {row["query"] for row in csv.DictReader(fh)}
+
+
+def test_tuned_ef_serves_hybrid_candidates_and_dense_mode_keeps_the_recall_beam(artifact_root, monkeypatch):
+    from bundlerec_server import artifact as A
+    from bundlerec_server.domain import Filters, Mode
+    from bundlerec_server.engine import Engine
+
+    art = build_tiny_artifact(artifact_root, name="tiny-ef-serve")
+    manifest = A.read_manifest(art)
+    recall_ef = manifest["index"]["ef_search"]
+    manifest["serving"] = {**manifest.get("serving", {}), "ef_search": recall_ef // 4}
+    manifest.pop("files", None)
+    manifest.pop("format_version", None)
+    A.write_manifest(art, manifest)
+    engine = Engine(art, server_settings(art))
+    assert (engine.ef, engine.dense_beam) == (recall_ef // 4, recall_ef)
+    beams = []
+    search = engine.vectors.search
+    monkeypatch.setattr(engine.vectors, "search", lambda *a, **kw: beams.append(a[4] if len(a) > 4 else kw.get("beam", 0)) or search(*a, **kw))
+    vec = engine.encoder.encode(["tiny query"])[0]
+    allowed = engine.allow(Filters())
+    engine.retrieve("tiny query", vec, 5, allowed, Mode.DENSE)
+    engine.retrieve("tiny query", vec, 5, allowed, Mode.HYBRID)
+    assert beams == [recall_ef, 0]  # dense: the recall-tuned beam; hybrid candidates: the tuned ef
+    explicit = Engine(art, server_settings(art, ef_search=recall_ef))  # --ef-search wins over both
+    assert (explicit.ef, explicit.dense_beam) == (recall_ef, 0)

@@ -76,8 +76,11 @@ class Engine:
         if len(self.complements.indptr) != len(self.catalog) + 1:
             raise A.ArtifactError(f"{self.root}: complements.npz does not cover {len(self.catalog)} items")
         idx, serving = m.get("index", {}), m.get("serving", {})
-        # HNSW ef: the setting, else the one tuned on judgments (tune), else the index's recall-tuned one
-        self.ef = settings.ef_search or int(serving.get("ef_search") or idx.get("ef_search", 64))
+        # HNSW ef: the setting, else the one tune chose on judgments for the served ranking (hybrid candidates),
+        # else the index's recall-tuned one, which dense-only retrieval (its list is the ranking) keeps as its beam
+        recall_ef = settings.ef_search or int(idx.get("ef_search", 64))
+        self.ef = settings.ef_search or int(serving.get("ef_search") or recall_ef)
+        self.dense_beam = recall_ef if recall_ef > self.ef else 0
         self.vectors: VectorIndex = open_vectors(
             settings.vector_backend, index_path=self.root / A.INDEX, version=self.version, embeddings=self.embeddings,
             catalog=self.catalog, ef=self.ef, anchor_pool=settings.anchor_pool,
@@ -203,10 +206,11 @@ class Engine:
         """Top ``k`` of ``rows`` by score x quality."""
         return top_hits(rows, scores * self.catalog.quality[rows], k)
 
-    def dense(self, vec: np.ndarray, k: int, filters: Filters | RowFilter, floor: float = -1.0) -> list[Hit]:
+    def dense(self, vec: np.ndarray, k: int, filters: Filters | RowFilter, floor: float = -1.0, beam: int = 0) -> list[Hit]:
         """Top-k items by cosine x quality that pass ``filters`` and have cosine >= ``floor`` (from the vector
-        backend: the in-process hnswlib index or a Milvus collection, see :mod:`.vectors`)."""
-        return self.vectors.search(vec, k, self.allow(filters), floor)
+        backend: the in-process hnswlib index or a Milvus collection, see :mod:`.vectors`; ``beam``: a wider HNSW
+        beam for this search)."""
+        return self.vectors.search(vec, k, self.allow(filters), floor, beam)
 
     def lexical_hits(self, text: str, k: int, filters: Filters | RowFilter) -> list[Hit]:
         if self.lexical is None:
@@ -259,7 +263,7 @@ class Engine:
             raise ValueError(f"{mode.value} retrieval needs the query vector")
         if mode is Mode.HYBRID:
             return self.hybrid(vec, text, k, allowed, floor)
-        return self.dense(vec, k, allowed, floor)
+        return self.dense(vec, k, allowed, floor, self.dense_beam)  # the list is the ranking: the recall-tuned beam
 
     def check_tokens(self, text: str, field: str = "query") -> None:
         """INVALID_ARGUMENT when the query is longer than the ``max_query_tokens`` setting (the request limit;

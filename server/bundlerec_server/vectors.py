@@ -49,9 +49,10 @@ F_ROW, F_VECTOR, F_CATEGORY, F_CATEGORY_NAME, F_PRICE, F_ITEM, F_VERSION = (
 
 
 class VectorIndex(Protocol):
-    """Dense top-k by cosine x quality among the rows ``allowed`` lets through, with cosine >= ``floor``."""
+    """Dense top-k by cosine x quality among the rows ``allowed`` lets through, with cosine >= ``floor``; ``beam``
+    widens this search's HNSW beam (0: the index's ef)."""
 
-    def search(self, vec: np.ndarray, k: int, allowed: RowFilter, floor: float = -1.0) -> list[Hit]: ...
+    def search(self, vec: np.ndarray, k: int, allowed: RowFilter, floor: float = -1.0, beam: int = 0) -> list[Hit]: ...
 
     def describe(self) -> str: ...
 
@@ -83,7 +84,7 @@ class HnswVectors:
         """The beam width of later searches (hnswlib searches with at least the k asked for)."""
         self.index.set_ef(ef)
 
-    def search(self, vec: np.ndarray, k: int, allowed: RowFilter, floor: float = -1.0) -> list[Hit]:
+    def search(self, vec: np.ndarray, k: int, allowed: RowFilter, floor: float = -1.0, beam: int = 0) -> list[Hit]:
         n = len(self.embeddings)
         rows = allowed.category_rows()
         if rows is not None and len(rows) <= BRUTE_FORCE_MAX_ROWS:
@@ -91,7 +92,7 @@ class HnswVectors:
             sims = np.asarray(self.embeddings[rows], dtype=np.float32) @ vec
             relevant = sims >= floor
             return _ranked(rows[relevant], sims[relevant], self.quality, k)
-        fetch = min(n, max(k, self.anchor_pool))
+        fetch = min(n, max(k, self.anchor_pool, beam))  # hnswlib's beam is max(ef, k): a wider one costs no set_ef
         while True:
             labels, dists = self.index.knn_query(vec, k=fetch)
             rows = labels[0].astype(np.int64)
@@ -251,10 +252,10 @@ class MilvusVectors:
     def describe(self) -> str:
         return f"Milvus {self.target.uri} collection {self.collection} (alias {self.target.alias})"
 
-    def search(self, vec: np.ndarray, k: int, allowed: RowFilter, floor: float = -1.0) -> list[Hit]:
+    def search(self, vec: np.ndarray, k: int, allowed: RowFilter, floor: float = -1.0, beam: int = 0) -> list[Hit]:
         fetch = min(self.count, max(k, self.anchor_pool), MILVUS_MAX_TOPK)
         expr = milvus_expr(allowed)
-        ef = max(self.ef, fetch)
+        ef = max(self.ef, fetch, beam)
         if expr:  # a beam wide enough to meet ``ef`` passing rows (x2 margin): the top k of brute force
             ef = int(min(MAX_EF, self.count, max(ef, 2 * ef / max(self.selectivity(allowed), 1e-6))))
         res = self.client.search(
