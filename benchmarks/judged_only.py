@@ -46,7 +46,7 @@ def runs(engine: object) -> dict[str, Callable[[str, np.ndarray], list[int]]]:
 
     return {
         "bm25": lambda q, v: rows(e.lexical_hits(q, DEPTH, Filters())),  # type: ignore[attr-defined]  # as served: spelling-corrected
-        "dense": lambda q, v: rows(e.dense(v, DEPTH, Filters())),  # type: ignore[attr-defined]
+        "dense": lambda q, v: rows(e.dense(v, DEPTH, Filters(), beam=e.dense_beam)),  # type: ignore[attr-defined]  # as served
         "scores_fusion": lambda q, v: fused(q, v, scores),
         f"served_{e.fusion.method}": lambda q, v: fused(q, v, e.fusion),  # type: ignore[attr-defined]
     }
