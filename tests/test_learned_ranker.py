@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,45 @@ def test_prefilter_scores_only_the_best_by_the_scores_fusion(ranked, monkeypatch
     assert [h.row for h in hits] == [int(c.rows[i]) for i in expected]
     seen.clear()
     assert len(engine.ranker.rank(engine.lexical, q, c, dense, lexical, 5, prefilter=pre)) == 5 and seen == [5]
+
+
+def test_the_rankers_heavy_parts_can_be_built_in_a_child_process(ranked, tmp_path):
+    """A hot reload builds the title evidence and the compiled trees in a spawned child process: the engine it gives
+    holds the same evidence and scores as one loaded in process (and the compiled model is still checked here)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bundlerec_server.engine import Offload
+
+    art, judgments = ranked
+    here = Engine(art, server_settings(art))
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        there = Engine(art, server_settings(art), Offload(pool, tmp_path))
+    assert (tmp_path / "ranker.o").is_file()  # the child compiled the trees; this process loaded its object code
+    a, b = here.ranker, there.ranker
+    assert a is not None and b is not None and here.lexical is not None
+    # token ids follow set iteration order, which string hashing makes differ between processes: same tokens
+    assert a.titles.words.keys() == b.titles.words.keys() and a.titles.trigrams.ids.keys() == b.titles.trigrams.ids.keys()
+    assert all(np.array_equal(a.titles.words[w], b.titles.words[w]) for w in a.titles.words)
+    assert a.titles.text == b.titles.text and np.array_equal(a.titles.brand, b.titles.brand)
+    for q in _queries(judgments)[:10]:
+        vec = here.encoder.encode([q])[0]
+        dense, lexical = here.dense(vec, 64, Filters()), here.lexical_hits(q, 64, Filters())
+        x = a.features(here.lexical, q, here.candidates(vec, q, dense, lexical), dense, lexical)
+        np.testing.assert_array_equal(x, b.features(here.lexical, q, here.candidates(vec, q, dense, lexical), dense, lexical))
+        np.testing.assert_allclose(a.scores(x), b.scores(x), rtol=0, atol=1e-12)
+
+
+def test_a_hot_reload_of_a_ranker_artifact_serves_the_same_ranking(ranked):
+    art, judgments = ranked
+    queries = _queries(judgments)[:12]
+    srv = ServerThread(server_settings(art, fusion="learned", retrieval_mode="hybrid")).start()
+    try:
+        before = _search(srv.target, queries)
+        interval = sys.getswitchinterval()
+        assert srv.call(srv.app.runtime.reload(art)) is True  # reload_offload (the default): the child process path
+        assert sys.getswitchinterval() == interval  # the reload's shorter switch interval is given back
+        assert srv.app.runtime.engine().ranker is not None
+        assert _search(srv.target, queries) == before
+    finally:
+        srv.stop()

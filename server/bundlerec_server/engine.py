@@ -10,6 +10,8 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from .encoder import CUDA, Encoder
 from .errors import InvalidRequest, Unsupported, Violation
 from .filters import RowFilter
 from .fusion import Candidates, Fusion, fuse, fuse_scores, top_hits
-from .learned_ranker import LearnedRanker
+from .learned_ranker import LearnedRanker, Prepared, model_path, prepare
 from .lexical import Lexical
 from .settings import Settings
 from .vectors import VectorIndex, open_vectors
@@ -51,13 +53,23 @@ def query_truncate_tokens(manifest: dict[str, Any]) -> int:
     return int(enc.get("query_truncate_tokens", enc.get("max_query_tokens", DEFAULT_QUERY_TRUNCATE_TOKENS)))
 
 
+@dataclass(frozen=True)
+class Offload:
+    """Where a load's GIL-heavy work runs (a process pool) and a scratch folder for what it writes."""
+
+    pool: Executor
+    scratch: Path
+
+
 class Engine:
     """One loaded artifact (catalog, vectors, HNSW and BM25 indexes, encoder) and the request pipeline.
 
     Immutable once loaded: a hot reload builds a new Engine and the runtime swaps the reference.
     """
 
-    def __init__(self, root: Path, settings: Settings) -> None:
+    def __init__(self, root: Path, settings: Settings, offload: Offload | None = None) -> None:
+        """``offload``: a hot reload's child process, which builds the learned ranker's GIL-heavy parts (its title
+        evidence, its compiled trees) while this thread loads the rest, so the serving threads keep the GIL."""
         t0 = time.perf_counter()
         self.root = Path(root)
         self.settings = settings
@@ -72,6 +84,10 @@ class Engine:
         self.embeddings = np.load(self.root / A.EMBEDDINGS, mmap_mode="r")
         if self.embeddings.shape != (len(self.catalog), self.dim):
             raise A.ArtifactError(f"{self.root}: embeddings.npy shape {self.embeddings.shape}, expected {(len(self.catalog), self.dim)}")
+        prepared: Future[Prepared] | None = None
+        if offload is not None and m.get("ranker") and (self.root / A.LEXICAL_DIR).is_dir():
+            prepared = offload.pool.submit(prepare, model_path(self.root, m["ranker"]), list(self.catalog.titles),
+                                           settings.ranker_engine, offload.scratch)
         self.complements = A.Complements.read(self.root / A.COMPLEMENTS)
         if len(self.complements.indptr) != len(self.catalog) + 1:
             raise A.ArtifactError(f"{self.root}: complements.npz does not cover {len(self.catalog)} items")
@@ -96,7 +112,8 @@ class Engine:
         self.fusion = Fusion.from_dict({**serving.get("fusion", {}), **settings.fusion_overrides()})
         self.ranker: LearnedRanker | None = None
         if m.get("ranker") and self.lexical is not None:
-            self.ranker = LearnedRanker(self.root, m["ranker"], self.catalog, settings.ranker_engine)
+            self.ranker = LearnedRanker(self.root, m["ranker"], self.catalog, settings.ranker_engine,
+                                        prepared.result() if prepared is not None else None)
         if self.fusion.method == "learned" and self.ranker is None:
             raise A.ArtifactError(f"{self.root}: fusion 'learned' needs a ranker model (and a lexical index), which "
                                   "this artifact lacks; add one with python -m bundlerec_export.train_ranker")

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ class LearnedRanker:
     runs the trees as machine code (lleaves, compiled at load and checked against LightGBM on probe rows; about
     5x faster on 50 rows), ``lightgbm`` through LightGBM's own predictor."""
 
-    def __init__(self, root: Path, meta: dict[str, Any], catalog: Catalog, engine: str = "compiled") -> None:
+    def __init__(self, root: Path, meta: dict[str, Any], catalog: Catalog, engine: str = "compiled",
+                 prepared: Prepared | None = None) -> None:
         import lightgbm as lgb
 
         features = tuple(meta.get("features", ()))
@@ -47,7 +49,7 @@ class LearnedRanker:
                                 "(python -m bundlerec_export.train_ranker)")
         # the model's columns of the full feature matrix: a model trained before features were added keeps working
         self.columns = None if features == FEATURES else np.array([FEATURES.index(f) for f in features], dtype=np.int64)
-        path = root / str(meta.get("file", RANKER_MODEL))
+        path = model_path(root, meta)
         if not path.is_file():
             raise ArtifactError(f"{root}: the manifest names a ranker model {path.name} that is missing")
         self.booster = lgb.Booster(model_file=str(path))
@@ -62,12 +64,12 @@ class LearnedRanker:
 
         self._predict: Callable[[np.ndarray], np.ndarray] = reference
         if engine == "compiled":
-            self._predict = compiled(path, self.booster, self._predict)
+            self._predict = compiled(path, self.booster, self._predict, prepared.object_code if prepared else None)
         elif engine != "lightgbm":
             raise ValueError(f"ranker engine {engine!r} is not compiled or lightgbm")
         self.engine = engine
         self.meta = meta
-        self.titles = TitleFeatures(catalog.titles)
+        self.titles = prepared.titles if prepared else TitleFeatures(catalog.titles)
 
     def features(self, lexical: Lexical, text: str, c: Candidates, dense: list[Hit], lexical_hits: list[Hit],
                  keep: np.ndarray | None = None) -> np.ndarray:
@@ -97,16 +99,44 @@ class LearnedRanker:
         return top_hits(rows, positive(self.scores(self.features(lexical, text, c, dense, lexical_hits, keep))), k)
 
 
-def compiled(path: Path, booster: Any, reference: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """The model at ``path`` compiled by lleaves (about 1 s for 150 trees), refused unless it gives ``reference``'s
-    scores on probe rows made of the model's own split thresholds, each exactly and one ulp either side."""
+def model_path(root: Path, meta: dict[str, Any]) -> Path:
+    return root / str(meta.get("file", RANKER_MODEL))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A ranker's load-time work done elsewhere (:func:`prepare`, in a child process on a hot reload): the title
+    evidence and, for the compiled engine, the model's object code."""
+
+    titles: TitleFeatures
+    object_code: Path | None = None
+
+
+def prepare(model: Path, titles: Sequence[str], engine: str, scratch: Path) -> Prepared:
+    """What loading a ranker costs in pure Python (seconds of held GIL on a large catalog: the title evidence, the
+    trees compiled by lleaves), for a child process; the parent only unpickles the result and loads the object code
+    (the compiled model is still checked against LightGBM there)."""
+    code = None
+    if engine == "compiled":
+        import lleaves
+
+        code = scratch / "ranker.o"
+        lleaves.Model(model_file=str(model)).compile(cache=str(code))
+    return Prepared(TitleFeatures(titles), code)
+
+
+def compiled(path: Path, booster: Any, reference: Callable[[np.ndarray], np.ndarray],
+             object_code: Path | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The model at ``path`` compiled by lleaves (about 1 s for 150 trees; ``object_code``: compiled already, by
+    :func:`prepare`), refused unless it gives ``reference``'s scores on probe rows made of the model's own split
+    thresholds, each exactly and one ulp either side."""
     try:
         import lleaves
     except ImportError as exc:
         raise ArtifactError(f"the compiled ranker engine needs lleaves ({exc}); install it or start with "
                             "--ranker-engine lightgbm") from None
     model = lleaves.Model(model_file=str(path))
-    model.compile()
+    model.compile(cache=str(object_code) if object_code is not None else None)
 
     def predict(x: np.ndarray) -> np.ndarray:
         x = np.where(np.abs(x) <= ZERO_BAND, 0.0, x)  # LightGBM's zero band (a fresh C-contiguous float64 array)
