@@ -244,6 +244,10 @@ def test_the_rankers_heavy_parts_can_be_built_in_a_child_process(ranked, tmp_pat
     assert a.titles.words.keys() == b.titles.words.keys() and a.titles.trigrams.ids.keys() == b.titles.trigrams.ids.keys()
     assert all(np.array_equal(a.titles.words[w], b.titles.words[w]) for w in a.titles.words)
     assert a.titles.text == b.titles.text and np.array_equal(a.titles.brand, b.titles.brand)
+    s1, s2 = here.lexical.speller, there.lexical.speller  # the spelling corrector, also built in the child
+    assert s1 is not None and s2 is not None and s1.df == s2.df and s1._choices == s2._choices
+    typo = next(w for w in s1._choices if len(w) >= 6)[:-1] + "q"
+    assert s2.correct(typo) == s1.correct(typo)
     for q in _queries(judgments)[:10]:
         vec = here.encoder.encode([q])[0]
         dense, lexical = here.dense(vec, 64, Filters()), here.lexical_hits(q, 64, Filters())

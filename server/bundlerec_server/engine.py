@@ -30,6 +30,7 @@ from .fusion import Candidates, Fusion, fuse, fuse_scores, top_hits
 from .learned_ranker import LearnedRanker, Prepared, model_path, prepare
 from .lexical import Lexical
 from .settings import Settings
+from .spelling import SpellCorrector
 from .vectors import VectorIndex, open_vectors
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,11 @@ class Engine:
         if self.embeddings.shape != (len(self.catalog), self.dim):
             raise A.ArtifactError(f"{self.root}: embeddings.npy shape {self.embeddings.shape}, expected {(len(self.catalog), self.dim)}")
         prepared: Future[Prepared] | None = None
-        if offload is not None and m.get("ranker") and (self.root / A.LEXICAL_DIR).is_dir():
+        speller: Future[SpellCorrector] | None = None
+        lexical = (self.root / A.LEXICAL_DIR).is_dir()
+        if offload is not None and lexical and settings.spell_correction:
+            speller = offload.pool.submit(SpellCorrector, list(self.catalog.titles))
+        if offload is not None and m.get("ranker") and lexical:
             prepared = offload.pool.submit(prepare, model_path(self.root, m["ranker"]), list(self.catalog.titles),
                                            settings.ranker_engine, offload.scratch)
         self.complements = A.Complements.read(self.root / A.COMPLEMENTS)
@@ -102,9 +107,10 @@ class Engine:
             catalog=self.catalog, ef=self.ef, anchor_pool=settings.anchor_pool,
         )
         self.lexical: Lexical | None = None
-        if (self.root / A.LEXICAL_DIR).is_dir():
+        if lexical:
             titles = self.catalog.titles if settings.spell_correction else None
-            self.lexical = Lexical(self.root / A.LEXICAL_DIR, m.get("lexical", {}), titles)
+            self.lexical = Lexical(self.root / A.LEXICAL_DIR, m.get("lexical", {}), titles,
+                                   speller.result() if speller is not None else None)
         self.encoder, self.variant = self._load_encoder()
         if self.encoder.dim != self.dim:
             raise A.ArtifactError(f"{self.root}: encoder dimension {self.encoder.dim}, index {self.dim}")

@@ -34,7 +34,10 @@ def parse_query(tokenize: Callable[..., Any], speller: SpellCorrector | None, vo
 class Lexical:
     """BM25 over titles (bm25s), tokenised exactly as at export time (settings from the manifest)."""
 
-    def __init__(self, folder: Path, params: dict[str, Any], titles: Sequence[str] | None = None) -> None:
+    def __init__(self, folder: Path, params: dict[str, Any], titles: Sequence[str] | None = None,
+                 speller: SpellCorrector | None = None) -> None:
+        """``titles``: the catalog's, for the spelling corrector (None: no correction); ``speller``: that corrector
+        built already (in a hot reload's child process)."""
         # bm25s probes JAX at import when it is installed; on a GPU host JAX would then take most of the GPU in
         # every worker (docs/server-notes.md). Scoring uses the score matrix with numpy, so keep any JAX on the CPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -56,7 +59,7 @@ class Lexical:
         df = np.diff(self.retriever.scores["indptr"]).astype(np.float64)
         self.idf = np.log1p((n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)  # per vocabulary id
         # typos: query words unknown to the catalog are corrected against the titles' own words (None = off)
-        self.speller = SpellCorrector(titles) if titles is not None else None
+        self.speller = speller if speller is not None else SpellCorrector(titles) if titles is not None else None
         # search and score_rows of one request (and repeated queries) tokenise once; per instance, so a reload
         # frees it. The cached function must not hold ``self`` (a cycle): the heap is frozen out of the cyclic
         # GC after a load, so an engine must be freed by reference counting alone.

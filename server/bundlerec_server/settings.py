@@ -79,7 +79,7 @@ class Settings:
     fusion: str = field(default="", metadata={"help": "hybrid fusion: rrf, blend, scores or learned (the artifact's LambdaRank model) ('' = the artifact's tuned choice)"})
     fusion_alpha: float = field(default=-1.0, metadata={"help": "blend weight of dense scores in [0, 1] (-1 = the artifact's tuned value)"})
     fusion_coverage: float = field(default=-1.0, metadata={"help": "scores fusion: weight of query-word coverage (-1 = the artifact's tuned value)"})
-    reload_offload: bool = field(default=True, metadata={"help": "on a hot reload, build the learned ranker's GIL-heavy parts (title evidence, compiled trees: seconds of pure Python on a large catalog) in a child process, so the calls being served keep their latency"})
+    reload_offload: bool = field(default=True, metadata={"help": "on a hot reload, build the GIL-heavy parts (the learned ranker's title evidence and compiled trees, the spelling corrector: seconds of pure Python on a large catalog) in a child process, so the calls being served keep their latency"})
     ranker_engine: str = field(default="compiled", metadata={"help": "how the learned ranker's trees run: compiled (lleaves: the LightGBM model compiled to machine code at load, checked against LightGBM) or lightgbm", "choices": ("compiled", "lightgbm")})
     spell_correction: bool = field(default=True, metadata={"help": "correct query words unknown to the catalog before BM25"})
     rerank: str = field(default="", metadata={"help": "cross-encoder re-ranking of the top hits by default: on (refused at start if the artifact has no cross-encoder), off (not loaded; requests asking for it are refused) or '' (the artifact's dev-tuned choice); requests may opt in or out", "choices": ("", "on", "off")})

@@ -28,13 +28,28 @@ class SpellCorrector:
         # a query of many unknown words must not cost many vocabulary scans (docs/server-notes.md)
         self.max_lookups = max_lookups
         self.max_len = max_len
-        # candidates: frequent enough alphabetic words (rare title words are often typos themselves)
-        self._choices = [w for w, n in df.items() if n >= min_df and w.isalpha()]
+        # candidates: frequent enough alphabetic words (rare title words are often typos themselves), most frequent
+        # first: rapidfuzz keeps the first of equal scores when it cuts at ``limit``, so this order (not the set
+        # iteration order, which string hashing makes differ between processes) decides, the same in every process
+        self._choices = sorted((w for w, n in df.items() if n >= min_df and w.isalpha()), key=lambda w: (-df[w], w))
         self._cache: dict[str, str] = {}
+        self._bind()
+
+    def _bind(self) -> None:
         from rapidfuzz import process  # at load, so a missing library fails the load, not a request
         from rapidfuzz.distance import OSA
 
         self._extract, self._distance = process.extract, OSA.distance
+
+    def __getstate__(self) -> dict[str, object]:
+        """Picklable (built in a child process on a hot reload): rapidfuzz's functions are bound again on arrival."""
+        state = self.__dict__.copy()
+        del state["_extract"], state["_distance"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._bind()
 
     def max_distance(self, word: str) -> int:
         return 1 if len(word) < 8 else 2
