@@ -185,11 +185,14 @@ async def test_a_waiter_whose_leader_ran_out_of_time_encodes_itself():
     enc = Gated()
     rt, serving = _runtime(enc, workers=2)  # the waiter's own batch gets the second worker
     try:
-        lead = asyncio.create_task(rt.call(serving, "milk", lambda v: float(v[0]), lambda: 0.03))
+        # a deadline long enough for the leader's batch to start even on busy cores, short enough to pass while held
+        lead = asyncio.create_task(rt.call(serving, "milk", lambda v: float(v[0]), lambda: 1.0))
         await _entered(enc)
         waiter = asyncio.create_task(rt.call(serving, "milk", lambda v: float(v[0]), None))
+        enc.entered.clear()
         with pytest.raises(OutOfTime):
             await lead
+        await _entered(enc)  # the waiter's own encode has started (the leader's is still held): no race with its fill
         enc.gate.set()
         assert await waiter == 4.0 and enc.texts == ["milk", "milk"]  # its own encode: nothing inherited
     finally:
