@@ -210,7 +210,7 @@ def test_workers_share_one_port_and_events(tiny_artifact, tmp_path):
         import subprocess
 
         pids = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(pids) == 2
+        assert len(pids) == 2, (pids, proc.output()[-3000:])
     finally:
         assert proc.stop() == 0
 
