@@ -128,3 +128,40 @@ def sigkill_mid_stream(artifact, events_db: str, present: Callable[[], set[tuple
             assert s.summary.personalized
     finally:
         restarted.stop()
+
+
+def test_opening_a_file_another_process_is_switching_to_wal_retries(tmp_path, monkeypatch):
+    """Workers sharing one SQLite file open it at the same moment; while one switches it to WAL the others find it
+    locked without SQLite waiting (seen as a worker exiting at start). The open retries that; other errors are not
+    retried."""
+    import bundlerec_server.events as ev
+
+    real_connect, calls = sqlite3.connect, []
+
+    class LockedOnce:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("database is locked")
+
+        def close(self):
+            self.conn.close()
+
+    def connect(*args, **kwargs):
+        calls.append(args[0])
+        conn = real_connect(*args, **kwargs)
+        return LockedOnce(conn) if len(calls) == 1 else conn
+
+    monkeypatch.setattr(ev.sqlite3, "connect", connect)
+    store = ev.SqliteEventStore(tmp_path / "ev.sqlite3")
+    conn = store._connect()
+    assert len(calls) == 2 and conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(ev.sqlite3, "connect", broken)
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        ev.SqliteEventStore(tmp_path / "other.sqlite3")._connect()

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts_ms DESC, id DESC);
 """
 PURCHASE = 4  # bundlerec.v1.EventType.EVENT_TYPE_PURCHASE: the events that count as purchases
+OPEN_RETRY_S = 10.0  # how long opening the SQLite file retries while another process holds it (see _connect)
 COUNT_SCAN = 5000  # newest purchase events of a user aggregated into counts when read from the database
 
 
@@ -171,12 +172,28 @@ class SqliteEventStore:
         self._conn: sqlite3.Connection | None = None
 
     # --- writer thread -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        """The WAL connection with the schema. Processes sharing the file (``--workers N``) that open it at the same
+        moment can find it locked while one of them switches it to WAL (SQLite does not wait on that lock), so the
+        open is retried for up to :data:`OPEN_RETRY_S`."""
+        deadline = time.monotonic() + OPEN_RETRY_S
+        while True:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(SCHEMA)
+                return conn
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                logger.info("event store %s is locked by another process opening it; retrying", self.path)
+                time.sleep(0.05)
+
     def _open(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
+        conn = self._connect()
         self._conn = conn
         rows = conn.execute(
             "SELECT user_id, item_id FROM (SELECT user_id, item_id, ts_ms, id, ROW_NUMBER() OVER "
