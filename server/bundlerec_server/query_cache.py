@@ -33,7 +33,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from .domain import Mode, RecommendQuery, SearchQuery
-from .flight import Flights
+from .flight import Budget, Flights
 
 HITS = Counter("bundlerec_query_cache_hits_total", "Query embeddings served from the query cache")
 MISSES = Counter("bundlerec_query_cache_misses_total", "Query embeddings computed by the encoder (cache on, not cached)")
@@ -113,10 +113,16 @@ class _LRU:
         self._counters[value is None].inc()
         return value
 
-    def peek(self, key: Hashable) -> Any:
-        """The entry under ``key`` or None, not counted as a lookup (after waiting on another call's flight)."""
-        with self._lock:
-            return self._entries.get(key)
+    async def find_or_join(self, key: Hashable, budget: Budget) -> Any:
+        """The entry under ``key``, else the result of another call computing it now (single-flight; OutOfTime when
+        ``budget`` runs out first), else None: the caller computes it (and may lead). One counted lookup."""
+        value = self._get(key)
+        if value is None and self.flights.running(key):
+            value = await self.flights.join(key, budget)
+            if value is None:  # its leader had none; a next one may have stored it meanwhile (not a new lookup)
+                with self._lock:
+                    value = self._entries.get(key)
+        return value
 
     def _put(self, key: Hashable, value: Any) -> int:
         with self._lock:
@@ -145,11 +151,7 @@ class QueryCache(_LRU):
         return self.normalise(text), self.variant, self.version
 
     def get(self, text: str) -> np.ndarray | None:
-        return self.find(self.key(text))
-
-    def find(self, key: Hashable) -> np.ndarray | None:
-        """The vector under ``key`` (:meth:`key` of its text), or None."""
-        vec: np.ndarray | None = self._get(key)
+        vec: np.ndarray | None = self._get(self.key(text))
         return vec
 
     def put(self, text: str, vec: np.ndarray) -> np.ndarray:

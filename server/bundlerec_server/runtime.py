@@ -169,11 +169,7 @@ class Runtime:
         vec = key = None
         if text is not None and cache is not None:
             key = cache.key(text)
-            vec = cache.find(key)
-            if vec is None and cache.flights.running(key):
-                vec = await cache.flights.join(key, functools.partial(self.budget, time_left))
-                if vec is None:  # its leader had none; a next one may have stored it meanwhile
-                    vec = cache.peek(key)
+            vec = await cache.find_or_join(key, functools.partial(self.budget, time_left))
             if vec is not None and then is None:
                 return vec
         budget = self.budget(time_left)
@@ -219,11 +215,7 @@ class Runtime:
         a computed reply) when the call's deadline, less the margin, comes first."""
         if replies is None or key is None:
             return await compute()
-        reply = replies.get(key)
-        if reply is None and replies.flights.running(key):
-            reply = await replies.flights.join(key, functools.partial(self.budget, time_left))
-            if reply is None:  # its leader had none; a next one may have stored it meanwhile
-                reply = replies.peek(key)
+        reply = await replies.find_or_join(key, functools.partial(self.budget, time_left))
         if reply is not None:
             self.budget(time_left)
             return reply
