@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from benchmarks.report import emit
+
+if TYPE_CHECKING:
+    from bundlerec_server.engine import Engine
 
 DEPTH = 50  # the learned ranker's scored candidates: every run is cut there
 
@@ -28,27 +32,28 @@ def condensed(ranked: list[str], judged: dict[str, float]) -> list[str]:
     return [p for p in ranked if p in judged]
 
 
-def runs(engine: object) -> dict[str, Callable[[str, np.ndarray], list[int]]]:
-    """Each ranking's top ``DEPTH`` rows for (query, vector): BM25, dense, the ``scores`` fusion, the served hybrid."""
-    from bundlerec_server.domain import Filters
+def runs(engine: Engine) -> dict[str, Callable[[str, np.ndarray], list[int]]]:
+    """Each ranking's top ``DEPTH`` rows for (query, vector), as served: BM25, dense, the ``scores`` fusion, the
+    served hybrid."""
+    from bundlerec_server.domain import Filters, Hit
     from bundlerec_server.fusion import Fusion
 
-    e = engine  # an Engine; untyped here to keep the import lazy
-    pool = max(DEPTH, e.settings.anchor_pool)  # type: ignore[attr-defined]
-    scores = Fusion("scores", alpha=e.fusion.alpha, coverage=e.fusion.coverage)  # type: ignore[attr-defined]
+    e = engine
+    pool = max(DEPTH, e.settings.anchor_pool)
+    scores = Fusion("scores", alpha=e.fusion.alpha, coverage=e.fusion.coverage)
 
-    def rows(hits: list) -> list[int]:
+    def rows(hits: list[Hit]) -> list[int]:
         return [h.row for h in hits]
 
     def fused(q: str, v: np.ndarray, fusion: Fusion) -> list[int]:
-        dense, lexical = e.dense(v, pool, Filters()), e.lexical_hits(q, pool, Filters())  # type: ignore[attr-defined]
-        return rows(e.fuse(v, q, dense, lexical, fusion, DEPTH))  # type: ignore[attr-defined]
+        dense, lexical = e.dense(v, pool, Filters()), e.lexical_hits(q, pool, Filters())
+        return rows(e.fuse(v, q, dense, lexical, fusion, DEPTH))
 
     return {
-        "bm25": lambda q, v: rows(e.lexical_hits(q, DEPTH, Filters())),  # type: ignore[attr-defined]  # as served: spelling-corrected
-        "dense": lambda q, v: rows(e.dense(v, DEPTH, Filters(), beam=e.dense_beam)),  # type: ignore[attr-defined]  # as served
+        "bm25": lambda q, v: rows(e.lexical_hits(q, DEPTH, Filters())),  # spelling-corrected, as served
+        "dense": lambda q, v: rows(e.dense(v, DEPTH, Filters(), beam=e.dense_beam)),  # dense mode's beam, as served
         "scores_fusion": lambda q, v: fused(q, v, scores),
-        f"served_{e.fusion.method}": lambda q, v: fused(q, v, e.fusion),  # type: ignore[attr-defined]
+        f"served_{e.fusion.method}": lambda q, v: fused(q, v, e.fusion),
     }
 
 

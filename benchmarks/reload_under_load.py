@@ -13,34 +13,27 @@ import asyncio
 import os
 import shlex
 import signal
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from benchmarks.procs import free_port
+from benchmarks.load import latency_summary, load_queries, poisson_schedule
+from benchmarks.procs import ServerProcess, free_port
 from benchmarks.report import emit
 
 
-async def _run(target: str, queries: list[str], rps: float, duration: float, reload_at: float, pid: int,
-               timeout: float) -> list[tuple[float, float, str]]:
+async def _run(target: str, queries: list[str], rps: float, duration: float, reload_at: float,
+               server: ServerProcess, timeout: float) -> list[tuple[float, float, str]]:
+    """(scheduled offset s, latency ms, status code name) of each call of a Poisson schedule; SIGHUP to ``server``
+    at the first arrival after ``reload_at``."""
     from bundlerec import AsyncClient
 
     async with AsyncClient(target) as c:
-        for _ in range(240):  # until SERVING
-            try:
-                await c.search("warm up", k=10)
-                break
-            except Exception:
-                await asyncio.sleep(0.5)
-        for q in queries[:200]:
+        for q in queries[:200]:  # warm
             await c.search(q, k=10)
-        rng = np.random.default_rng(0)
         out: list[tuple[float, float, str]] = []
-        t0 = time.perf_counter()
 
         async def one(i: int, at: float) -> None:
             start = time.perf_counter()
@@ -52,27 +45,24 @@ async def _run(target: str, queries: list[str], rps: float, duration: float, rel
                 code = getattr(status() if callable(status) else status, "name", type(exc).__name__)
             out.append((at, (time.perf_counter() - start) * 1e3, code))
 
-        tasks, at, i, sent_hup = [], 0.0, 0, False
-        while at < duration:
-            at += rng.exponential(1.0 / rps)
+        tasks, sent_hup, t0 = [], False, time.perf_counter()
+        for i, at in enumerate(poisson_schedule(rps, duration).tolist()):
             now = time.perf_counter() - t0
             if at > now:
                 await asyncio.sleep(at - now)
             if not sent_hup and at >= reload_at:
-                os.kill(pid, signal.SIGHUP)
+                server.signal(signal.SIGHUP)
                 sent_hup = True
             tasks.append(asyncio.create_task(one(i, at)))
-            i += 1
         await asyncio.gather(*tasks)
         return out
 
 
 def _window(calls: list[tuple[float, float, str]], lo: float, hi: float) -> dict[str, Any]:
-    lat = np.array([ms for at, ms, code in calls if lo <= at < hi and code == "OK"])
+    summary = {k: round(v, 1) if isinstance(v, float) else v
+               for k, v in latency_summary([ms for at, ms, code in calls if lo <= at < hi and code == "OK"]).items()}
     errors = [code for at, _, code in calls if lo <= at < hi and code != "OK"]
-    pct = {f"p{q}": round(float(np.percentile(lat, q)), 1) for q in (50, 99)} if len(lat) else {}
-    return {"from_s": lo, "to_s": hi, "calls": len(lat) + len(errors), **pct,
-            "max": round(float(lat.max()), 1) if len(lat) else None, "errors": {c: errors.count(c) for c in set(errors)}}
+    return {"from_s": lo, "to_s": hi, **summary, "errors": {c: errors.count(c) for c in set(errors)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,21 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
-    queries = [line.strip() for line in args.queries.read_text().splitlines() if line.strip()]
+    queries = load_queries(args.queries)
     report: dict[str, Any] = {"artifact": str(args.artifact), "rps": args.rps, "reload_at_s": args.reload_at, "runs": {}}
     series = {}
     for spec in args.setting or ["default="]:
         name, _, flags = spec.partition("=")
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "bundlerec_server", "--artifact", str(args.artifact), "--host",
-                                   "127.0.0.1", "--port", str(port), *shlex.split(flags)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            calls = asyncio.run(_run(f"127.0.0.1:{port}", queries, args.rps, args.duration, args.reload_at, server.pid,
-                                     args.timeout))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+        target = f"127.0.0.1:{free_port()}"
+        argv = [sys.executable, "-m", "bundlerec_server", "--artifact", str(args.artifact), "--host", "127.0.0.1",
+                "--port", target.rsplit(":", 1)[1], *shlex.split(flags)]
+        with ServerProcess(argv, Path(tempfile.gettempdir()) / f"reload-under-load-{name}.log", target=target,
+                           name=name) as server:
+            server.wait_serving(timeout=240)
+            calls = asyncio.run(_run(target, queries, args.rps, args.duration, args.reload_at, server, args.timeout))
         end = args.reload_at + args.window
         report["runs"][name] = {"flags": flags, "before": _window(calls, 2.0, args.reload_at),
                                 "reload": _window(calls, args.reload_at, end), "after": _window(calls, end, args.duration),

@@ -61,7 +61,9 @@ def test_choose_ef_takes_the_cheapest_beam_within_tolerance_and_restores_the_ind
         vec = engine.encoder.encode([q])[0]
         lists[q] = (vec, engine.dense(vec, 100, Filters()), engine.lexical_hits(q, 100, Filters()))
     before = [h.row for h in engine.dense(lists[queries[0]][0], 64, Filters())]
+    beam, pool = engine.vectors.index.ef, engine.vectors.anchor_pool
     ef, table = choose_ef(engine, judged, lists, Mode.HYBRID, Fusion("scores", alpha=0.5, coverage=0.5))
+    assert (engine.vectors.index.ef, engine.vectors.anchor_pool) == (beam, pool)  # the tuning engine as it was
     tried = [int(e) for e in table["ndcg"]]
     assert tried == [e for e in EF_GRID if e < 150] + [150] and table["index_ef"] == 150
     ok = [e for e in tried if table["ndcg"][str(e)] >= table["ndcg"]["150"] * (1 - EF_TOLERANCE)]
