@@ -272,6 +272,15 @@ def test_cli_defaults_are_build_config_defaults():
     assert (cfg.embed_batch_size, cfg.lexical, cfg.hnsw_m, cfg.related_band, cfg.progress) == (8, False, 32, (0.1, 0.9), False)
     assert cfg.finetune_judgments == Path("j.csv") and cfg.catalog == Path("c.csv")
     assert {f.name for f in fields(BuildConfig)} >= {"min_int8_cosine", "ef_search", "finetune_epochs"}
+    args = _parser().parse_args(["--dataset", "instacart", "--data-dir", "d", "--out", "o", "--student-layers", "0,2,4",
+                                 "--student-texts", "q.txt", "--student-epochs", "5", "--student-finetune-epochs", "0"])
+    cfg = config_from_args(args, None)
+    assert (cfg.student_layers, cfg.student_texts, cfg.student_options, cfg.student_finetune_epochs) == \
+        ((0, 2, 4), Path("q.txt"), {"epochs": 5}, 0)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--dataset", "instacart", "--data-dir", "d", "--out", "o", "--student-layers", "a,b"])
+    with pytest.raises(ValueError, match="student_layers"):
+        BuildConfig(dataset="instacart", out=Path("o"), student_layers=(1, 1))
 
 
 def test_catalog_without_orders_gets_cold_start_complements_without_substitutes(tmp_path, tiny_model, monkeypatch):

@@ -232,6 +232,47 @@ def test_build_with_finetune_caches_and_reports(toy, tmp_path):
     assert m2["timings_s"]["finetune"] < m["timings_s"]["finetune"]
 
 
+def test_build_with_a_student_serves_the_fine_tuned_student_and_caches_it(toy, tmp_path):
+    """student_layers: the teacher (fine-tuned here) is distilled into a one-layer student, which is fine-tuned
+    on the same judgments and served: the artifact's vectors are that model's, the manifest says so, a rebuild
+    reuses the student, and layers the teacher lacks are refused."""
+    import numpy as np
+
+    from bundlerec_export import finetune as ft
+    from bundlerec_export.build import BuildConfig, BuildError, build
+    from bundlerec_export.recomplement import served_is_base
+    from bundlerec_server.artifact import read_manifest
+
+    j, p, model = toy
+    cfg = BuildConfig(dataset="homedepot", data_dir=p.parent, out=tmp_path / "art", finetune_judgments=j, finetune_epochs=1,
+                      finetune_options={"base_model": model, "batch_size": 8, "eval_random_products": 50, "threads": 1},
+                      student_layers=(1,), student_options={"epochs": 2, "batch_size": 8, "lr": 1e-3, "threads": 1},
+                      agreement_sample=32, min_int8_cosine=0.9, progress=False, ranker=False)
+    m = build(cfg).manifest
+    enc, st = m["encoder"], m["encoder"]["student"]
+    assert st["layers"] == [1] and st["reused_from_cache"] is False and len(st["val_cosine"]) == 2
+    student = Path(st["path"])
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 1
+    assert Path(st["teacher"]).name.startswith("finetuned-")  # the fine-tuned teacher, not the tiny base
+    assert st["other_texts"] == sum(ft.split_of(q) == "train" for q in ft.read_judgments(j))
+    assert enc["fine_tuned"] is True and enc["fine_tuned_from"] == str(student)
+    served = Path(enc["base_model_path"])
+    assert json.loads((served / "config.json").read_text())["num_hidden_layers"] == 1
+    assert not served_is_base(m)
+    # the artifact's catalog vectors are the served (fine-tuned student) model's
+    items = [json.loads(line) for line in (tmp_path / "art" / "items.jsonl").open()]
+    tok, net = ft.load_model(served)
+    emb = np.load(tmp_path / "art" / "embeddings.npy")
+    assert np.allclose(ft.embed_many(net, tok, [it["title"] for it in items[:8]], 128, 8), emb[:8], atol=1e-4)
+    read_manifest(tmp_path / "art", verify=True)
+    m2 = build(cfg).manifest
+    assert m2["encoder"]["student"]["reused_from_cache"] is True
+    assert m2["encoder"]["training"]["reused_from_cache"] is True
+    assert np.array_equal(np.load(tmp_path / "art" / "embeddings.npy"), emb)
+    with pytest.raises(BuildError, match="student_layers"):
+        build(BuildConfig(**{**cfg.__dict__, "out": tmp_path / "bad", "student_layers": (2,)}))
+
+
 def test_cli_finetune_flags(tmp_path):
     from bundlerec_export.cli import _finetune_judgments, _parser
 

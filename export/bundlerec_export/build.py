@@ -3,12 +3,13 @@
 One function per stage, each returning its part of the manifest (top-level keys; ``models`` and ``index`` are
 filled by several stages) and timed into ``manifest["timings_s"]``:
 
-    load -> [finetune] -> export_fp32 -> quantize_int8 -> quantize_int8_pertoken -> convert_fp16 -> agreement
-    -> embed -> index -> ef_recall -> complements -> lexical -> write -> [ranker] -> [tune] -> [cross_encoder]
+    load -> [finetune] -> [student -> [student_finetune]] -> export_fp32 -> quantize_int8 -> quantize_int8_pertoken
+    -> convert_fp16 -> agreement -> embed -> index -> ef_recall -> complements -> lexical -> write -> [ranker] -> [tune] -> [cross_encoder]
     -> manifest (written once)
 
 Fine-tuning runs when ``finetune_judgments`` is set and ``base_model`` is not (cached in
-``<out>.work/finetuned-<key>``); tuning (``tune``) then chooses the served retrieval mode on the dev split.
+``<out>.work/finetuned-<key>``); with ``student_layers`` the served encoder is a shallower student of that model
+(``shrink``, cached in ``<out>.work/student-<key>``); tuning (``tune``) then chooses the served retrieval mode on the dev split.
 Everything is written into a temporary sibling of ``out`` and renamed into place on success; an existing
 ``out`` that is neither empty nor an artifact is refused rather than replaced.
 """
@@ -52,6 +53,8 @@ from .offline import ensure_offline
 
 if TYPE_CHECKING:
     import hnswlib
+
+    from .shrink import Student
 
 __all__ = ["BuildConfig", "BuildError", "BuildResult", "build", "build_artifact"]
 
@@ -157,10 +160,23 @@ def build(cfg: BuildConfig) -> BuildResult:
         else:
             finetuned = finetune_for_build(cfg, cfg.finetune_judgments, ds, out)
             stages.done("finetune")
+    student: Student | None = None
+    origin: Path | None = None
+    if cfg.student_layers:
+        teacher = finetuned.path if finetuned is not None else (cfg.base_model or ox.default_base_model())
+        origin = finetuned.start_model if finetuned is not None else teacher
+        student = student_stage(cfg, teacher, ds)
+        stages.done("student")
+        if finetuned is not None and cfg.student_finetune_epochs and cfg.finetune_judgments is not None:
+            finetuned = finetune_for_build(cfg, cfg.finetune_judgments, ds, out, {
+                "base_model": student.path, "epochs": cfg.student_finetune_epochs, "lr": cfg.student_finetune_lr})
+            stages.done("student_finetune")
+        else:
+            finetuned = None
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        manifest = write_manifest(tmp, _build_into(tmp, ds, cfg, stages, finetuned))
+        manifest = write_manifest(tmp, _build_into(tmp, ds, cfg, stages, finetuned, student, origin))
         unpublished = publish_stage(tmp, cfg.publish_milvus) if cfg.publish_milvus else None
         folders.publish(tmp, out)
     except BaseException:
@@ -186,9 +202,13 @@ def publish_stage(root: Path, uri: str) -> Exception | None:
     return None
 
 
-def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, finetuned: FineTuned | None) -> dict[str, Any]:
-    """Runs the stages after load/finetune into ``root``; returns the complete manifest (not yet written)."""
-    base_model = finetuned.path if finetuned is not None else (cfg.base_model or ox.default_base_model())
+def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, finetuned: FineTuned | None,
+                student: Student | None = None, origin: Path | None = None) -> dict[str, Any]:
+    """Runs the stages after load/finetune/student into ``root``; returns the complete manifest (not yet written).
+    ``finetuned`` is the served model when set, else ``student``'s, else the configured one; ``origin`` is the
+    model a student's teacher came from."""
+    base_model = (finetuned.path if finetuned is not None else student.path if student is not None
+                  else cfg.base_model or ox.default_base_model())
     titles = [item.title for item in ds.items]
     stages.done("export_fp32", export_stage(root, base_model))
     stages.done("quantize_int8", quantize_int8_stage(root, base_model))
@@ -200,7 +220,8 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
     index, part = index_stage(root, emb, cfg)
     stages.done("index", part)
     stages.done("ef_recall", ef_stage(root, index, emb, titles, cfg))
-    base_space = finetuned is None and cfg.base_model is None  # the default MiniLM: the cold-start model's space
+    # the default MiniLM: the cold-start model's space
+    base_space = finetuned is None and student is None and cfg.base_model is None
     stats, part = complements_stage(root, ds, index, emb, cfg, base_space, work=_work_folder(cfg))
     stages.done("complements", part)
     if cfg.lexical:
@@ -208,7 +229,7 @@ def _build_into(root: Path, ds: Dataset, cfg: BuildConfig, stages: _Stages, fine
     else:
         stages.add({"lexical": None})
     stages.done("write", write_stage(root, ds, stats, finetuned))
-    stages.add(encoder_part(root, cfg, base_model, finetuned))
+    stages.add(encoder_part(root, cfg, base_model, finetuned, student, origin))
     stages.add(version_part(root, ds.name))  # content hash: every file is written by now
     stages.add({"build_config": cfg.as_manifest()})
     if cfg.judgments is not None and cfg.lexical:
@@ -506,9 +527,11 @@ def write_stage(root: Path, ds: Dataset, stats: ItemStats, finetuned: FineTuned 
     return {}
 
 
-def encoder_part(root: Path, cfg: BuildConfig, base_model: Path, finetuned: FineTuned | None) -> Part:
+def encoder_part(root: Path, cfg: BuildConfig, base_model: Path, finetuned: FineTuned | None,
+                 student: Student | None = None, origin: Path | None = None) -> Part:
+    family = origin if origin is not None else finetuned.start_model if finetuned is not None else base_model
     info: dict[str, Any] = {
-        "base_model": _base_model_name(finetuned.start_model if finetuned is not None else base_model),
+        "base_model": _base_model_name(family),
         "base_model_path": str(base_model), "fine_tuned": finetuned is not None,
         "pooling": "mean", "normalize": True, "query_truncate_tokens": QUERY_TRUNCATE_TOKENS,
         "max_item_tokens": MAX_ITEM_TOKENS, "item_variant": "fp32", "query_variant": "int8_pertoken",
@@ -522,7 +545,19 @@ def encoder_part(root: Path, cfg: BuildConfig, base_model: Path, finetuned: Fine
         training["files"] = [name for name in TRAINING_FILES if (root / name).is_file()]
         info["fine_tuned_from"] = str(finetuned.start_model)
         info["training"] = training
+    if student is not None:
+        info["student"] = student_summary(student)
     return {"encoder": info}
+
+
+def student_summary(student: Student) -> dict[str, Any]:
+    """The manifest's ``encoder.student``: teacher, kept layers, texts, the held-out titles' cosine to the teacher."""
+    log = student.log
+    return {"teacher": str(student.teacher), "layers": log["layers"], "path": str(student.path),
+            "reused_from_cache": student.cached, "titles": log["titles"], "other_texts": log["train_queries"],
+            "holdout_titles": log["holdout_titles"], "val_cosine_start": log.get("val_cosine_start"),
+            "val_cosine": [e.get("val_cosine") for e in log["epochs"]], "seconds": log.get("seconds"),
+            "settings": log["settings"]}
 
 
 def version_part(root: Path, name: str) -> Part:
@@ -594,13 +629,47 @@ def _base_model_name(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------- fine-tuning
 
 
-def finetune_for_build(cfg: BuildConfig, judgments: Path, ds: Dataset, out: Path) -> FineTuned:
-    """Fine-tunes (or reuses the cached result for the same settings + data) and returns the model folder."""
+def student_stage(cfg: BuildConfig, teacher: Path, ds: Dataset) -> Student:
+    """The shallower student of ``teacher`` (:func:`.shrink.student_for_build`): distilled on the catalog titles,
+    the judgments' TRAIN queries and ``student_texts``; cached in the work folder."""
+    from .evaluation import read_judgments, split_of
+    from .shrink import DistillSettings, student_for_build
+
+    opts = {"seed": cfg.seed, **({"threads": cfg.threads} if cfg.threads else {}), **cfg.student_options}
+    try:
+        settings = DistillSettings(**opts)
+    except TypeError as exc:
+        raise BuildError(f"student_options: {exc}") from exc
+    queries: list[str] = []
+    if cfg.judgments is not None:
+        if not cfg.judgments.is_file():
+            raise BuildError(f"{cfg.judgments}: judgments file not found")
+        queries = sorted(q for q in read_judgments(cfg.judgments) if split_of(q) == "train")
+    if cfg.student_texts is not None:
+        if not cfg.student_texts.is_file():
+            raise BuildError(f"{cfg.student_texts}: student texts file not found")
+        seen = set(queries) | {item.title for item in ds.items}  # a title kept aside for validation stays aside
+        for line in cfg.student_texts.read_text(encoding="utf-8").splitlines():
+            text = line.strip()
+            if text and text not in seen:
+                seen.add(text)
+                queries.append(text)
+    n_layers = json.loads((Path(teacher) / "config.json").read_text()).get("num_hidden_layers", 0)
+    if any(i >= n_layers for i in cfg.student_layers):
+        raise BuildError(f"student_layers {list(cfg.student_layers)}: the teacher {teacher} has layers 0..{n_layers - 1}")
+    return student_for_build(teacher, cfg.student_layers, [item.title for item in ds.items], queries, settings,
+                             _work_folder(cfg), MAX_ITEM_TOKENS, progress=cfg.progress)
+
+
+def finetune_for_build(cfg: BuildConfig, judgments: Path, ds: Dataset, out: Path,
+                       overrides: dict[str, Any] | None = None) -> FineTuned:
+    """Fine-tunes (or reuses the cached result for the same settings + data) and returns the model folder;
+    ``overrides`` replace fine-tune settings (the student's short fine-tune)."""
     from . import finetune as ft
 
     if not judgments.is_file():
         raise BuildError(f"{judgments}: judgments file for fine-tuning not found")
-    opts = ft.upgrade_settings(cfg.finetune_options)
+    opts = {**ft.upgrade_settings(cfg.finetune_options), **(overrides or {})}
     opts.setdefault("epochs", cfg.finetune_epochs)
     opts.setdefault("progress", cfg.progress)
     opts.setdefault("seed", cfg.seed)
@@ -617,8 +686,7 @@ def finetune_for_build(cfg: BuildConfig, judgments: Path, ds: Dataset, out: Path
         digest.update(src.sha256.encode())
     digest.update(repr(cfg.limit).encode())
     key = fcfg.cache_key(digest.hexdigest())
-    cache = Path(cfg.finetune_cache) if cfg.finetune_cache is not None else out.parent / f"{out.name}.work"
-    folder = cache / f"finetuned-{key}"
+    folder = _work_folder(cfg) / f"finetuned-{key}"
     if (folder / ft.LOG_FILE).is_file() and (folder / "config.json").is_file():
         logger.info("fine-tuned model reused from %s", folder)
         return FineTuned(folder, Path(start), json.loads((folder / ft.LOG_FILE).read_text()), cached=True)

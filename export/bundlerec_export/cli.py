@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-finetune", action="store_true", help="do not fine-tune (homedepot's default is to)")
     p.add_argument("--finetune-epochs", type=int, default=d["finetune_epochs"], help="fine-tuning epochs")
     p.add_argument("--finetune-cache", type=Path, help="folder of cached fine-tuned models (default <out>.work)")
+    p.add_argument("--student-layers", type=_layers, default=d["student_layers"], metavar="I,J,...",
+                   help="serve a shallower student keeping these layers of the encoder (e.g. 0,2,4 of MiniLM's 6), "
+                        "distilled on its vectors (bundlerec_export.shrink; ~25 min for Home Depot on 2 cores, cached)")
+    p.add_argument("--student-texts", type=Path, default=None, metavar="FILE",
+                   help="more texts for the student's distillation, one a line (e.g. a query log)")
+    p.add_argument("--student-epochs", type=int, default=None, help="distillation epochs (default 3)")
+    p.add_argument("--student-finetune-epochs", type=int, default=d["student_finetune_epochs"],
+                   help="the student's own fine-tune on the judgments when the teacher was fine-tuned (0: none)")
     p.add_argument("--publish-milvus", default=d["publish_milvus"], metavar="URI",
                    help="after the build, publish the vectors to Milvus (milvus://host:port[?alias=NAME]) and point "
                         "the alias at the new version's collection (see bundlerec_export.milvus_publish)")
@@ -102,12 +110,20 @@ _CONFIG_OPTIONS = ("dataset", "out", "data_dir", "catalog", "orders", "base_mode
                    "agreement_sample", "complements", "min_support", "top_k", "shrinkage", "user_level_evidence", "min_users",
                    "ef_search", "hnsw_m", "embed_batch_size", "ray", "ray_address", "ray_actors", "ray_actor_cpus",
                    "threads", "lexical", "finetune_epochs", "finetune_cache", "publish_milvus", "ranker", "ranker_judgments", "cross_encoder",
-                   "cold_start_space", "cold_start_hub")
+                   "cold_start_space", "cold_start_hub", "student_layers", "student_texts", "student_finetune_epochs")
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated layer numbers, e.g. 0,2,4") from None
 
 
 def config_from_args(args: argparse.Namespace, judgments: Path | None) -> BuildConfig:
     return BuildConfig(**{name: getattr(args, name) for name in _CONFIG_OPTIONS},
                        related_band=(args.related_band[0], args.related_band[1]),
+                       student_options={} if args.student_epochs is None else {"epochs": args.student_epochs},
                        progress=not args.no_progress and not args.quiet, finetune_judgments=judgments)
 
 
@@ -179,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         dev = ", ".join(f"{e['epoch']}: {e['ndcg@10']:.4f}" for e in tr["dev_per_epoch"] if e.get("ndcg@10") is not None)
         cached = " (cached)" if tr.get("reused_from_cache") else ""
         print(f"fine-tuned {enc['base_model']} in {tr['seconds']['total']:.0f} s{cached}; dev NDCG@10 per epoch {dev}")
+    st = enc.get("student")
+    if st:
+        cos = ", ".join(f"{c:.4f}" for c in st["val_cosine"] if c is not None)
+        cached = " (cached)" if st["reused_from_cache"] else ""
+        print(f"student    layers {st['layers']} of {st['teacher']}{cached}; held-out cosine to the teacher per epoch {cos}")
     ce = m.get("cross_encoder")
     if ce:
         dev = ce["dev"]

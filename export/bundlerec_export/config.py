@@ -8,7 +8,8 @@ from typing import Any
 
 COMPLEMENT_METHODS = ("learned", "npmi")
 COLD_START_SPACES = ("base", "served")
-_PATH_FIELDS = ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache", "ranker_judgments")
+_PATH_FIELDS = ("data_dir", "catalog", "orders", "base_model", "finetune_judgments", "finetune_cache", "ranker_judgments",
+                "student_texts")
 
 
 @dataclass
@@ -65,6 +66,15 @@ class BuildConfig:
     finetune_epochs: int = 2
     finetune_cache: Path | None = None  # default: <out>.work next to the artifact
     finetune_options: dict[str, Any] = field(default_factory=dict)  # other FinetuneConfig fields
+    # a shallower served encoder (bundlerec_export.shrink): keeps these layers of the encoder the build would
+    # otherwise serve (the teacher: fine-tuned, --base-model or the packaged MiniLM), distilled on its vectors of
+    # the catalog titles, the judgments' TRAIN queries and the lines of student_texts (e.g. a query log); then
+    # fine-tuned student_finetune_epochs on the judgments when the teacher was fine-tuned. () = the teacher itself
+    student_layers: tuple[int, ...] = ()
+    student_texts: Path | None = None
+    student_options: dict[str, Any] = field(default_factory=dict)  # DistillSettings fields
+    student_finetune_epochs: int = 1
+    student_finetune_lr: float = 2e-5
     # learned hybrid ranker (bundlerec_export.train_ranker): trained when judgments exist (ranker_judgments, else
     # finetune_judgments) and the artifact has a lexical index; off with ranker=False
     ranker: bool = True
@@ -102,6 +112,11 @@ class BuildConfig:
             raise ValueError(f"cold_start_space must be one of {COLD_START_SPACES}")
         if self.finetune_epochs < 1:
             raise ValueError("finetune_epochs must be positive")
+        self.student_layers = tuple(int(i) for i in self.student_layers)
+        if any(i < 0 for i in self.student_layers) or len(set(self.student_layers)) != len(self.student_layers):
+            raise ValueError("student_layers must be distinct layer numbers >= 0")
+        if self.student_finetune_epochs < 0 or self.student_finetune_lr <= 0:
+            raise ValueError("student_finetune_epochs must be >= 0 and student_finetune_lr positive")
 
     def as_manifest(self) -> dict[str, Any]:
         """The manifest's ``build_config``: JSON types, ``progress`` left out."""

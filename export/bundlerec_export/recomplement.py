@@ -84,7 +84,7 @@ def served_is_base(manifest: dict[str, Any]) -> bool:
     """Whether the artifact's item embeddings come from the packaged base MiniLM (not fine-tuned, no other model)."""
     enc = manifest.get("encoder") or {}
     built = manifest.get("build_config") or {}
-    return (not enc.get("fine_tuned", False) and built.get("base_model") is None
+    return (not enc.get("fine_tuned", False) and not enc.get("student") and built.get("base_model") is None
             and enc.get("base_model") == "sentence-transformers/all-MiniLM-L6-v2")
 
 

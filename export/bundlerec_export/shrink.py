@@ -8,6 +8,11 @@ catalog titles (targets: the artifact's own ``embeddings.npy``, the teacher's fp
 pooling); dev and test queries are never read. The result is a Hugging Face folder for
 ``bundlerec-export --base-model``. Measured in ``docs/performance.md`` ("A 3-layer encoder (measured)").
 
+The build does the same in one command (``bundlerec-export --student-layers 0,2,4``, :func:`student_for_build`):
+the targets are then the teacher's own torch vectors (titles at the serving 128 tokens, queries at 64), the
+student is cached in ``<out>.work/student-<key>``, and a fine-tuned teacher's student gets a short fine-tune on
+the same judgments.
+
     python -m bundlerec_export.shrink --teacher artifacts/homedepot.work/finetuned-df2034eba1e38ab0 \\
         --layers 0,2,4 --artifact artifacts/homedepot --judgments ../shared/data/homedepot/judgments.csv \\
         --out runs/student-l3
@@ -16,6 +21,7 @@ pooling); dev and test queries are never read. The result is a Hugging Face fold
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -28,25 +34,27 @@ from typing import Any
 
 import numpy as np
 
+from . import folders
 from .evaluation import read_judgments, split_of
 from .finetune import _lr_lambda, embed, embed_many, load_model
 from .offline import ensure_offline
 from .tiny import TOKENIZER_FILES
 
-__all__ = ["DistillSettings", "distill", "make_student", "main"]
+__all__ = ["DistillSettings", "Student", "distill", "make_student", "main", "student_for_build", "train_student"]
 
 logger = logging.getLogger(__name__)
 
 QUERY_TOKENS = 64  # the server's query truncation (manifest encoder.query_truncate_tokens)
+LOG_FILE = "shrink_log.json"
 
 
 @dataclass
 class DistillSettings:
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 64
-    lr: float = 1e-4
+    lr: float = 3e-4
     warmup: float = 0.05  # fraction of the steps
-    max_length: int = 64  # training truncation (titles and queries); targets were made at the serving lengths
+    max_length: int = 48  # training truncation (titles and queries); targets were made at the serving lengths
     holdout: int = 1000  # titles kept aside for the validation cosine
     seed: int = 0
     threads: int = 2
@@ -148,6 +156,77 @@ def distill(model: Any, tok: Any, texts: Sequence[str], targets: np.ndarray, set
     return log
 
 
+def train_student(teacher: Path, layers: Sequence[int], titles: Sequence[str], title_targets: np.ndarray,
+                  queries: Sequence[str], query_targets: np.ndarray, settings: DistillSettings, out: Path,
+                  progress: bool = True, init: Path | None = None) -> dict[str, Any]:
+    """Makes the student of ``teacher`` (or continues ``init``'s) in ``out``, distils it on the titles (minus a
+    held-out sample, the validation cosine) and queries with their teacher vectors, saves it; returns the log."""
+    rng = np.random.default_rng(settings.seed)
+    hold = set(rng.choice(len(titles), size=min(settings.holdout, len(titles) // 10), replace=False).tolist())
+    val_titles = [t for i, t in enumerate(titles) if i in hold]
+    val_targets = title_targets[sorted(hold)]
+    keep = [i for i in range(len(titles)) if i not in hold]
+    texts = [titles[i] for i in keep] + list(queries)
+    all_targets = np.concatenate([title_targets[keep], query_targets]).astype(np.float32)
+    if init is not None:  # more epochs on an earlier student (a new warm-up and decay)
+        shutil.copytree(init, out, dirs_exist_ok=True)
+    else:
+        make_student(teacher, layers, out)
+    tok, student = load_model(out)
+    logger.info("student: layers %s of %s, %d titles + %d other texts", list(layers), teacher, len(keep), len(queries))
+    log = distill(student, tok, texts, all_targets, settings, progress=progress, val=(val_titles, val_targets))
+    student.save_pretrained(out, safe_serialization=True)
+    log.update(teacher=str(teacher), init=str(init) if init else None, layers=list(layers), titles=len(keep),
+               train_queries=len(queries), holdout_titles=len(val_titles), settings=asdict(settings))
+    return log
+
+
+@dataclass
+class Student:
+    path: Path  # HF model folder
+    teacher: Path
+    log: dict[str, Any]
+    cached: bool
+
+
+def student_for_build(teacher: Path, layers: Sequence[int], titles: Sequence[str], queries: Sequence[str],
+                      settings: DistillSettings, cache: Path, item_tokens: int, progress: bool = True) -> Student:
+    """The build's student (cached in ``cache/student-<key>``; key: teacher weights, layers, settings, texts):
+    targets are the teacher's vectors of the titles at ``item_tokens`` and of ``queries`` at the query length."""
+    from .finetune import _model_digest
+
+    key_src = {"teacher": _model_digest(teacher), "layers": list(layers), "settings": asdict(settings),
+               "titles": _texts_digest(titles), "queries": _texts_digest(queries), "item_tokens": item_tokens,
+               "query_tokens": QUERY_TOKENS}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache / f"student-{key}"
+    if (folder / LOG_FILE).is_file() and (folder / "config.json").is_file():
+        logger.info("student reused from %s", folder)
+        return Student(folder, teacher, json.loads((folder / LOG_FILE).read_text()), cached=True)
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    t_tok, t_model = load_model(teacher)
+    title_targets = embed_many(t_model, t_tok, titles, item_tokens, 128, progress=progress, desc="teacher titles")
+    query_targets = (embed_many(t_model, t_tok, queries, QUERY_TOKENS, 128, progress=progress, desc="teacher queries")
+                     if queries else np.zeros((0, title_targets.shape[1]), np.float32))
+    del t_model
+    with folders.filled(folder, f".student-{key}-") as work:
+        log = train_student(teacher, layers, titles, title_targets, queries, query_targets, settings, work,
+                            progress=progress)
+        (work / LOG_FILE).write_text(json.dumps(log, indent=2))
+    logger.info("student written to %s", folder)
+    return Student(folder, teacher, log, cached=False)
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _artifact_titles(artifact: Path) -> tuple[list[str], np.ndarray, int]:
     manifest = json.loads((artifact / "manifest.json").read_text())
     titles = [json.loads(line)["title"] for line in (artifact / "items.jsonl").open()]
@@ -195,26 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     q_targets = embed_many(teacher, t_tok, queries, QUERY_TOKENS, 128, progress=not args.no_progress,
                            desc="teacher queries") if queries else np.zeros((0, targets.shape[1]), np.float32)
     del teacher
-    rng = np.random.default_rng(settings.seed)
-    hold = set(rng.choice(len(titles), size=min(settings.holdout, len(titles) // 10), replace=False).tolist())
-    val_titles = [t for i, t in enumerate(titles) if i in hold]
-    val_targets = targets[sorted(hold)]
-    keep = [i for i in range(len(titles)) if i not in hold]
-    texts = [titles[i] for i in keep] + queries
-    all_targets = np.concatenate([targets[keep], q_targets]).astype(np.float32)
-    if args.init is not None:  # more epochs on an earlier student (a new warm-up and decay)
-        shutil.copytree(args.init, args.out, dirs_exist_ok=True)
-        out = args.out
-    else:
-        out = make_student(args.teacher, layers, args.out)
-    tok, student = load_model(out)
-    logger.info("student: layers %s of %s, %d titles + %d train queries", layers, args.teacher, len(keep), len(queries))
-    log = distill(student, tok, texts, all_targets, settings, progress=not args.no_progress,
-                  val=(val_titles, val_targets))
-    student.save_pretrained(out, safe_serialization=True)
-    log.update(teacher=str(args.teacher), init=str(args.init) if args.init else None, layers=layers, titles=len(keep), train_queries=len(queries),
-               holdout_titles=len(val_titles), teacher_check_cosine=check, settings=asdict(settings))
-    (out / "shrink_log.json").write_text(json.dumps(log, indent=2))
+    with folders.filled(args.out, f".{args.out.name}-") as work:  # out appears only once trained
+        log = train_student(args.teacher, layers, titles, targets, queries, q_targets, settings, work,
+                            progress=not args.no_progress, init=args.init)
+        log["teacher_check_cosine"] = check
+        (work / LOG_FILE).write_text(json.dumps(log, indent=2))
     print(json.dumps(log, indent=2))
     return 0
 
