@@ -98,3 +98,20 @@ def test_cli_trains_on_titles_and_train_queries_only(teacher, tmp_path):
     other = make_tiny_bert(tmp_path / "other", seed=7)
     with pytest.raises(SystemExit, match="not"):  # an artifact of another model is refused
         main(["--teacher", str(other), "--artifact", str(artifact), "--out", str(tmp_path / "x"), "--layers", "0"])
+
+
+def test_encoder_agreement_of_an_artifact_with_itself_is_total(tiny_artifact, tmp_path):
+    """benchmarks.encoder_agreement: an artifact against itself agrees everywhere (every mode it serves and the
+    Recommend anchors); two empty lists count as agreement."""
+    from benchmarks.encoder_agreement import _overlap, main
+
+    assert _overlap([], []) == 1.0 and _overlap(["a", "b"], []) == 0.0 and _overlap(["a", "b"], ["b", "c"]) == 0.5
+    items = [json.loads(line) for line in (tiny_artifact / "items.jsonl").open()]
+    queries = tmp_path / "q.txt"
+    queries.write_text("# a comment\n" + "\n".join(" ".join(it["title"].split()[:2]) for it in items[:12]) + "\nzzqx\n")
+    out = tmp_path / "a.json"
+    assert main(["--artifact", str(tiny_artifact), "--other", str(tiny_artifact), "--queries", str(queries),
+                 "--k", "5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows["queries"] == 13 and "recommend anchors" in rows["modes"] and "dense" in rows["modes"]
+    assert all(r["overlap"] == 1.0 and r["top1"] == 1.0 for r in rows["modes"].values())
