@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                         "distilled on its vectors (bundlerec_export.shrink; ~25 min for Home Depot on 2 cores, cached)")
     p.add_argument("--student-texts", type=Path, default=None, metavar="FILE",
                    help="more texts for the student's distillation, one a line (e.g. a query log)")
-    p.add_argument("--student-epochs", type=int, default=None, help="distillation epochs (default 3)")
+    p.add_argument("--student-epochs", type=int, default=None, help="distillation epochs (default 5)")
     p.add_argument("--student-finetune-epochs", type=int, default=d["student_finetune_epochs"],
                    help="the student's own fine-tune on the judgments when the teacher was fine-tuned (0: none)")
     p.add_argument("--publish-milvus", default=d["publish_milvus"], metavar="URI",
