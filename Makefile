@@ -54,8 +54,9 @@ node-test: $(STAMP) $(STUBS)
 artifacts/demo/manifest.json: | $(STAMP)
 	$(BIN)/bundlerec-export --dataset instacart --data-dir data/demo/instacart --out artifacts/demo
 
+# more build options: EXPORT_ARGS="--student-layers 0,2,4" (a 3-layer student), OUT=artifacts/other
 artifacts: $(STAMP)
-	$(BIN)/bundlerec-export --dataset $(DATASET) --data-dir $(DATA)/$(DATASET) --out artifacts/$(DATASET)
+	$(BIN)/bundlerec-export --dataset $(DATASET) --data-dir $(DATA)/$(DATASET) --out $(or $(OUT),artifacts/$(DATASET)) $(EXPORT_ARGS)
 
 demo: $(STAMP) $(STUBS) artifacts/demo/manifest.json
 	PYTHON=$(PYTHON) BIN=$(BIN) bash scripts/demo.sh artifacts/demo
