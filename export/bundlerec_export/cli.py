@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray cluster to embed on (ray://HOST:10001 or HOST:6379); implies --ray")
     p.add_argument("--ray-actors", type=int, default=d["ray_actors"], help="largest ONNX Runtime actor pool on Ray")
     p.add_argument("--ray-actor-cpus", type=float, default=d["ray_actor_cpus"], help="CPUs reserved per Ray actor")
-    p.add_argument("--threads", type=int, default=d["threads"], help="ORT/hnswlib threads (0: library default)")
+    p.add_argument("--threads", type=int, default=d["threads"], help="ORT/hnswlib threads, and torch's for fine-tuning and distillation (0: library default; "
+                        "part of the fine-tune's and the student's cache keys, so changing it trains them anew)")
     p.add_argument("--no-lexical", action="store_false", dest="lexical", default=d["lexical"],
                    help="skip the bm25s lexical index")
     ft = p.add_mutually_exclusive_group()
