@@ -269,8 +269,15 @@ def test_build_with_a_student_serves_the_fine_tuned_student_and_caches_it(toy, t
     assert m2["encoder"]["student"]["reused_from_cache"] is True
     assert m2["encoder"]["training"]["reused_from_cache"] is True
     assert np.array_equal(np.load(tmp_path / "art" / "embeddings.npy"), emb)
+    # refused before anything is trained or loaded: a fresh cache would otherwise fine-tune the teacher first
+    fresh = {**cfg.__dict__, "out": tmp_path / "bad", "finetune_cache": tmp_path / "empty-cache"}
     with pytest.raises(BuildError, match="student_layers"):
-        build(BuildConfig(**{**cfg.__dict__, "out": tmp_path / "bad", "student_layers": (2,)}))
+        build(BuildConfig(**{**fresh, "student_layers": (2,)}))
+    with pytest.raises(BuildError, match="not found"):
+        build(BuildConfig(**{**fresh, "student_texts": tmp_path / "missing.txt"}))
+    with pytest.raises(BuildError, match="student_options"):
+        build(BuildConfig(**{**fresh, "student_options": {"epochz": 2}}))
+    assert not (tmp_path / "empty-cache").exists() and not (tmp_path / "bad").exists()
 
 
 def test_cli_finetune_flags(tmp_path):

@@ -54,7 +54,7 @@ from .offline import ensure_offline
 if TYPE_CHECKING:
     import hnswlib
 
-    from .shrink import Student
+    from .shrink import DistillSettings, Student
 
 __all__ = ["BuildConfig", "BuildError", "BuildResult", "build", "build_artifact"]
 
@@ -151,6 +151,9 @@ def build(cfg: BuildConfig) -> BuildResult:
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
         raise BuildError(f"{out}: exists and is not an artifact folder (no {MANIFEST}); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.student_layers:  # refused before anything is trained, not after the teacher's fine-tune
+        start = cfg.base_model or cfg.finetune_options.get("base_model") or ox.default_base_model()
+        _check_student(cfg, Path(start))
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.catalog, cfg.orders, limit=cfg.limit)
     stages.done("load", dataset_part(ds, cfg))
     finetuned: FineTuned | None = None
@@ -629,34 +632,45 @@ def _base_model_name(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------- fine-tuning
 
 
-def student_stage(cfg: BuildConfig, teacher: Path, ds: Dataset) -> Student:
-    """The shallower student of ``teacher`` (:func:`.shrink.student_for_build`): distilled on the catalog titles,
-    the judgments' TRAIN queries and ``student_texts``; cached in the work folder."""
-    from .evaluation import read_judgments, split_of
-    from .shrink import DistillSettings, student_for_build
+def _check_student(cfg: BuildConfig, teacher: Path) -> DistillSettings:
+    """The student's distillation settings; BuildError unless they are valid, ``teacher`` has every layer of
+    ``student_layers`` and the student's input files exist."""
+    from .shrink import DistillSettings
 
     opts = {"seed": cfg.seed, **({"threads": cfg.threads} if cfg.threads else {}), **cfg.student_options}
     try:
         settings = DistillSettings(**opts)
     except TypeError as exc:
         raise BuildError(f"student_options: {exc}") from exc
+    try:
+        n_layers = int(json.loads((teacher / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise BuildError(f"student_layers: cannot read the layer count of {teacher}: {exc}") from exc
+    if any(i >= n_layers for i in cfg.student_layers):
+        raise BuildError(f"student_layers {list(cfg.student_layers)}: the teacher {teacher} has layers 0..{n_layers - 1}")
+    for path in (cfg.judgments, cfg.student_texts):
+        if path is not None and not path.is_file():
+            raise BuildError(f"{path}: not found (needed for the student)")
+    return settings
+
+
+def student_stage(cfg: BuildConfig, teacher: Path, ds: Dataset) -> Student:
+    """The shallower student of ``teacher`` (:func:`.shrink.student_for_build`): distilled on the catalog titles,
+    the judgments' TRAIN queries and ``student_texts``; cached in the work folder."""
+    from .evaluation import read_judgments, split_of
+    from .shrink import student_for_build
+
+    settings = _check_student(cfg, teacher)
     queries: list[str] = []
     if cfg.judgments is not None:
-        if not cfg.judgments.is_file():
-            raise BuildError(f"{cfg.judgments}: judgments file not found")
         queries = sorted(q for q in read_judgments(cfg.judgments) if split_of(q) == "train")
     if cfg.student_texts is not None:
-        if not cfg.student_texts.is_file():
-            raise BuildError(f"{cfg.student_texts}: student texts file not found")
         seen = set(queries) | {item.title for item in ds.items}  # a title kept aside for validation stays aside
         for line in cfg.student_texts.read_text(encoding="utf-8").splitlines():
             text = line.strip()
             if text and text not in seen:
                 seen.add(text)
                 queries.append(text)
-    n_layers = json.loads((Path(teacher) / "config.json").read_text()).get("num_hidden_layers", 0)
-    if any(i >= n_layers for i in cfg.student_layers):
-        raise BuildError(f"student_layers {list(cfg.student_layers)}: the teacher {teacher} has layers 0..{n_layers - 1}")
     return student_for_build(teacher, cfg.student_layers, [item.title for item in ds.items], queries, settings,
                              _work_folder(cfg), MAX_ITEM_TOKENS, progress=cfg.progress)
 
