@@ -321,3 +321,34 @@ def test_split_and_metrics_come_from_the_export_package():
 
     assert ft.split_of is evaluation.split_of and ft.read_judgments is evaluation.read_judgments
     assert not hasattr(ft, "REPO_ROOT") and not hasattr(ft, "_metrics_module")
+
+
+def test_student_texts_leave_out_titles_train_queries_twice_and_blank_lines(toy, tmp_path, monkeypatch):
+    """The student's other texts: the judgments' TRAIN queries (never dev or test), then the texts file's lines in
+    order, without blanks, repeats or catalog titles (a held-out validation title must stay unseen)."""
+    from bundlerec_export import build as B
+    from bundlerec_export import finetune as ft
+    from bundlerec_export import shrink
+    from bundlerec_export.datasets import load_dataset
+
+    j, p, model = toy
+    ds = load_dataset("homedepot", p.parent, None, None)
+    train = sorted(q for q in ft.read_judgments(j) if ft.split_of(q) == "train")
+    held = [q for q in ft.read_judgments(j) if ft.split_of(q) != "train"]
+    title = ds.items[0].title
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"new query one\n\n{title}\n  new query one \n{train[0]}\nnew query two\n", encoding="utf-8")
+    seen = {}
+
+    def fake(teacher, layers, titles, queries, settings, cache, item_tokens, progress=True):
+        seen.update(titles=titles, queries=queries, settings=settings, layers=layers)
+        return shrink.Student(tmp_path, teacher, {}, cached=False)
+
+    monkeypatch.setattr(shrink, "student_for_build", fake)
+    cfg = B.BuildConfig(dataset="homedepot", data_dir=p.parent, out=tmp_path / "a", finetune_judgments=j,
+                        student_layers=(0,), student_texts=texts, student_options={"epochs": 2})
+    B.student_stage(cfg, model, ds)
+    assert seen["queries"] == [*train, "new query one", "new query two"]
+    assert not set(held) & set(seen["queries"]) and title not in seen["queries"]
+    assert seen["titles"] == [item.title for item in ds.items] and seen["layers"] == (0,)
+    assert seen["settings"].epochs == 2 and seen["settings"].seed == cfg.seed
