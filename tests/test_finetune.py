@@ -347,7 +347,7 @@ def test_student_texts_leave_out_titles_train_queries_twice_and_blank_lines(toy,
     monkeypatch.setattr(shrink, "student_for_build", fake)
     cfg = B.BuildConfig(dataset="homedepot", data_dir=p.parent, out=tmp_path / "a", finetune_judgments=j,
                         student_layers=(0,), student_texts=texts, student_options={"epochs": 2})
-    B.student_stage(cfg, model, ds)
+    B.student_stage(cfg, model, ds, B._check_student(cfg, model))
     assert seen["queries"] == [*train, "new query one", "new query two"]
     assert not set(held) & set(seen["queries"]) and title not in seen["queries"]
     assert seen["titles"] == [item.title for item in ds.items] and seen["layers"] == (0,)

@@ -153,7 +153,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.student_layers:  # refused before anything is trained, not after the teacher's fine-tune
         start = cfg.base_model or cfg.finetune_options.get("base_model") or ox.default_base_model()
-        _check_student(cfg, Path(start))
+        distill_settings = _check_student(cfg, Path(start))
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.catalog, cfg.orders, limit=cfg.limit)
     stages.done("load", dataset_part(ds, cfg))
     finetuned: FineTuned | None = None
@@ -168,7 +168,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     if cfg.student_layers:
         teacher = finetuned.path if finetuned is not None else (cfg.base_model or ox.default_base_model())
         origin = finetuned.start_model if finetuned is not None else teacher
-        student = student_stage(cfg, teacher, ds)
+        student = student_stage(cfg, teacher, ds, distill_settings)
         stages.done("student")
         if finetuned is not None and cfg.student_finetune_epochs and cfg.finetune_judgments is not None:
             finetuned = finetune_for_build(cfg, cfg.finetune_judgments, ds, out, {
@@ -654,16 +654,15 @@ def _check_student(cfg: BuildConfig, teacher: Path) -> DistillSettings:
     return settings
 
 
-def student_stage(cfg: BuildConfig, teacher: Path, ds: Dataset) -> Student:
+def student_stage(cfg: BuildConfig, teacher: Path, ds: Dataset, settings: DistillSettings) -> Student:
     """The shallower student of ``teacher`` (:func:`.shrink.student_for_build`): distilled on the catalog titles,
     the judgments' TRAIN queries and ``student_texts``; cached in the work folder."""
-    from .evaluation import read_judgments, split_of
+    from .evaluation import read_judgments, train_queries
     from .shrink import student_for_build
 
-    settings = _check_student(cfg, teacher)
     queries: list[str] = []
     if cfg.judgments is not None:
-        queries = sorted(q for q in read_judgments(cfg.judgments) if split_of(q) == "train")
+        queries = train_queries(read_judgments(cfg.judgments))
     if cfg.student_texts is not None:
         seen = set(queries) | {item.title for item in ds.items}  # a title kept aside for validation stays aside
         for line in cfg.student_texts.read_text(encoding="utf-8").splitlines():

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .evaluation import read_judgments, split_of
+from .evaluation import read_judgments, train_queries
 from .offline import ensure_offline
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def mine(engine: Engine, root: Path, judgments: Path, depth: int = DEFAULT_DEPTH
     from bundlerec_server.domain import SearchQuery
 
     judged = read_judgments(judgments)
-    queries = sorted(q for q in judged if split_of(q) == "train")
+    queries = train_queries(judged)
     if max_queries:
         queries = queries[:max_queries]
     learned = engine.fusion.method == "learned"

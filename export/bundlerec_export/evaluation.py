@@ -27,7 +27,7 @@ RELEVANT_AT = 2.5
 SPLITS = ("train", "dev", "test")
 
 __all__ = [
-    "RELEVANT_AT", "SPLITS", "dcg", "ndcg_at_k", "recall_at_k", "mrr_at_k", "normalize_query", "split_of",
+    "RELEVANT_AT", "SPLITS", "dcg", "ndcg_at_k", "recall_at_k", "mrr_at_k", "normalize_query", "split_of", "train_queries",
     "query_metrics", "aggregate", "read_judgments", "by_normalized_query",
 ]
 
@@ -110,6 +110,11 @@ def split_of(query: str, dev: float = 0.1, test: float = 0.1) -> str:
     if u < test + dev:
         return "dev"
     return "train"
+
+
+def train_queries(queries: Iterable[str]) -> list[str]:
+    """The TRAIN-split ones of ``queries`` (e.g. a judgments mapping), sorted: what offline training may read."""
+    return sorted(q for q in queries if split_of(q) == "train")
 
 
 def query_metrics(ranked: Sequence[str], judgments: Mapping[str, float], k: int = 10) -> dict[str, float | None]:

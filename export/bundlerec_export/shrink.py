@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import folders
-from .evaluation import read_judgments, split_of
+from .evaluation import read_judgments, train_queries
 from .finetune import _lr_lambda, embed, embed_many, load_model
 from .offline import ensure_offline
 from .tiny import TOKENIZER_FILES
@@ -208,15 +208,21 @@ def student_for_build(teacher: Path, layers: Sequence[int], titles: Sequence[str
     torch.set_num_threads(settings.threads)
     t_tok, t_model = load_model(teacher)
     title_targets = embed_many(t_model, t_tok, titles, item_tokens, 128, progress=progress, desc="teacher titles")
-    query_targets = (embed_many(t_model, t_tok, queries, QUERY_TOKENS, 128, progress=progress, desc="teacher queries")
-                     if queries else np.zeros((0, title_targets.shape[1]), np.float32))
+    q_targets = query_targets(t_model, t_tok, queries, title_targets.shape[1], progress)
     del t_model
     with folders.filled(folder, f".student-{key}-") as work:
-        log = train_student(teacher, layers, titles, title_targets, queries, query_targets, settings, work,
+        log = train_student(teacher, layers, titles, title_targets, queries, q_targets, settings, work,
                             progress=progress)
         (work / LOG_FILE).write_text(json.dumps(log, indent=2))
     logger.info("student written to %s", folder)
     return Student(folder, teacher, log, cached=False)
+
+
+def query_targets(model: Any, tok: Any, queries: Sequence[str], dim: int, progress: bool) -> np.ndarray:
+    """The teacher's vectors of ``queries`` at the serving query length ((0, dim) when there are none)."""
+    if not queries:
+        return np.zeros((0, dim), np.float32)
+    return embed_many(model, tok, queries, QUERY_TOKENS, 128, progress=progress, desc="teacher queries")
 
 
 def _texts_digest(texts: Sequence[str]) -> str:
@@ -270,9 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{args.artifact}: embeddings are not {args.teacher}'s (mean cosine {check:.4f})")
     queries: list[str] = []
     if args.judgments:
-        queries = sorted(q for q in read_judgments(args.judgments) if split_of(q) == "train")
-    q_targets = embed_many(teacher, t_tok, queries, QUERY_TOKENS, 128, progress=not args.no_progress,
-                           desc="teacher queries") if queries else np.zeros((0, targets.shape[1]), np.float32)
+        queries = train_queries(read_judgments(args.judgments))
+    q_targets = query_targets(teacher, t_tok, queries, targets.shape[1], progress=not args.no_progress)
     del teacher
     with folders.filled(args.out, f".{args.out.name}-") as work:  # out appears only once trained
         log = train_student(args.teacher, layers, titles, targets, queries, q_targets, settings, work,
