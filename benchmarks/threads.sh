@@ -6,6 +6,7 @@
 # (all-unique queries, cache off), and prints each thread's utime+stime over SECONDS divided by the calls
 # scheduled in that time (RPS x SECONDS), then the load average. Thread names: the event loop is the
 # first "python" thread (the process id), the encode workers are the busy "python" threads after it.
+# SERVER_ENV="NAME=VALUE ..." sets environment variables for the server alone (e.g. GLIBC_TUNABLES).
 set -euo pipefail
 TREE=$(cd "${1:?code tree}" && pwd)
 RPS=${2:-100}
@@ -17,7 +18,8 @@ export HF_HUB_OFFLINE=1
 PORT=$(PYTHONPATH=$HERE "$PY" -c 'from benchmarks.procs import free_port; print(free_port())')
 RUNS=${RUNS:-runs/threads}
 mkdir -p "$RUNS"
-PYTHONPATH=$TREE/server:$TREE/export:$TREE/client:$TREE "$PY" -m bundlerec_server --artifact "${ARTIFACT:-artifacts/demo}" \
+# shellcheck disable=SC2086 # SERVER_ENV is a list of NAME=VALUE words
+PYTHONPATH=$TREE/server:$TREE/export:$TREE/client:$TREE env ${SERVER_ENV:-} "$PY" -m bundlerec_server --artifact "${ARTIFACT:-artifacts/demo}" \
     --host 127.0.0.1 --port "$PORT" --query-cache-size 0 "$@" >"$RUNS/server.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
