@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.nn.Sequential(torch.nn.Linear(dim, args.hidden), torch.nn.GELU(), torch.nn.Linear(args.hidden, dim)))
     last = net if args.kind == "linear" else net[2]
     torch.nn.init.zeros_(last.weight)  # starts as the identity: the served model
+    if last.bias is not None:
+        torch.nn.init.zeros_(last.bias)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     def adapt(q: Any) -> Any:
