@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, tuple[Callable[[list[str]], np.ndarray], Callable[[], float]]] = {}
     for name, path in graphs.items():
         enc = Encoder(path, tok, provider="cpu", intra_op_threads=1)
-        enc.warmup()
         runners[name] = (enc.encode, time.thread_time)
         if args.openvino:
             for precision in args.openvino_precision.split(","):

@@ -21,20 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.dense_exact import catalog
 from benchmarks.report import emit
 from bundlerec_export import evaluation as metrics
-
-
-def query_vectors(artifact: Path, queries: list[str]) -> np.ndarray:
-    """The served query graph's vectors (the manifest's variant and truncation)."""
-    from bundlerec_server.encoder import Encoder
-
-    enc_meta = json.loads((artifact / "manifest.json").read_text())["encoder"]
-    variant = enc_meta.get("query_variant", "int8_pertoken")
-    enc = Encoder(artifact / "model" / f"{variant}.onnx", artifact / "model" / "tokenizer.json",
-                  max_length=int(enc_meta.get("query_truncate_tokens", 64)), intra_op_threads=2)
-    return np.concatenate([enc.encode(queries[i:i + 32]) for i in range(0, len(queries), 32)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,15 +45,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
-    ids, _ = catalog(args.artifact)
+    from bundlerec_server.engine import Engine
+    from bundlerec_server.settings import Settings
+
+    engine = Engine(args.artifact, Settings(artifact=args.artifact, provider="cpu"))  # the served query encoder
+    ids = engine.catalog.ids
     row_of = {x: i for i, x in enumerate(ids)}
     judged_by_query = metrics.by_normalized_query(metrics.read_judgments(args.judgments))
     names = sorted(q for q in judged_by_query if metrics.split_of(q) in ("train", "dev"))
     judged = [judged_by_query[q][1] for q in names]
     t0 = time.time()
-    queries = torch.from_numpy(query_vectors(args.artifact, [judged_by_query[q][0] for q in names]))
+    written = [judged_by_query[q][0] for q in names]
+    queries = torch.from_numpy(np.concatenate([engine.encoder.encode(written[i:i + 32]) for i in range(0, len(written), 32)]))
     print(f"encoded {len(names)} TRAIN and dev queries in {time.time() - t0:.1f} s", flush=True)
-    items = torch.from_numpy(np.load(args.artifact / "embeddings.npy"))
+    items = torch.from_numpy(np.array(engine.embeddings))
     dev = np.array([i for i, q in enumerate(names) if metrics.split_of(q) == "dev"])
     train, targets = [], []
     for i, q in enumerate(names):

@@ -13,18 +13,16 @@ from bundlerec_export import evaluation as ev
 
 
 def _served_dev_ndcg(artifact, judgments) -> float:
-    from bundlerec_server.encoder import Encoder
+    from bundlerec_server.engine import Engine
+    from bundlerec_server.settings import Settings
 
-    ids = [str(json.loads(line)["id"]) for line in (artifact / "items.jsonl").open()]
-    items = np.load(artifact / "embeddings.npy")
-    enc_meta = json.loads((artifact / "manifest.json").read_text())["encoder"]
-    enc = Encoder(artifact / "model" / f"{enc_meta['query_variant']}.onnx", artifact / "model" / "tokenizer.json",
-                  max_length=int(enc_meta["query_truncate_tokens"]))
+    engine = Engine(artifact, Settings(artifact=artifact, provider="cpu"))
+    ids, items = engine.catalog.ids, np.asarray(engine.embeddings)
     scores = []
     for norm, (written, judged) in ev.by_normalized_query(ev.read_judgments(judgments)).items():
         if ev.split_of(norm) != "dev":
             continue
-        sims = items @ enc.encode([written])[0]
+        sims = items @ engine.encoder.encode([written])[0]
         top = sorted(range(len(ids)), key=lambda r: -sims[r])[:10]
         if (v := ev.ndcg_at_k([ids[r] for r in top], judged)) is not None:
             scores.append(v)
